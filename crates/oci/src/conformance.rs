@@ -1,0 +1,344 @@
+//! Conformance checks that every [`Store`] implementation must pass (enabled by the
+//! `test-util` feature). The in-memory store runs them in unit tests; the containerd store
+//! runs them against a real containerd.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+
+use crate::digest::Digest;
+use crate::manifest::{DOCKER_MANIFEST, Descriptor, OCI_INDEX, OCI_MANIFEST, OCTET_STREAM};
+use crate::reference::ImageName;
+use crate::store::{ByteRange, Store, StoreError, StoreEvent};
+
+/// How long to wait for an expected watch event.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Puts content into the store under test through the store's own native path.
+#[async_trait::async_trait]
+pub trait Loader: Send + Sync {
+    /// Writes a blob.
+    async fn put_blob(&self, media_type: &str, data: Bytes);
+    /// Creates or retargets an image.
+    async fn put_image(&self, name: &str, target: &Descriptor);
+    /// Deletes an image.
+    async fn delete_image(&self, name: &str);
+    /// Deletes a blob.
+    async fn delete_blob(&self, digest: &Digest);
+}
+
+/// The test images: an OCI index over an OCI manifest, a Docker manifest and a manifest that
+/// is never stored (another platform, as on a real node).
+#[derive(Debug, Clone)]
+pub struct Fixture {
+    /// A 300 kB layer, for ranged reads.
+    pub big_layer: (Descriptor, Bytes),
+    /// A small layer.
+    pub small_layer: (Descriptor, Bytes),
+    /// The image config (JSON that is not a manifest).
+    pub config: (Descriptor, Bytes),
+    /// OCI manifest: config + both layers.
+    pub oci_manifest: (Descriptor, Bytes),
+    /// Docker schema 2 manifest: config + small layer.
+    pub docker_manifest: (Descriptor, Bytes),
+    /// Referenced by the index but never stored.
+    pub absent_manifest: Descriptor,
+    /// OCI index over the three manifests.
+    pub index: (Descriptor, Bytes),
+}
+
+/// Tagged image whose target is the index.
+pub const INDEX_IMAGE: &str = "example.com/conformance/app:v1";
+/// Tagged image whose target is the Docker manifest.
+pub const DOCKER_IMAGE: &str = "docker.io/library/conformance:v2";
+/// Image created and deleted while watching.
+pub const LATE_IMAGE: &str = "example.com/conformance/late:v3";
+
+fn pseudo_random(len: usize, seed: u64) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    Bytes::from(out)
+}
+
+fn desc(media_type: &str, data: &Bytes) -> Descriptor {
+    Descriptor {
+        media_type: media_type.to_owned(),
+        digest: Digest::sha256_of(data),
+        size: data.len() as u64,
+    }
+}
+
+fn json_desc(d: &Descriptor) -> String {
+    format!(
+        r#"{{"mediaType":"{}","digest":"{}","size":{}}}"#,
+        d.media_type, d.digest, d.size
+    )
+}
+
+impl Fixture {
+    /// Builds the fixture (deterministic bytes).
+    pub fn new() -> Self {
+        let layer_type = "application/vnd.oci.image.layer.v1.tar+gzip";
+        let big = pseudo_random(300_000, 1);
+        let small = pseudo_random(1_000, 2);
+        let config = Bytes::from_static(
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
+        );
+        let (big_d, small_d) = (desc(layer_type, &big), desc(layer_type, &small));
+        let config_d = desc("application/vnd.oci.image.config.v1+json", &config);
+        let oci = Bytes::from(format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{},"layers":[{},{}]}}"#,
+            json_desc(&config_d),
+            json_desc(&big_d),
+            json_desc(&small_d)
+        ));
+        let docker = Bytes::from(format!(
+            r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{},"layers":[{}]}}"#,
+            json_desc(&config_d),
+            json_desc(&small_d)
+        ));
+        let absent = Bytes::from(format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{},"layers":[]}}"#,
+            json_desc(&small_d)
+        ));
+        let (oci_d, docker_d, absent_d) = (
+            desc(OCI_MANIFEST, &oci),
+            desc(DOCKER_MANIFEST, &docker),
+            desc(OCI_MANIFEST, &absent),
+        );
+        let index = Bytes::from(format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{},{},{}]}}"#,
+            json_desc(&oci_d),
+            json_desc(&docker_d),
+            json_desc(&absent_d)
+        ));
+        Self {
+            big_layer: (big_d, big),
+            small_layer: (small_d, small),
+            config: (config_d, config),
+            oci_manifest: (oci_d, oci),
+            docker_manifest: (docker_d, docker),
+            absent_manifest: absent_d,
+            index: (desc(OCI_INDEX, &index), index),
+        }
+    }
+
+    fn stored(&self) -> [&(Descriptor, Bytes); 6] {
+        [
+            &self.big_layer,
+            &self.small_layer,
+            &self.config,
+            &self.oci_manifest,
+            &self.docker_manifest,
+            &self.index,
+        ]
+    }
+
+    /// Loads every stored blob and the two tagged images.
+    pub async fn load(&self, loader: &dyn Loader) {
+        for (d, data) in self.stored() {
+            loader.put_blob(&d.media_type, data.clone()).await;
+        }
+        loader.put_image(INDEX_IMAGE, &self.index.0).await;
+        loader
+            .put_image(DOCKER_IMAGE, &self.docker_manifest.0)
+            .await;
+    }
+}
+
+impl Default for Fixture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+async fn read_all(store: &dyn Store, digest: &Digest, range: ByteRange) -> Vec<u8> {
+    let mut stream = store.open(digest, range).await.expect("open blob");
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk.expect("read chunk"));
+    }
+    out
+}
+
+async fn expect_event(events: &mut BoxStream<'static, StoreEvent>, want: &StoreEvent) {
+    let found = tokio::time::timeout(EVENT_TIMEOUT, async {
+        while let Some(e) = events.next().await {
+            if &e == want {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "expected store event {want:?}");
+}
+
+/// Runs every check against `store`, loading content through `loader`.
+///
+/// Panics (as a test does) on the first failed check.
+pub async fn check_store(store: &dyn Store, loader: &dyn Loader) {
+    let fx = Fixture::new();
+    let mut events = store.watch();
+    expect_event(&mut events, &StoreEvent::Resync).await;
+    fx.load(loader).await;
+    store.ping().await.expect("ping");
+
+    // Tags resolve to the image's target descriptor.
+    let by_tag = |s: &str| ImageName::parse(s).expect("fixture name");
+    assert_eq!(
+        store.resolve(&by_tag(INDEX_IMAGE)).await.expect("resolve"),
+        Some(fx.index.0.clone())
+    );
+    assert_eq!(
+        store.resolve(&by_tag(DOCKER_IMAGE)).await.expect("resolve"),
+        Some(fx.docker_manifest.0.clone())
+    );
+    assert_eq!(
+        store
+            .resolve(&by_tag("example.com/conformance/app:nope"))
+            .await
+            .expect("resolve"),
+        None
+    );
+
+    // Digests: manifest media types come from the content; other blobs are octet streams.
+    for (d, _) in [&fx.index, &fx.oci_manifest, &fx.docker_manifest] {
+        assert_eq!(
+            store
+                .descriptor(&d.digest)
+                .await
+                .expect("describe")
+                .as_ref(),
+            Some(d)
+        );
+    }
+    for (d, _) in [&fx.big_layer, &fx.config] {
+        let got = store
+            .descriptor(&d.digest)
+            .await
+            .expect("describe")
+            .expect("present");
+        assert_eq!((got.size, got.media_type.as_str()), (d.size, OCTET_STREAM));
+    }
+    assert_eq!(
+        store
+            .descriptor(&fx.absent_manifest.digest)
+            .await
+            .expect("describe"),
+        None
+    );
+
+    // Blobs read back whole and by range.
+    let (big, bytes) = &fx.big_layer;
+    assert_eq!(
+        read_all(store, &big.digest, ByteRange::full(big.size)).await,
+        bytes.as_ref()
+    );
+    let mid = ByteRange {
+        start: 12_345,
+        end: 200_001,
+    };
+    assert_eq!(
+        read_all(store, &big.digest, mid).await,
+        &bytes[12_345..200_001]
+    );
+    let tail = ByteRange {
+        start: big.size - 7,
+        end: big.size,
+    };
+    assert_eq!(
+        read_all(store, &big.digest, tail).await,
+        &bytes[bytes.len() - 7..]
+    );
+    assert!(matches!(
+        store
+            .open(&fx.absent_manifest.digest, ByteRange::full(1))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(
+        store
+            .open(
+                &big.digest,
+                ByteRange {
+                    start: 0,
+                    end: big.size + 1
+                }
+            )
+            .await
+            .is_err()
+    );
+
+    // Listing walks the index and keeps only present content.
+    let inv = store.list().await.expect("list");
+    let app = inv
+        .images
+        .iter()
+        .find(|i| i.name == INDEX_IMAGE)
+        .expect("index image listed");
+    assert_eq!(app.digests.first(), Some(&fx.index.0.digest));
+    for (d, _) in fx.stored() {
+        assert!(
+            app.digests.contains(&d.digest),
+            "{} missing from listing",
+            d.digest
+        );
+    }
+    assert!(!app.digests.contains(&fx.absent_manifest.digest));
+    assert_eq!(app.digests.len(), 6);
+    assert!(inv.tags().contains(INDEX_IMAGE) && inv.tags().contains(DOCKER_IMAGE));
+    let one = store
+        .image(DOCKER_IMAGE)
+        .await
+        .expect("image")
+        .expect("present");
+    assert_eq!(one.digests.len(), 3);
+    assert_eq!(
+        store.image("example.com/none:x").await.expect("image"),
+        None
+    );
+
+    // Changes arrive on the watch feed.
+    loader.put_image(LATE_IMAGE, &fx.oci_manifest.0).await;
+    expect_event(
+        &mut events,
+        &StoreEvent::ImageChanged(LATE_IMAGE.to_owned()),
+    )
+    .await;
+    loader.delete_image(LATE_IMAGE).await;
+    expect_event(
+        &mut events,
+        &StoreEvent::ImageDeleted(LATE_IMAGE.to_owned()),
+    )
+    .await;
+    assert_eq!(store.image(LATE_IMAGE).await.expect("image"), None);
+    loader.delete_blob(&fx.big_layer.0.digest).await;
+    expect_event(
+        &mut events,
+        &StoreEvent::ContentDeleted(fx.big_layer.0.digest.clone()),
+    )
+    .await;
+    assert_eq!(
+        store
+            .descriptor(&fx.big_layer.0.digest)
+            .await
+            .expect("describe"),
+        None
+    );
+    let app = store
+        .image(INDEX_IMAGE)
+        .await
+        .expect("image")
+        .expect("present");
+    assert!(!app.digests.contains(&fx.big_layer.0.digest));
+}

@@ -1,0 +1,57 @@
+//! The vocabulary every mirrorlet layer shares: OCI digests, names, references and
+//! manifests, registry path parsing, and the [`Store`](store::Store) and router interfaces
+//! through which the registry reaches containerd and the peer-to-peer network without
+//! depending on either. No I/O happens here beyond the in-memory implementations.
+
+pub mod digest;
+pub mod manifest;
+pub mod memory;
+pub mod name;
+pub mod path;
+pub mod reference;
+pub mod store;
+pub mod walk;
+
+#[cfg(feature = "test-util")]
+pub mod conformance;
+
+pub use digest::Digest;
+pub use manifest::{Descriptor, Manifest};
+pub use memory::MemoryStore;
+pub use name::{Registry, Repository};
+pub use reference::{ImageName, Reference, Tag};
+pub use store::{BlobStream, ByteRange, ImageContent, Inventory, Store, StoreError, StoreEvent};
+
+#[cfg(all(test, feature = "test-util"))]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use crate::conformance::{self, Loader};
+    use crate::{Descriptor, Digest, MemoryStore};
+
+    struct MemLoader(Arc<MemoryStore>);
+
+    #[async_trait::async_trait]
+    impl Loader for MemLoader {
+        async fn put_blob(&self, _media_type: &str, data: Bytes) {
+            self.0.put_blob(data);
+        }
+        async fn put_image(&self, name: &str, target: &Descriptor) {
+            self.0.put_image(name, target.clone());
+        }
+        async fn delete_image(&self, name: &str) {
+            self.0.delete_image(name);
+        }
+        async fn delete_blob(&self, digest: &Digest) {
+            self.0.delete_blob(digest);
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_store_conforms() {
+        let store = Arc::new(MemoryStore::new());
+        conformance::check_store(store.as_ref(), &MemLoader(store.clone())).await;
+    }
+}

@@ -1,0 +1,153 @@
+//! Parsing of distribution-spec pull paths (`/v2/<name>/manifests/<reference>`,
+//! `/v2/<name>/blobs/<digest>`) into validated routes.
+
+use crate::digest::{Digest, DigestError};
+use crate::name::{NameError, Registry, Repository};
+use crate::reference::{Reference, ReferenceError};
+
+/// A parsed pull request path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `/v2/`: the API version check.
+    Base,
+    /// `/v2/<name>/manifests/<reference>`.
+    Manifest {
+        /// The repository, normalised for the registry.
+        repository: Repository,
+        /// The tag or digest.
+        reference: Reference,
+    },
+    /// `/v2/<name>/blobs/<digest>`.
+    Blob {
+        /// The repository, normalised for the registry.
+        repository: Repository,
+        /// The blob digest.
+        digest: Digest,
+    },
+}
+
+/// Why a path is not a pull route this mirror serves.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// The path is not under `/v2/` or names no known endpoint.
+    #[error("no such endpoint: {0}")]
+    NotFound(String),
+    /// A known endpoint this pull-only mirror does not implement (pushes, tag lists, referrers).
+    #[error("endpoint not supported by a pull-only mirror: {0}")]
+    Unsupported(String),
+    /// The repository name is invalid.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The manifest reference is invalid.
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    /// The blob digest is invalid.
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+}
+
+impl Route {
+    /// Parses a request path (starting with `/v2`) for a request aimed at `registry`.
+    pub fn parse(path: &str, registry: &Registry) -> Result<Self, PathError> {
+        let rest = path
+            .strip_prefix("/v2")
+            .ok_or_else(|| PathError::NotFound(path.to_owned()))?;
+        if rest.is_empty() || rest == "/" {
+            return Ok(Self::Base);
+        }
+        let rest = rest
+            .strip_prefix('/')
+            .ok_or_else(|| PathError::NotFound(path.to_owned()))?;
+        let mut parts = rest.rsplitn(3, '/');
+        let (last, kind, name) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(last), Some(kind), Some(name)) => (last, kind, name),
+            _ => return Err(PathError::NotFound(path.to_owned())),
+        };
+        match kind {
+            "manifests" => Ok(Self::Manifest {
+                repository: Repository::parse_for(registry, name)?,
+                reference: Reference::parse(last)?,
+            }),
+            "blobs" => Ok(Self::Blob {
+                repository: Repository::parse_for(registry, name)?,
+                digest: Digest::parse(last)?,
+            }),
+            "tags" | "referrers" | "uploads" => Err(PathError::Unsupported(path.to_owned())),
+            _ => Err(PathError::NotFound(path.to_owned())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn hub() -> Registry {
+        Registry::docker_hub()
+    }
+
+    #[test]
+    fn parses_pull_routes() {
+        assert_eq!(Route::parse("/v2/", &hub()), Ok(Route::Base));
+        assert_eq!(Route::parse("/v2", &hub()), Ok(Route::Base));
+        let Ok(Route::Manifest {
+            repository,
+            reference,
+        }) = Route::parse("/v2/nginx/manifests/1.25", &hub())
+        else {
+            panic!("manifest route")
+        };
+        assert_eq!(repository.as_str(), "library/nginx");
+        assert_eq!(reference.to_string(), "1.25");
+        let ghcr = Registry::parse("ghcr.io").expect("valid");
+        let Ok(Route::Blob { repository, digest }) =
+            Route::parse(&format!("/v2/a/manifests/blobs/{D}"), &ghcr)
+        else {
+            panic!("blob route")
+        };
+        assert_eq!(repository.as_str(), "a/manifests");
+        assert_eq!(digest.as_str(), D);
+    }
+
+    #[test]
+    fn rejects_bad_paths() {
+        assert!(matches!(
+            Route::parse("/v1/x", &hub()),
+            Err(PathError::NotFound(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/x", &hub()),
+            Err(PathError::NotFound(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/x/other/y", &hub()),
+            Err(PathError::NotFound(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/x/tags/list", &hub()),
+            Err(PathError::Unsupported(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/x/blobs/uploads/", &hub()),
+            Err(PathError::Unsupported(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/X/manifests/v1", &hub()),
+            Err(PathError::Name(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/x/manifests/v1:2", &hub()),
+            Err(PathError::Reference(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2/x/blobs/sha256:abc", &hub()),
+            Err(PathError::Digest(_))
+        ));
+        assert!(matches!(
+            Route::parse("/v2//manifests/v1", &hub()),
+            Err(PathError::Name(_))
+        ));
+    }
+}
