@@ -37,11 +37,13 @@ where
         if !maybe_manifest || desc.size > manifest::MAX_MANIFEST_SIZE {
             continue;
         }
-        if let Some(bytes) = read_manifest(desc.digest.clone()).await? {
-            if let Some(m) = Manifest::sniff(&bytes) {
-                // Reverse so that children come out in document order.
-                queue.extend(m.children.into_iter().rev());
-            }
+        if let Some(m) = read_manifest(desc.digest.clone())
+            .await?
+            .as_deref()
+            .and_then(Manifest::sniff)
+        {
+            // Reverse so that children come out in document order.
+            queue.extend(m.children.into_iter().rev());
         }
     }
     Ok(out)

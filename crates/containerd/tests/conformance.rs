@@ -1,0 +1,194 @@
+//! Runs the store conformance checks against a real containerd started for the test
+//! (needs root and the `containerd` binary), once reading blobs from the content directory
+//! and once through containerd's gRPC content service.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use containerd_client::services::v1::content_client::ContentClient;
+use containerd_client::services::v1::images_client::ImagesClient;
+use containerd_client::services::v1::{
+    CreateImageRequest, DeleteContentRequest, DeleteImageRequest, Image, WriteAction,
+    WriteContentRequest,
+};
+use containerd_client::tonic::Request;
+use containerd_client::tonic::transport::Channel;
+use mirrorlet_containerd::{CONTENT_SUBDIR, Config, ContainerdStore};
+use mirrorlet_oci::conformance::{self, Loader};
+use mirrorlet_oci::{Descriptor, Digest};
+
+/// A private containerd (no CRI) in a temporary directory, killed on drop.
+struct Containerd {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let config = format!(
+            "version = 2\nroot = \"{r}/root\"\nstate = \"{r}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{r}/containerd.sock\"\n",
+            r = root.display()
+        );
+        std::fs::write(root.join("config.toml"), config).expect("write config");
+        let log = std::fs::File::create(root.join("containerd.log")).expect("log file");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(root.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("containerd must be installed (apt-get install containerd) and the tests run as root");
+        let me = Self { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !me.socket().exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start; see {}",
+                me.dir.path().display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        me
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    fn content_dir(&self) -> PathBuf {
+        self.dir.path().join("root").join(CONTENT_SUBDIR)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Loads content through containerd's own APIs, as a pull would.
+struct GrpcLoader {
+    channel: Channel,
+    namespace: String,
+}
+
+impl GrpcLoader {
+    async fn connect(socket: &Path, namespace: &str) -> Self {
+        let channel = containerd_client::connect(socket)
+            .await
+            .expect("connect to containerd");
+        Self {
+            channel,
+            namespace: namespace.to_owned(),
+        }
+    }
+
+    fn req<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.metadata_mut().insert(
+            "containerd-namespace",
+            self.namespace.parse().expect("ascii"),
+        );
+        r
+    }
+}
+
+#[async_trait::async_trait]
+impl Loader for GrpcLoader {
+    async fn put_blob(&self, _media_type: &str, data: Bytes) {
+        let digest = Digest::sha256_of(&data);
+        // A gc.root label keeps the blob from being collected while the test runs.
+        let labels =
+            HashMap::from([("containerd.io/gc.root".to_owned(), "conformance".to_owned())]);
+        let msg = WriteContentRequest {
+            action: WriteAction::Commit as i32,
+            r#ref: format!("conformance-{}", digest.hex()),
+            total: data.len() as i64,
+            expected: digest.to_string(),
+            offset: 0,
+            data: data.to_vec(),
+            labels,
+        };
+        let mut client = ContentClient::new(self.channel.clone());
+        let mut responses = client
+            .write(self.req(futures_util::stream::iter([msg])))
+            .await
+            .expect("content write")
+            .into_inner();
+        while responses
+            .message()
+            .await
+            .expect("content write response")
+            .is_some()
+        {}
+    }
+
+    async fn put_image(&self, name: &str, target: &Descriptor) {
+        let image = Image {
+            name: name.to_owned(),
+            target: Some(containerd_client::types::Descriptor {
+                media_type: target.media_type.clone(),
+                digest: target.digest.to_string(),
+                size: target.size as i64,
+                annotations: HashMap::new(),
+            }),
+            ..Default::default()
+        };
+        let mut client = ImagesClient::new(self.channel.clone());
+        client
+            .create(self.req(CreateImageRequest {
+                image: Some(image),
+                source_date_epoch: None,
+            }))
+            .await
+            .expect("image create");
+    }
+
+    async fn delete_image(&self, name: &str) {
+        let mut client = ImagesClient::new(self.channel.clone());
+        let req = DeleteImageRequest {
+            name: name.to_owned(),
+            sync: true,
+            target: None,
+        };
+        client.delete(self.req(req)).await.expect("image delete");
+    }
+
+    async fn delete_blob(&self, digest: &Digest) {
+        let mut client = ContentClient::new(self.channel.clone());
+        let req = DeleteContentRequest {
+            digest: digest.to_string(),
+        };
+        client.delete(self.req(req)).await.expect("content delete");
+    }
+}
+
+async fn run(use_files: bool) {
+    let containerd = Containerd::start();
+    let namespace = "conformance";
+    let store = ContainerdStore::new(Config {
+        socket: containerd.socket(),
+        namespace: namespace.to_owned(),
+        content_dir: use_files.then(|| containerd.content_dir()),
+        media_type_cache: NonZeroUsize::new(128).expect("non-zero"),
+    });
+    let loader = GrpcLoader::connect(&containerd.socket(), namespace).await;
+    conformance::check_store(&store, &loader).await;
+}
+
+#[tokio::test]
+async fn containerd_store_conforms_reading_files() {
+    run(true).await;
+}
+
+#[tokio::test]
+async fn containerd_store_conforms_over_grpc() {
+    run(false).await;
+}
