@@ -196,6 +196,10 @@ impl Store for ContainerdStore {
         }))
     }
 
+    async fn size(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        self.content.size(digest).await
+    }
+
     async fn open(&self, digest: &Digest, range: ByteRange) -> Result<BlobStream, StoreError> {
         self.content.open(digest, range).await
     }

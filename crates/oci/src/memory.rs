@@ -138,6 +138,10 @@ impl Store for MemoryStore {
         Ok(self.blob(digest).map(|data| describe(digest, &data)))
     }
 
+    async fn size(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        Ok(self.read().blobs.get(digest).map(|b| b.len() as u64))
+    }
+
     async fn open(&self, digest: &Digest, range: ByteRange) -> Result<BlobStream, StoreError> {
         let data = self
             .blob(digest)

@@ -148,6 +148,10 @@ pub trait Store: Send + Sync + 'static {
     /// from the content. `None` if the content is not present.
     async fn descriptor(&self, digest: &Digest) -> Result<Option<Descriptor>, StoreError>;
 
+    /// The size of a blob; `None` if it is not present. Cheaper than [`Store::descriptor`]
+    /// (no media type is read), for serving blobs.
+    async fn size(&self, digest: &Digest) -> Result<Option<u64>, StoreError>;
+
     /// Opens `range` of a blob. The range must lie within the blob.
     async fn open(&self, digest: &Digest, range: ByteRange) -> Result<BlobStream, StoreError>;
 

@@ -1,0 +1,106 @@
+//! Registry errors and their OCI error bodies. Everything a mirror cannot serve is a 404
+//! with an OCI error body: containerd falls through to the next host only on 404, so any
+//! other status would fail the pull instead of sending it upstream.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use mirrorlet_oci::path::PathError;
+use mirrorlet_oci::reference::ReferenceError;
+
+/// Why a request was not served.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No manifest for this tag or digest here (or among peers).
+    #[error("manifest unknown: {0}")]
+    ManifestUnknown(String),
+    /// No blob with this digest here (or among peers).
+    #[error("blob unknown: {0}")]
+    BlobUnknown(String),
+    /// The repository name or `ns` parameter is invalid.
+    #[error("{0}")]
+    NameInvalid(String),
+    /// The digest is malformed or uses an unsupported algorithm.
+    #[error("{0}")]
+    DigestInvalid(String),
+    /// An endpoint a pull-only mirror does not implement.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Anything but GET or HEAD.
+    #[error("method {0} is not allowed; this mirror serves GET and HEAD only")]
+    MethodNotAllowed(String),
+    /// A `Range` outside the blob.
+    #[error("range not satisfiable for a blob of {size} bytes")]
+    RangeNotSatisfiable {
+        /// The blob's size, for `Content-Range: bytes */<size>`.
+        size: u64,
+    },
+    /// The store could not be read; served as a 404 so containerd goes upstream.
+    #[error("content store unavailable: {0}")]
+    StoreUnavailable(String),
+    /// A path that is no registry endpoint.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl RegistryError {
+    /// The HTTP status and OCI error code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::ManifestUnknown(_) => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+            Self::BlobUnknown(_) | Self::StoreUnavailable(_) => {
+                (StatusCode::NOT_FOUND, "BLOB_UNKNOWN")
+            }
+            Self::NameInvalid(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
+            Self::DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+            Self::Unsupported(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
+            Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+            Self::RangeNotSatisfiable { .. } => {
+                (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID")
+            }
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+        }
+    }
+}
+
+impl From<PathError> for RegistryError {
+    fn from(e: PathError) -> Self {
+        match e {
+            PathError::NotFound(_) => Self::NotFound(e.to_string()),
+            PathError::Unsupported(_) => Self::Unsupported(e.to_string()),
+            PathError::Name(_) => Self::NameInvalid(e.to_string()),
+            PathError::Digest(_) | PathError::Reference(ReferenceError::Digest(_)) => {
+                Self::DigestInvalid(e.to_string())
+            }
+            // A tag containerd would never send; 404 lets any client fall through.
+            PathError::Reference(_) => Self::ManifestUnknown(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for RegistryError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let body = serde_json::json!({
+            "errors": [{ "code": code, "message": self.to_string(), "detail": null }]
+        })
+        .to_string();
+        let mut resp = (status, body).into_response();
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        match self {
+            Self::MethodNotAllowed(_) => {
+                headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            Self::RangeNotSatisfiable { size } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    headers.insert(header::CONTENT_RANGE, v);
+                }
+            }
+            _ => {}
+        }
+        resp
+    }
+}

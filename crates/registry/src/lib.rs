@@ -1,0 +1,40 @@
+//! The OCI distribution (pull) registry containerd uses as a mirror through `hosts.toml`.
+//!
+//! A request is answered from the node's own content store; what is not there gets a 404
+//! with an OCI error body, which makes containerd go on to its next host (the upstream
+//! registry). This crate knows neither containerd nor libp2p: it reads content through the
+//! [`Store`](mirrorlet_oci::Store) trait.
+
+pub mod error;
+pub mod metrics;
+pub mod mirror;
+pub mod ops;
+pub mod range;
+pub mod server;
+pub mod state;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::get;
+
+pub use error::RegistryError;
+pub use metrics::{Metrics, Source};
+pub use state::{AppState, ReadyCheck};
+
+/// Builds the HTTP application: `/v2/...` pull endpoints plus `/livez`, `/readyz` and `/metrics`.
+pub fn app(state: Arc<AppState>) -> Router {
+    let v2 = Router::new()
+        .fallback(mirror::handle)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ops::track,
+        ))
+        .with_state(state.clone());
+    Router::new()
+        .route("/livez", get(ops::livez))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .with_state(state)
+        .fallback_service(v2)
+}

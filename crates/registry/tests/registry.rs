@@ -1,0 +1,459 @@
+//! The registry served on a real port over an in-memory store, exercised over HTTP.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::stream::BoxStream;
+use mirrorlet_oci::manifest::{DOCKER_MANIFEST, OCI_INDEX};
+use mirrorlet_oci::{
+    BlobStream, ByteRange, Descriptor, Digest, ImageContent, ImageName, Inventory, MemoryStore,
+    Store, StoreError, StoreEvent,
+};
+use mirrorlet_registry::server::{self, Limits};
+use mirrorlet_registry::{AppState, Metrics};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+struct Server {
+    base: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start(store: Arc<dyn Store>) -> Server {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let state = Arc::new(AppState {
+        store,
+        metrics,
+        metrics_registry: Arc::new(registry),
+        ready: Arc::new(|| async { Ok(()) }.boxed()),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server::serve(
+        listener,
+        mirrorlet_registry::app(state),
+        Limits::default(),
+        shutdown.clone(),
+    ));
+    Server {
+        base,
+        shutdown,
+        task,
+    }
+}
+
+struct Fixture {
+    store: Arc<MemoryStore>,
+    layer: Descriptor,
+    layer_bytes: Bytes,
+    manifest: Descriptor,
+    manifest_bytes: Bytes,
+    index: Descriptor,
+}
+
+fn fixture() -> Fixture {
+    let store = Arc::new(MemoryStore::new());
+    let layer_bytes = Bytes::from((0..200_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+    let layer = store.put_blob(layer_bytes.clone());
+    let manifest_bytes = Bytes::from(format!(
+        r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"x","digest":"{d}","size":{s}}},"layers":[{{"mediaType":"y","digest":"{d}","size":{s}}}]}}"#,
+        d = layer.digest,
+        s = layer.size
+    ));
+    let manifest = store.put_blob(manifest_bytes.clone());
+    assert_eq!(manifest.media_type, DOCKER_MANIFEST);
+    let index = store.put_blob(format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{DOCKER_MANIFEST}","digest":"{}","size":{}}}]}}"#,
+        manifest.digest, manifest.size
+    ));
+    store.put_image("docker.io/library/app:1.0", manifest.clone());
+    store.put_image("ghcr.io/org/app:multi", index.clone());
+    Fixture {
+        store,
+        layer,
+        layer_bytes,
+        manifest,
+        manifest_bytes,
+        index,
+    }
+}
+
+async fn error_code(resp: reqwest::Response) -> String {
+    let body: Value = resp.json().await.expect("OCI error body is JSON");
+    body["errors"][0]["code"]
+        .as_str()
+        .expect("error code")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn serves_manifests_by_tag_and_digest() {
+    let fx = fixture();
+    let srv = start(fx.store.clone()).await;
+    let http = reqwest::Client::new();
+
+    let r = http
+        .get(format!("{}/v2/", srv.base))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.headers()["docker-distribution-api-version"],
+        "registry/2.0"
+    );
+
+    // Docker Hub by default, with library/ normalisation, and explicitly with ns.
+    for url in [
+        "/v2/app/manifests/1.0",
+        "/v2/library/app/manifests/1.0?ns=docker.io",
+    ] {
+        let r = http
+            .get(format!("{}{url}", srv.base))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), StatusCode::OK, "{url}");
+        assert_eq!(r.headers()["content-type"], DOCKER_MANIFEST);
+        assert_eq!(
+            r.headers()["docker-content-digest"],
+            fx.manifest.digest.as_str()
+        );
+        assert_eq!(
+            r.headers()["content-length"],
+            fx.manifest.size.to_string().as_str()
+        );
+        assert_eq!(r.bytes().await.expect("body"), fx.manifest_bytes);
+    }
+    let r = http
+        .head(format!(
+            "{}/v2/org/app/manifests/multi?ns=ghcr.io",
+            srv.base
+        ))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], OCI_INDEX);
+    assert_eq!(
+        r.headers()["content-length"],
+        fx.index.size.to_string().as_str()
+    );
+    assert_eq!(
+        r.headers()["docker-content-digest"],
+        fx.index.digest.as_str()
+    );
+
+    let r = http
+        .get(format!(
+            "{}/v2/org/app/manifests/{}?ns=ghcr.io",
+            srv.base, fx.manifest.digest
+        ))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], DOCKER_MANIFEST);
+
+    // Unknown tag, other registry, or a layer's digest asked for as a manifest: 404.
+    for url in [
+        "/v2/app/manifests/2.0".to_owned(),
+        "/v2/app/manifests/1.0?ns=quay.io".to_owned(),
+        format!("/v2/app/manifests/{}", fx.layer.digest),
+    ] {
+        let r = http
+            .get(format!("{}{url}", srv.base))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{url}");
+        assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    }
+    srv.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn serves_blobs_and_ranges() {
+    let fx = fixture();
+    let srv = start(fx.store.clone()).await;
+    let http = reqwest::Client::new();
+    let url = format!(
+        "{}/v2/any/repo/blobs/{}?ns=example.com",
+        srv.base, fx.layer.digest
+    );
+
+    let r = http.get(&url).send().await.expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["accept-ranges"], "bytes");
+    assert_eq!(
+        r.headers()["docker-content-digest"],
+        fx.layer.digest.as_str()
+    );
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    assert_eq!(r.bytes().await.expect("body"), fx.layer_bytes);
+
+    let r = http.head(&url).send().await.expect("head");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-length"], "200000");
+
+    let b = &fx.layer_bytes;
+    for (range, start, end) in [
+        ("bytes=10-19", 10, 20),
+        ("bytes=199990-", 199_990, 200_000),
+        ("bytes=-5", 199_995, 200_000),
+    ] {
+        let r = http
+            .get(&url)
+            .header("range", range)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(
+            r.headers()["content-range"],
+            format!("bytes {start}-{}/200000", end - 1).as_str(),
+            "{range}"
+        );
+        assert_eq!(
+            r.bytes().await.expect("body"),
+            b.slice(start..end),
+            "{range}"
+        );
+    }
+    let r = http
+        .get(&url)
+        .header("range", "bytes=200000-")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(r.headers()["content-range"], "bytes */200000");
+
+    let missing = Digest::sha256_of(b"missing");
+    let r = http
+        .get(format!("{}/v2/a/blobs/{missing}", srv.base))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
+    srv.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn bad_requests_get_oci_errors() {
+    let fx = fixture();
+    let srv = start(fx.store.clone()).await;
+    let http = reqwest::Client::new();
+    let cases = [
+        (
+            "/v2/Upper/manifests/v1",
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+        ),
+        (
+            "/v2/a/blobs/sha256:1234",
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+        ),
+        (
+            "/v2/a/blobs/md5:1234",
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+        ),
+        (
+            "/v2/a/manifests/bad:tag:x",
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+        ),
+        (
+            "/v2/a/manifests/-tag",
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+        ),
+        ("/v2/a/tags/list", StatusCode::NOT_FOUND, "UNSUPPORTED"),
+        ("/v2/a/blobs/uploads/", StatusCode::NOT_FOUND, "UNSUPPORTED"),
+        (
+            "/v2/a/manifests/v1?ns=bad/ns",
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+        ),
+        ("/v2/a", StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+        ("/other", StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+    ];
+    for (path, status, code) in cases {
+        let r = http
+            .get(format!("{}{path}", srv.base))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), status, "{path}");
+        assert_eq!(r.headers()["content-type"], "application/json", "{path}");
+        assert_eq!(error_code(r).await, code, "{path}");
+    }
+    for method in [
+        reqwest::Method::POST,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+        reqwest::Method::PATCH,
+    ] {
+        let r = http
+            .request(method.clone(), format!("{}/v2/a/manifests/v1", srv.base))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED, "{method}");
+        assert_eq!(r.headers()["allow"], "GET, HEAD");
+        assert_eq!(error_code(r).await, "UNSUPPORTED");
+    }
+    srv.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn health_and_metrics() {
+    let fx = fixture();
+    let srv = start(fx.store.clone()).await;
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(format!("{}/livez", srv.base))
+            .send()
+            .await
+            .expect("get")
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        http.get(format!("{}/readyz", srv.base))
+            .send()
+            .await
+            .expect("get")
+            .status(),
+        StatusCode::OK
+    );
+    let _ = http
+        .get(format!("{}/v2/nothere/manifests/v1", srv.base))
+        .send()
+        .await
+        .expect("get");
+    let _ = http
+        .get(format!("{}/v2/x/blobs/{}", srv.base, fx.layer.digest))
+        .send()
+        .await
+        .expect("get")
+        .bytes()
+        .await;
+    let text = http
+        .get(format!("{}/metrics", srv.base))
+        .send()
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.contains(r#"mirrorlet_registry_requests_total{route="manifest",method="GET",status="404",source="upstream-fallthrough"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains(r#"mirrorlet_registry_requests_total{route="blob",method="GET",status="200",source="local"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"mirrorlet_registry_served_bytes_total{source="local"} 200000"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("mirrorlet_registry_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    srv.shutdown.cancel();
+}
+
+/// A store whose backend is down: every call fails.
+struct DownStore;
+
+#[async_trait::async_trait]
+impl Store for DownStore {
+    async fn resolve(&self, _: &ImageName) -> Result<Option<Descriptor>, StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+    async fn descriptor(&self, _: &Digest) -> Result<Option<Descriptor>, StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+    async fn size(&self, _: &Digest) -> Result<Option<u64>, StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+    async fn open(&self, _: &Digest, _: ByteRange) -> Result<BlobStream, StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+    async fn list(&self) -> Result<Inventory, StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+    async fn image(&self, _: &str) -> Result<Option<ImageContent>, StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+    fn watch(&self) -> BoxStream<'static, StoreEvent> {
+        Box::pin(futures_util::stream::pending())
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+}
+
+#[tokio::test]
+async fn unavailable_store_answers_404_so_containerd_falls_through() {
+    let srv = start(Arc::new(DownStore)).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{}/v2/a/manifests/v1", srv.base))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = http
+        .get(format!(
+            "{}/v2/a/blobs/{}",
+            srv.base,
+            Digest::sha256_of(b"x")
+        ))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
+    srv.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn large_blob_streams_whole_and_shutdown_drains() {
+    let store = Arc::new(MemoryStore::new());
+    let big = Bytes::from(vec![7u8; 64 * 1024 * 1024]);
+    let desc = store.put_blob(big.clone());
+    let srv = start(store).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{}/v2/a/blobs/{}", srv.base, desc.digest))
+        .send()
+        .await
+        .expect("get");
+    // Shut down while the body is still streaming: the response must complete.
+    srv.shutdown.cancel();
+    let body = r
+        .bytes()
+        .await
+        .expect("body completes after shutdown began");
+    assert_eq!(body.len(), big.len());
+    assert_eq!(Digest::sha256_of(&body), desc.digest);
+    tokio::time::timeout(std::time::Duration::from_secs(10), srv.task)
+        .await
+        .expect("server stops once drained")
+        .expect("server task");
+    assert!(
+        http.get(format!("{}/v2/", srv.base)).send().await.is_err(),
+        "listener closed"
+    );
+}
