@@ -38,6 +38,7 @@ const MARKER_EVERY: Duration = Duration::from_millis(200);
 pub(crate) async fn follow(channel: Channel, namespace: String, tx: mpsc::Sender<StoreEvent>) {
     let mut backoff = BACKOFF_MIN;
     let mut was_connected = true;
+    let mut subscribed_before = false;
     loop {
         let mut client = EventsClient::new(channel.clone());
         let filter = format!("namespace==\"{namespace}\"");
@@ -52,9 +53,12 @@ pub(crate) async fn follow(channel: Channel, namespace: String, tx: mpsc::Sender
         };
         match stream {
             Some(Ok(resp)) => {
-                if !was_connected {
-                    tracing::info!("containerd event stream reconnected");
+                if subscribed_before {
+                    tracing::info!("containerd event stream reconnected; resyncing");
+                } else {
+                    tracing::info!(%namespace, "following containerd events");
                 }
+                subscribed_before = true;
                 was_connected = true;
                 backoff = BACKOFF_MIN;
                 if tx.send(StoreEvent::Resync).await.is_err() {
@@ -85,8 +89,12 @@ pub(crate) async fn follow(channel: Channel, namespace: String, tx: mpsc::Sender
 /// retries the subscription). Never returns while publishing works.
 async fn publish_markers(channel: Channel, namespace: &str) {
     let mut client = EventsClient::new(channel);
+    // The first marker goes out almost at once; if the subscription was not registered in
+    // time to see it, the next ones follow.
+    let mut wait = Duration::from_millis(20);
     loop {
-        tokio::time::sleep(MARKER_EVERY).await;
+        tokio::time::sleep(wait).await;
+        wait = MARKER_EVERY;
         let marker = ContentCreate {
             digest: String::new(),
             size: 0,

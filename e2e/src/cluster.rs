@@ -1,0 +1,185 @@
+//! A whole test cluster: a bridge, an upstream registry holding the test images, and N
+//! nodes, each with containerd and an agent, configured the way the Helm chart does it.
+//! Dropping the cluster tears everything down, on failure too (and prints the logs then).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use mirrorlet_oci::Digest;
+
+use crate::deps;
+use crate::images::TestImage;
+use crate::net::{Slot, leftovers};
+use crate::node::{Node, REGISTRY};
+use crate::upstream::Upstream;
+
+/// How to build a cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Images pushed to the upstream registry.
+    pub images: Vec<TestImage>,
+    /// Extra flags for every agent.
+    pub agent_args: Vec<String>,
+    /// Start the agents (else only containerd, configured).
+    pub start_agents: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            images: Vec::new(),
+            agent_args: Vec::new(),
+            start_agents: true,
+        }
+    }
+}
+
+/// A running test cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The nodes, `nodes[0]` is node 1.
+    pub nodes: Vec<Node>,
+    /// The upstream registry.
+    pub upstream: Upstream,
+    /// HTTP client for the test process.
+    pub http: reqwest::Client,
+    // Dropped last: removes namespaces, bridge and directory.
+    slot: Slot,
+}
+
+impl Cluster {
+    /// Builds and starts a cluster.
+    pub async fn start(opts: Options) -> Result<Self> {
+        deps::ensure()?;
+        deps::mirrorlet_bin()?;
+        let slot = Slot::claim()?;
+        let up_host = slot.add_host("up", 254)?;
+        let upstream = Upstream::start(up_host, &slot.dir.join("upstream")).await?;
+        let cache = deps::image_cache();
+        std::fs::create_dir_all(&cache)?;
+        for image in &opts.images {
+            image.push(&cache, &upstream.authority())?;
+        }
+        let mut nodes = Vec::new();
+        for i in 1..=opts.nodes {
+            let octet = u8::try_from(10 + i).context("too many nodes")?;
+            let host = slot.add_host(&format!("n{i}"), octet)?;
+            let mut node = Node::new(
+                i,
+                host,
+                &slot.dir.join(format!("n{i}")),
+                opts.agent_args.clone(),
+            )?;
+            node.write_user_hosts(&upstream.authority())?;
+            node.configure()?;
+            node.start_containerd().await?;
+            nodes.push(node);
+        }
+        let mut cluster = Self {
+            nodes,
+            upstream,
+            http: reqwest::Client::new(),
+            slot,
+        };
+        if opts.start_agents {
+            for node in &mut cluster.nodes {
+                node.start_agent().await?;
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// Node `i` (1-based).
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i - 1]
+    }
+
+    /// Node `i` (1-based), mutably.
+    pub fn node_mut(&mut self, i: usize) -> &mut Node {
+        &mut self.nodes[i - 1]
+    }
+
+    /// The cluster number.
+    pub fn k(&self) -> u8 {
+        self.slot.k
+    }
+
+    /// The name nodes pull `image` by: `registry.e2e.test/<repo>:<tag>`.
+    pub fn image_ref(image: &TestImage) -> String {
+        format!("{REGISTRY}/{}:{}", image.repo, image.tag)
+    }
+
+    /// GETs `path` (e.g. `/v2/<repo>/manifests/<ref>`) from the upstream registry with
+    /// every manifest type accepted.
+    pub async fn upstream_get(&self, path: &str) -> Result<reqwest::Response> {
+        Ok(self
+            .http
+            .get(format!("{}{path}", self.upstream.url()))
+            .header("accept", ACCEPT)
+            .send()
+            .await?)
+    }
+
+    /// The digest upstream gives `repo:tag`.
+    pub async fn upstream_digest(&self, repo: &str, tag: &str) -> Result<Digest> {
+        let resp = self
+            .upstream_get(&format!("/v2/{repo}/manifests/{tag}"))
+            .await?
+            .error_for_status()?;
+        let d = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .context("upstream sent no Docker-Content-Digest")?;
+        Ok(Digest::parse(d)?)
+    }
+
+    /// Tears down now and returns whatever was left behind (should be nothing).
+    pub fn teardown(self) -> Vec<String> {
+        let k = self.slot.k;
+        drop(self);
+        leftovers(k)
+    }
+
+    /// The logs of every process, for a failing test.
+    pub fn dump_logs(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            out.push_str(&format!(
+                "\n--- node {} agent ---\n{}\n",
+                n.index,
+                n.agent_log_tail(40)
+            ));
+            out.push_str(&format!(
+                "--- node {} containerd ---\n{}\n",
+                n.index,
+                n.containerd_log_tail(15)
+            ));
+        }
+        out.push_str(&format!("--- upstream ---\n{}\n", self.upstream.log_tail()));
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("e2e cluster {} logs:{}", self.slot.k, self.dump_logs());
+        }
+        for n in &mut self.nodes {
+            n.stop_agent();
+        }
+        for n in &mut self.nodes {
+            n.stop_containerd();
+        }
+        self.upstream.stop();
+        // Give the kernel a moment to release the namespaces' sockets before deleting them.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Accept header a client sends to get any manifest type.
+pub const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
