@@ -347,5 +347,5 @@ pub fn sum_metric(text: &str, name: &str, filter: &[(&str, &str)]) -> f64 {
                 .all(|(k, v)| labels.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
             ok.then(|| value.parse::<f64>().ok()).flatten()
         })
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }

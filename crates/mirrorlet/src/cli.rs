@@ -74,9 +74,10 @@ pub(crate) struct RunArgs {
     #[arg(
         long,
         env = "MIRRORLET_CONTAINERD_CONTENT_DIR",
-        default_value = "/var/lib/containerd/io.containerd.content.v1.content"
+        default_value = "/var/lib/containerd/io.containerd.content.v1.content",
+        value_parser = parse_optional_path
     )]
-    pub(crate) containerd_content_dir: PathBuf,
+    pub(crate) containerd_content_dir: OptionalPath,
     /// Entries in the cache of manifest media types read from content.
     #[arg(long, env = "MIRRORLET_MEDIA_TYPE_CACHE", default_value = "10000")]
     pub(crate) media_type_cache: NonZeroUsize,
@@ -146,6 +147,14 @@ impl ConfigureArgs {
             dial_timeout: self.dial_timeout.clone(),
         }
     }
+}
+
+/// A path flag that may be set to the empty string to turn a feature off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OptionalPath(pub(crate) Option<PathBuf>);
+
+fn parse_optional_path(s: &str) -> Result<OptionalPath, String> {
+    Ok(OptionalPath((!s.is_empty()).then(|| PathBuf::from(s))))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -242,6 +251,12 @@ mod tests {
             panic!("run")
         };
         assert_eq!(args.listen.port(), 5000);
+        let cli = Cli::try_parse_from(["mirrorlet", "run", "--containerd-content-dir", ""])
+            .expect("empty disables");
+        let Command::Run(args) = cli.command else {
+            panic!("run")
+        };
+        assert_eq!(args.containerd_content_dir, OptionalPath(None));
     }
 
     #[test]

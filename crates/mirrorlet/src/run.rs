@@ -25,16 +25,16 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    let content_dir = if args.containerd_content_dir.as_os_str().is_empty() {
-        None
-    } else if args.containerd_content_dir.is_dir() {
-        Some(args.containerd_content_dir.clone())
-    } else {
-        tracing::warn!(
-            dir = %args.containerd_content_dir.display(),
-            "--containerd-content-dir is not a directory here; serving blobs through containerd's gRPC API (slower)"
-        );
-        None
+    let content_dir = match &args.containerd_content_dir.0 {
+        None => None,
+        Some(dir) if dir.is_dir() => Some(dir.clone()),
+        Some(dir) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                "--containerd-content-dir is not a directory here; serving blobs through containerd's gRPC API (slower)"
+            );
+            None
+        }
     };
     let store: Arc<dyn Store> = Arc::new(ContainerdStore::new(ContainerdConfig {
         socket: args.containerd_socket.clone(),

@@ -1,0 +1,43 @@
+# One entry point for every check. CI runs `make test` (see .ci/run).
+SHELL := /bin/bash
+CARGO ?= cargo
+NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+
+.PHONY: setup build demo test unit e2e lint bench clean-e2e
+
+setup:
+	bash e2e/setup.sh
+
+build: setup
+	$(CARGO) build --workspace --bins
+
+## The local demo: nodes in network namespaces with real containerd and a local upstream.
+demo: setup
+	$(CARGO) build --release -p mirrorlet -p mirrorlet-e2e --bins
+	MIRRORLET_BIN=$(CURDIR)/target/release/mirrorlet ./target/release/demo
+
+## Everything: lints, unit and integration tests, end-to-end scenarios (needs root).
+test: build lint
+ifeq ($(NEXTEST),yes)
+	$(CARGO) nextest run --workspace --profile ci --no-fail-fast
+else
+	$(CARGO) test --workspace --no-fail-fast -- --test-threads=1
+endif
+
+unit: setup
+	$(CARGO) test --workspace --exclude mirrorlet-e2e
+
+e2e: build
+	$(CARGO) test -p mirrorlet-e2e -- --test-threads=1
+
+lint: setup
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+bench: setup
+	$(CARGO) bench -p mirrorlet-registry
+	bash e2e/bench/run.sh
+
+## Removes clusters left behind by a killed test run.
+clean-e2e:
+	$(CARGO) run -q -p mirrorlet-e2e --bin e2e-sweep

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# All end-to-end benchmarks (`make bench`). Results go in BENCHMARKS.md by hand, with the
+# command that produced them.
+set -euo pipefail
+cd "$(dirname "$0")"
+./blob-throughput.sh "${BLOB_MIB:-1024}" "${RUNS:-5}"

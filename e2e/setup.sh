@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what building and the end-to-end tests need on Debian, if missing:
+# protoc (containerd-client's build script), containerd, the Distribution registry,
+# skopeo and iproute2. Idempotent; needs root.
+set -euo pipefail
+
+need=()
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v containerd >/dev/null || need+=(containerd)
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v skopeo >/dev/null || need+=(skopeo)
+command -v ip >/dev/null || need+=(iproute2)
+command -v make >/dev/null || need+=(make)
+
+if ((${#need[@]})); then
+  echo "setup: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: cargo-nextest not found; tests will run with cargo test" >&2
+fi
