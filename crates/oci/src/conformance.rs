@@ -11,6 +11,7 @@ use futures_util::stream::BoxStream;
 use crate::digest::Digest;
 use crate::manifest::{DOCKER_MANIFEST, Descriptor, OCI_INDEX, OCI_MANIFEST, OCTET_STREAM};
 use crate::reference::ImageName;
+use crate::routing::{Peer, Router};
 use crate::store::{ByteRange, Store, StoreError, StoreEvent};
 
 /// How long to wait for an expected watch event.
@@ -341,4 +342,77 @@ pub async fn check_store(store: &dyn Store, loader: &dyn Loader) {
         .expect("image")
         .expect("present");
     assert!(!app.digests.contains(&fx.big_layer.0.digest));
+}
+
+/// Collects what a lookup yields within `limit` (or until the stream ends).
+pub async fn collect_lookup(router: &dyn Router, key: &str, limit: Duration) -> Vec<Peer> {
+    let mut out = Vec::new();
+    let mut stream = router.lookup(key);
+    let _ = tokio::time::timeout(limit, async {
+        while let Some(p) = stream.next().await {
+            out.push(p);
+        }
+    })
+    .await;
+    out
+}
+
+/// Waits (up to 15 s) until `check` holds for the lookup of `key` from `router`.
+async fn eventually(router: &dyn Router, key: &str, what: &str, check: impl Fn(&[Peer]) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let found = collect_lookup(router, key, Duration::from_millis(500)).await;
+        if check(&found) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: lookup of {key} gave {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Checks two routers of one network: `a` (whose registry is `a_peer`) advertises, `b`
+/// finds it; withdrawn keys stop being found; a node never finds itself.
+///
+/// Panics (as a test does) on the first failed check.
+pub async fn check_router(a: &dyn Router, b: &dyn Router, a_peer: &Peer) {
+    assert!(a.ready().await && b.ready().await, "routers are ready");
+    let k1 = format!("sha256:{}", "1".repeat(64));
+    let k2 = "example.com/conformance/app:v1".to_owned();
+    assert!(
+        collect_lookup(b, &k1, Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "nothing advertised yet"
+    );
+
+    a.advertise(vec![k1.clone(), k2.clone()])
+        .await
+        .expect("advertise");
+    eventually(b, &k1, "advertised digest found", |p| {
+        p.iter().any(|x| x.addr == a_peer.addr)
+    })
+    .await;
+    eventually(b, &k2, "advertised tag found", |p| {
+        p.iter().any(|x| x.addr == a_peer.addr)
+    })
+    .await;
+    let own = collect_lookup(a, &k1, Duration::from_millis(300)).await;
+    assert!(
+        own.iter().all(|p| p.addr != a_peer.addr),
+        "a node never finds itself: {own:?}"
+    );
+    assert!(a.status().await.expect("status").advertised_keys >= 2);
+
+    a.withdraw(vec![k1.clone()]).await.expect("withdraw");
+    eventually(b, &k1, "withdrawn digest no longer found", |p| {
+        p.iter().all(|x| x.addr != a_peer.addr)
+    })
+    .await;
+    eventually(b, &k2, "other key still found", |p| {
+        p.iter().any(|x| x.addr == a_peer.addr)
+    })
+    .await;
 }

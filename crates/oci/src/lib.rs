@@ -4,11 +4,13 @@
 //! depending on either. No I/O happens here beyond the in-memory implementations.
 
 pub mod digest;
+pub mod glob;
 pub mod manifest;
 pub mod memory;
 pub mod name;
 pub mod path;
 pub mod reference;
+pub mod routing;
 pub mod store;
 pub mod walk;
 
@@ -20,6 +22,7 @@ pub use manifest::{Descriptor, Manifest};
 pub use memory::MemoryStore;
 pub use name::{Registry, Repository};
 pub use reference::{ImageName, Reference, Tag};
+pub use routing::{MemoryNetwork, MemoryRouter, Peer, Router, RouterError, RouterStatus};
 pub use store::{BlobStream, ByteRange, ImageContent, Inventory, Store, StoreError, StoreEvent};
 
 #[cfg(all(test, feature = "test-util"))]
@@ -47,6 +50,18 @@ mod tests {
         async fn delete_blob(&self, digest: &Digest) {
             self.0.delete_blob(digest);
         }
+    }
+
+    #[tokio::test]
+    async fn memory_router_conforms() {
+        let net = Arc::new(crate::MemoryNetwork::default());
+        let peer = |n: u8| crate::Peer {
+            id: format!("node-{n}"),
+            addr: ([127, 0, 0, n], 5000).into(),
+        };
+        let a = crate::MemoryRouter::new(net.clone(), peer(1));
+        let b = crate::MemoryRouter::new(net, peer(2));
+        conformance::check_router(&a, &b, &peer(1)).await;
     }
 
     #[tokio::test]

@@ -1,0 +1,131 @@
+//! The router interface: how a node announces what it can serve and finds peers that can
+//! serve what it lacks. The libp2p Kademlia implementation lives in `mirrorlet-routing`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures_util::StreamExt;
+use futures_util::stream::{self, BoxStream};
+
+/// A peer that can serve content: its identity and its registry's address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Peer {
+    /// The peer's identity (a libp2p peer id).
+    pub id: String,
+    /// Where its registry listens.
+    pub addr: SocketAddr,
+}
+
+/// Why a router operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The router's task has stopped (shutdown or failure).
+    #[error("the router has stopped")]
+    Stopped,
+    /// Announcing failed, e.g. the local record store is full.
+    #[error("advertising failed: {0}")]
+    Advertise(String),
+}
+
+/// What the router knows about the network.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouterStatus {
+    /// Peers currently connected.
+    pub connected_peers: usize,
+    /// Keys this node advertises.
+    pub advertised_keys: usize,
+}
+
+/// Content routing between nodes. Keys are digests (`sha256:...`) and tags
+/// (`registry/repo:tag`).
+#[async_trait::async_trait]
+pub trait Router: Send + Sync + 'static {
+    /// Whether the router is running and can answer lookups (a node with no peers is
+    /// ready: its lookups simply find nothing).
+    async fn ready(&self) -> bool;
+
+    /// Announces that this node can serve `keys`.
+    async fn advertise(&self, keys: Vec<String>) -> Result<(), RouterError>;
+
+    /// Stops announcing `keys`, and tells peers to forget this node for them.
+    async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError>;
+
+    /// Peers that can serve `key`, yielded as they are found, never this node. The stream
+    /// ends when the search is exhausted; dropping it stops the search.
+    fn lookup(&self, key: &str) -> BoxStream<'static, Peer>;
+
+    /// Connected peers and advertised keys.
+    async fn status(&self) -> Result<RouterStatus, RouterError>;
+}
+
+/// A shared in-memory "network" that [`MemoryRouter`]s announce into, for tests.
+#[derive(Debug, Default)]
+pub struct MemoryNetwork {
+    providers: Mutex<HashMap<String, BTreeSet<Peer>>>,
+}
+
+/// A [`Router`] over a [`MemoryNetwork`].
+#[derive(Debug, Clone)]
+pub struct MemoryRouter {
+    network: Arc<MemoryNetwork>,
+    me: Peer,
+}
+
+impl MemoryRouter {
+    /// A router for the node `me` on `network`.
+    pub fn new(network: Arc<MemoryNetwork>, me: Peer) -> Self {
+        Self { network, me }
+    }
+
+    fn providers(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeSet<Peer>>> {
+        self.network
+            .providers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl Router for MemoryRouter {
+    async fn ready(&self) -> bool {
+        true
+    }
+
+    async fn advertise(&self, keys: Vec<String>) -> Result<(), RouterError> {
+        let mut p = self.providers();
+        for k in keys {
+            p.entry(k).or_default().insert(self.me.clone());
+        }
+        Ok(())
+    }
+
+    async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError> {
+        let mut p = self.providers();
+        for k in keys {
+            if let Some(set) = p.get_mut(&k) {
+                set.remove(&self.me);
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, key: &str) -> BoxStream<'static, Peer> {
+        let found: Vec<Peer> = self
+            .providers()
+            .get(key)
+            .map(|s| s.iter().filter(|p| **p != self.me).cloned().collect())
+            .unwrap_or_default();
+        stream::iter(found).boxed()
+    }
+
+    async fn status(&self) -> Result<RouterStatus, RouterError> {
+        let p = self.providers();
+        let advertised = p.values().filter(|s| s.contains(&self.me)).count();
+        let peers: BTreeSet<&Peer> = p.values().flatten().filter(|x| **x != self.me).collect();
+        Ok(RouterStatus {
+            connected_peers: peers.len(),
+            advertised_keys: advertised,
+        })
+    }
+}

@@ -1,0 +1,171 @@
+//! The advertiser: keeps the DHT in step with the node's content store. Everything is
+//! advertised when the store's feed goes live; then each change is turned into an
+//! advertise or withdraw at once (a layer is advertised as soon as it lands in the content
+//! store, before its image is complete); every resync diffs the whole inventory against
+//! what is advertised; on shutdown everything is withdrawn. Republishing before records
+//! expire is done by Kademlia itself (see [`crate::config::DEFAULT_REPUBLISH`]).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use mirrorlet_oci::glob::{Glob, any_match};
+use mirrorlet_oci::{Digest, Router, Store, StoreEvent};
+use tokio_util::sync::CancellationToken;
+
+/// Keys per advertise or withdraw call.
+const BATCH: usize = 1_000;
+
+/// What to advertise.
+#[derive(Debug, Clone, Default)]
+pub struct AdvertiserConfig {
+    /// Tags matching any of these are not advertised (nor resolved through peers).
+    pub tag_excludes: Vec<Glob>,
+}
+
+/// Follows `store` and keeps `router` in step until `shutdown`, then withdraws everything.
+pub async fn run(
+    store: Arc<dyn Store>,
+    router: Arc<dyn Router>,
+    config: AdvertiserConfig,
+    shutdown: CancellationToken,
+) {
+    let mut adv = Advertiser {
+        store,
+        router,
+        config,
+        advertised: HashSet::new(),
+    };
+    let mut events = adv.store.watch();
+    loop {
+        let event = tokio::select! {
+            e = events.next() => e,
+            () = shutdown.cancelled() => break,
+        };
+        match event {
+            Some(e) => adv.on_event(e).await,
+            None => break,
+        }
+    }
+    let all: Vec<String> = adv.advertised.drain().collect();
+    if !all.is_empty() {
+        tracing::info!(
+            keys = all.len(),
+            "withdrawing every advertised key before shutdown"
+        );
+        adv.withdraw(all).await;
+    }
+}
+
+struct Advertiser {
+    store: Arc<dyn Store>,
+    router: Arc<dyn Router>,
+    config: AdvertiserConfig,
+    advertised: HashSet<String>,
+}
+
+impl Advertiser {
+    async fn on_event(&mut self, event: StoreEvent) {
+        match event {
+            StoreEvent::Resync => self.resync().await,
+            StoreEvent::ImageChanged(name) => match self.store.image(&name).await {
+                Ok(Some(image)) => {
+                    let mut keys: Vec<String> =
+                        image.digests.iter().map(ToString::to_string).collect();
+                    keys.extend(self.tag_key(image.tag.as_ref().map(ToString::to_string)));
+                    self.advertise_new(keys).await;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(image = %name, error = %e, "reading a changed image failed; the next resync will catch up")
+                }
+            },
+            StoreEvent::ImageDeleted(name) => {
+                // The content stays until garbage collection, which the store reports.
+                if self.advertised.remove(&name) {
+                    self.withdraw(vec![name]).await;
+                }
+            }
+            StoreEvent::ContentAdded(digest) => self.advertise_new(vec![digest.to_string()]).await,
+            StoreEvent::ContentDeleted(digest) => {
+                let key = digest.to_string();
+                if self.advertised.remove(&key) {
+                    self.withdraw(vec![key]).await;
+                }
+            }
+        }
+    }
+
+    fn tag_key(&self, tag: Option<String>) -> Option<String> {
+        tag.filter(|t| !any_match(&self.config.tag_excludes, t))
+    }
+
+    async fn resync(&mut self) {
+        let inventory = match self.store.list().await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the store failed; will advertise when it is back");
+                return;
+            }
+        };
+        let mut desired: HashSet<String> = inventory
+            .digests()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for tag in inventory.tags() {
+            desired.extend(self.tag_key(Some(tag)));
+        }
+        let new: Vec<String> = desired.difference(&self.advertised).cloned().collect();
+        let mut gone = Vec::new();
+        for key in self.advertised.difference(&desired) {
+            // Content that is present but not (yet) in an image, e.g. layers of a pull in
+            // progress, stays advertised.
+            if let Ok(d) = Digest::parse(key)
+                && matches!(self.store.size(&d).await, Ok(Some(_)))
+            {
+                continue;
+            }
+            gone.push(key.clone());
+        }
+        tracing::info!(
+            images = inventory.images.len(),
+            keys = desired.len(),
+            new = new.len(),
+            withdrawn = gone.len(),
+            "resynced the advertised keys with containerd"
+        );
+        for k in &gone {
+            self.advertised.remove(k);
+        }
+        self.withdraw(gone).await;
+        self.advertise_new(new).await;
+    }
+
+    async fn advertise_new(&mut self, keys: Vec<String>) {
+        let fresh: Vec<String> = keys
+            .into_iter()
+            .filter(|k| !self.advertised.contains(k))
+            .collect();
+        for batch in fresh.chunks(BATCH) {
+            match self.router.advertise(batch.to_vec()).await {
+                Ok(()) => {
+                    tracing::debug!(keys = batch.len(), first = %batch[0], "advertised");
+                    self.advertised.extend(batch.iter().cloned());
+                }
+                Err(e) => tracing::warn!(keys = batch.len(), error = %e, "advertising failed"),
+            }
+        }
+    }
+
+    async fn withdraw(&mut self, keys: Vec<String>) {
+        for batch in keys.chunks(BATCH) {
+            if let Err(e) = self.router.withdraw(batch.to_vec()).await {
+                tracing::warn!(keys = batch.len(), error = %e, "withdrawing failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,76 @@
+//! Configuration of the peer-to-peer router, with the timing choices explained.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use libp2p::identity::Keypair;
+use libp2p::pnet::PreSharedKey;
+
+/// Provider records live this long on the nodes that store them.
+///
+/// Records are republished every [`DEFAULT_REPUBLISH`], so a live node's records never
+/// lapse (three republications fit in one TTL, so one lost round does no harm). The TTL
+/// only bounds how long the DHT can name a node that vanished *without anyone noticing*;
+/// in practice stale records matter little because (1) a node withdraws its keys on
+/// graceful shutdown and when content is deleted, telling its peers to drop them at once;
+/// (2) a peer whose connections drop is left out of lookups immediately; and (3) a peer
+/// that fails a transfer is skipped for a while by the registry. Spegel instead relies on
+/// a 19-minute validity alone, so a dead node is offered to clients until it expires.
+pub const DEFAULT_PROVIDER_TTL: Duration = Duration::from_secs(20 * 60);
+/// How often this node re-announces everything it provides (see [`DEFAULT_PROVIDER_TTL`]).
+pub const DEFAULT_REPUBLISH: Duration = Duration::from_secs(6 * 60);
+/// Limit for one DHT query; lookups are usually answered in well under a millisecond
+/// within a cluster, and callers stop waiting much earlier (the registry's idle timeout).
+pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Provider keys held in the record store (this node's and those other nodes stored
+/// here). libp2p's default of 1,024 would silently cap a node with many layers.
+pub const DEFAULT_MAX_KEYS: usize = 500_000;
+/// How often to check that the node is connected to someone, and re-bootstrap if not.
+pub const DEFAULT_REBOOTSTRAP: Duration = Duration::from_secs(10);
+
+/// Everything the router needs to start.
+#[derive(Debug, Clone)]
+pub struct P2pConfig {
+    /// Address the libp2p TCP listener binds.
+    pub listen: SocketAddr,
+    /// The port of this node's registry, told to peers (via identify) so they can fetch.
+    pub http_port: u16,
+    /// This node's identity.
+    pub keypair: Keypair,
+    /// Private-network key: with one set, only nodes holding the same key can connect.
+    pub psk: Option<PreSharedKey>,
+    /// Peers to dial at start and whenever the node has no connections.
+    pub bootstrap: Vec<Multiaddr>,
+    /// A DNS name (and port) that resolves to peers' addresses, e.g. a headless Service.
+    pub bootstrap_dns: Option<(String, u16)>,
+    /// See [`DEFAULT_PROVIDER_TTL`].
+    pub provider_ttl: Duration,
+    /// See [`DEFAULT_REPUBLISH`].
+    pub republish: Duration,
+    /// See [`DEFAULT_QUERY_TIMEOUT`].
+    pub query_timeout: Duration,
+    /// See [`DEFAULT_MAX_KEYS`].
+    pub max_keys: usize,
+    /// See [`DEFAULT_REBOOTSTRAP`].
+    pub rebootstrap: Duration,
+}
+
+impl P2pConfig {
+    /// A configuration with the defaults above and no bootstrap peers.
+    pub fn new(listen: SocketAddr, http_port: u16, keypair: Keypair) -> Self {
+        Self {
+            listen,
+            http_port,
+            keypair,
+            psk: None,
+            bootstrap: Vec::new(),
+            bootstrap_dns: None,
+            provider_ttl: DEFAULT_PROVIDER_TTL,
+            republish: DEFAULT_REPUBLISH,
+            query_timeout: DEFAULT_QUERY_TIMEOUT,
+            max_keys: DEFAULT_MAX_KEYS,
+            rebootstrap: DEFAULT_REBOOTSTRAP,
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! The router's Prometheus metrics.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Gauges and counters the router keeps current. Cheap to clone (shared handles).
+#[derive(Debug, Clone, Default)]
+pub struct P2pMetrics {
+    /// Peers with at least one open connection.
+    pub connected_peers: Gauge,
+    /// Keys this node advertises.
+    pub advertised_keys: Gauge,
+    /// Peers in the Kademlia routing table.
+    pub routing_table_peers: Gauge,
+    /// Provider entries removed because their peer withdrew them.
+    pub withdrawals_received: Counter,
+    /// Providers left out of lookups because their connections dropped.
+    pub providers_skipped_disconnected: Counter,
+}
+
+impl P2pMetrics {
+    /// Creates the metrics and registers them under `mirrorlet_p2p_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let me = Self::default();
+        registry.register(
+            "mirrorlet_p2p_connected_peers",
+            "Peers with an open connection",
+            me.connected_peers.clone(),
+        );
+        registry.register(
+            "mirrorlet_p2p_advertised_keys",
+            "Digests and tags this node advertises",
+            me.advertised_keys.clone(),
+        );
+        registry.register(
+            "mirrorlet_p2p_routing_table_peers",
+            "Peers in the Kademlia routing table",
+            me.routing_table_peers.clone(),
+        );
+        registry.register(
+            "mirrorlet_p2p_withdrawals_received",
+            "Provider entries removed because the provider withdrew them",
+            me.withdrawals_received.clone(),
+        );
+        registry.register(
+            "mirrorlet_p2p_providers_skipped_disconnected",
+            "Providers left out of lookups because their connections had dropped",
+            me.providers_skipped_disconnected.clone(),
+        );
+        me
+    }
+}

@@ -1,0 +1,330 @@
+//! Several real routers in one process on loopback: advertise, lookup, withdraw, expiry,
+//! 10,000 keys on one node, private-network keys, disconnected peers, re-bootstrap.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use libp2p::Multiaddr;
+use libp2p::identity::Keypair;
+use mirrorlet_oci::conformance::{check_router, collect_lookup};
+use mirrorlet_oci::{Peer, Router};
+use mirrorlet_routing::identity::parse_psk;
+use mirrorlet_routing::{P2pConfig, P2pMetrics, P2pRouter};
+use tokio_util::sync::CancellationToken;
+
+struct Node {
+    router: P2pRouter,
+    addr: Multiaddr,
+    http: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    fn peer(&self) -> Peer {
+        Peer {
+            id: self.router.peer_id().to_string(),
+            addr: self.http,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+async fn start_with(config: impl FnOnce(&mut P2pConfig)) -> Node {
+    let http_port = free_port();
+    let mut cfg = P2pConfig::new(
+        ([127, 0, 0, 1], 0).into(),
+        http_port,
+        Keypair::generate_ed25519(),
+    );
+    cfg.rebootstrap = Duration::from_millis(200);
+    config(&mut cfg);
+    let http_port = cfg.http_port;
+    let shutdown = CancellationToken::new();
+    let (router, task) =
+        P2pRouter::start(cfg, P2pMetrics::default(), shutdown.clone()).expect("router starts");
+    let mut addr = None;
+    for _ in 0..100 {
+        if let Some(a) = router
+            .listen_addrs()
+            .await
+            .expect("addrs")
+            .into_iter()
+            .next()
+        {
+            addr = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let addr = addr.expect("listening");
+    Node {
+        router,
+        addr,
+        http: ([127, 0, 0, 1], http_port).into(),
+        shutdown,
+        task,
+    }
+}
+
+async fn start(bootstrap: &[&Node]) -> Node {
+    let addrs: Vec<Multiaddr> = bootstrap.iter().map(|n| n.addr.clone()).collect();
+    start_with(|c| c.bootstrap = addrs).await
+}
+
+async fn wait_connected(node: &Node, peers: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.router.status().await.expect("status").connected_peers < peers {
+        assert!(
+            Instant::now() < deadline,
+            "node did not connect to {peers} peers"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn finds(node: &Node, key: &str, who: &Node) -> bool {
+    collect_lookup(&node.router, key, Duration::from_millis(300))
+        .await
+        .iter()
+        .any(|p| p.addr == who.http)
+}
+
+#[tokio::test]
+async fn three_nodes_pass_the_router_conformance_checks() {
+    let a = start(&[]).await;
+    let b = start(&[&a]).await;
+    let c = start(&[&a]).await;
+    wait_connected(&a, 2).await;
+    check_router(&a.router, &b.router, &a.peer()).await;
+    // And the third node, which only bootstrapped to a, finds b's keys too.
+    b.router
+        .advertise(vec!["sha256:beef".into()])
+        .await
+        .expect("advertise");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !finds(&c, "sha256:beef", &b).await {
+        assert!(Instant::now() < deadline, "c finds b's key");
+    }
+    for n in [a, b, c] {
+        n.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn ten_thousand_keys_on_one_node_are_all_found() {
+    let a = start(&[]).await;
+    let b = start(&[&a]).await;
+    wait_connected(&b, 1).await;
+    let keys: Vec<String> = (0..10_000).map(|i| format!("sha256:{i:064x}")).collect();
+    let started = Instant::now();
+    for chunk in keys.chunks(1_000) {
+        a.router
+            .advertise(chunk.to_vec())
+            .await
+            .expect("all 10,000 keys accepted");
+    }
+    assert_eq!(
+        a.router.status().await.expect("status").advertised_keys,
+        10_000
+    );
+    eprintln!("advertised 10,000 keys in {:?}", started.elapsed());
+    let started = Instant::now();
+    let router = Arc::new(b.router.clone());
+    let mut missing = Vec::new();
+    for chunk in keys.chunks(200) {
+        let mut lookups: FuturesUnordered<_> = chunk
+            .iter()
+            .map(|k| {
+                let router = router.clone();
+                let k = k.clone();
+                async move {
+                    // Records may still be in flight right after advertising: retry a while.
+                    for _ in 0..50 {
+                        let found =
+                            collect_lookup(router.as_ref(), &k, Duration::from_millis(200)).await;
+                        if found.iter().any(|p| p.addr == a.http) {
+                            return None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Some(k)
+                }
+            })
+            .collect();
+        while let Some(r) = lookups.next().await {
+            missing.extend(r);
+        }
+    }
+    eprintln!("looked up 10,000 keys in {:?}", started.elapsed());
+    assert!(
+        missing.is_empty(),
+        "{} keys not found, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A node restarts (same identity) after its content was deleted while it was down, so
+/// nobody told its peers: the records they hold for it lapse after the TTL.
+#[tokio::test]
+async fn records_expire_when_not_republished() {
+    let key = Keypair::generate_ed25519();
+    let a = start_with(|c| c.keypair = key.clone()).await;
+    let a_addr = a.addr.clone();
+    let b = start_with(|c| {
+        c.bootstrap = vec![a_addr.clone()];
+        c.provider_ttl = Duration::from_secs(2);
+    })
+    .await;
+    wait_connected(&b, 1).await;
+    a.router
+        .advertise(vec!["sha256:expiring".into()])
+        .await
+        .expect("advertise");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !finds(&b, "sha256:expiring", &a).await {
+        assert!(Instant::now() < deadline, "found before expiry");
+    }
+    // Let the announcement reach b's record store (not just be answered by a itself).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (http, port) = (
+        a.http,
+        a_addr.iter().find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        }),
+    );
+    a.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.router.status().await.expect("status").connected_peers != 0 {
+        assert!(Instant::now() < deadline, "b notices a is gone");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let again = start_with(|c| {
+        c.keypair = key;
+        c.listen = ([127, 0, 0, 1], port.expect("port")).into();
+        c.http_port = http.port();
+    })
+    .await;
+    wait_connected(&b, 1).await;
+    assert!(
+        finds(&b, "sha256:expiring", &again).await,
+        "the stale record is still held right after the restart"
+    );
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while finds(&b, "sha256:expiring", &again).await {
+        assert!(
+            Instant::now() < deadline,
+            "the stale record lapses after the 2 s TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    again.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_with_the_wrong_psk_cannot_join() {
+    let psk = parse_psk(&"11".repeat(32)).expect("psk");
+    let wrong = parse_psk(&"22".repeat(32)).expect("psk");
+    let a = start_with(|c| c.psk = Some(psk)).await;
+    let a_addr = a.addr.clone();
+    let b = start_with(|c| {
+        c.psk = Some(psk);
+        c.bootstrap = vec![a_addr.clone()];
+    })
+    .await;
+    let intruder = start_with(|c| {
+        c.psk = Some(wrong);
+        c.bootstrap = vec![a_addr.clone()];
+    })
+    .await;
+    let outsider = start_with(|c| c.bootstrap = vec![a_addr.clone()]).await;
+    wait_connected(&b, 1).await;
+    a.router
+        .advertise(vec!["sha256:secret".into()])
+        .await
+        .expect("advertise");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !finds(&b, "sha256:secret", &a).await {
+        assert!(Instant::now() < deadline, "the node with the key finds it");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for n in [&intruder, &outsider] {
+        assert_eq!(
+            n.router.status().await.expect("status").connected_peers,
+            0,
+            "refused"
+        );
+        assert!(!finds(n, "sha256:secret", &a).await);
+    }
+    assert_eq!(
+        a.router.status().await.expect("status").connected_peers,
+        1,
+        "only b joined"
+    );
+    for n in [a, b, intruder, outsider] {
+        n.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_goes_away_is_skipped_at_once_and_rejoins() {
+    let a = start(&[]).await;
+    let a_addr = a.addr.clone();
+    let b = start(&[&a]).await;
+    wait_connected(&b, 1).await;
+    b.router
+        .advertise(vec!["sha256:fromb".into()])
+        .await
+        .expect("advertise");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !finds(&a, "sha256:fromb", &b).await {
+        assert!(Instant::now() < deadline, "found while b is up");
+    }
+    // b dies without withdrawing: its record is still stored at a, but a skips it.
+    let b_key = b.router.peer_id();
+    b.stop().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let found = collect_lookup(&a.router, "sha256:fromb", Duration::from_millis(300)).await;
+    assert!(
+        found.iter().all(|p| p.id != b_key.to_string()),
+        "a disconnected peer is not offered: {found:?}"
+    );
+
+    // A node whose only peer restarts re-bootstraps by itself.
+    let c = start(&[&a]).await;
+    wait_connected(&c, 1).await;
+    a.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.router.status().await.expect("status").connected_peers != 0 {
+        assert!(Instant::now() < deadline, "c notices a is gone");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let port = a_addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+        _ => None,
+    });
+    let a2 = start_with(|cfg| cfg.listen = ([127, 0, 0, 1], port.expect("port")).into()).await;
+    wait_connected(&c, 1).await;
+    a2.stop().await;
+    c.stop().await;
+}
