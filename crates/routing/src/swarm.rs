@@ -332,10 +332,10 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 cause,
                 ..
-            } if num_established == 0 => {
+            } => {
                 let state = self.peers.entry(peer_id).or_default();
                 state.connections = 0;
                 state.disconnected = true;
@@ -394,31 +394,29 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Withdraw(request_response::Event::Message {
                 peer,
-                message,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
                 ..
             })) => {
-                if let request_response::Message::Request {
-                    request, channel, ..
-                } = message
-                {
-                    let store = self.swarm.behaviour_mut().kad.store_mut();
-                    let mut removed = 0;
-                    for key in &request.keys {
-                        let key = RecordKey::new(key);
-                        let before = store.providers(&key).len();
-                        store.remove_provider(&key, &peer);
-                        if store.providers(&key).len() < before {
-                            removed += 1;
-                        }
+                let store = self.swarm.behaviour_mut().kad.store_mut();
+                let mut removed = 0;
+                for key in &request.keys {
+                    let key = RecordKey::new(key);
+                    let before = store.providers(&key).len();
+                    store.remove_provider(&key, &peer);
+                    if store.providers(&key).len() < before {
+                        removed += 1;
                     }
-                    self.metrics.withdrawals_received.inc_by(removed as u64);
-                    tracing::debug!(%peer, keys = request.keys.len(), removed, "peer withdrew keys");
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .withdraw
-                        .send_response(channel, WithdrawResponse { removed });
                 }
+                self.metrics.withdrawals_received.inc_by(removed as u64);
+                tracing::debug!(%peer, keys = request.keys.len(), removed, "peer withdrew keys");
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .withdraw
+                    .send_response(channel, WithdrawResponse { removed });
             }
             _ => {}
         }
