@@ -1,15 +1,19 @@
 //! The OCI distribution (pull) registry containerd uses as a mirror through `hosts.toml`.
 //!
-//! A request is answered from the node's own content store; what is not there gets a 404
-//! with an OCI error body, which makes containerd go on to its next host (the upstream
-//! registry). This crate knows neither containerd nor libp2p: it reads content through the
-//! [`Store`](mirrorlet_oci::Store) trait.
+//! A request is answered from the node's own content store, else from a peer found
+//! through the router, else with a 404 and an OCI error body, which makes containerd go
+//! on to its next host (the upstream registry). This crate knows neither containerd nor
+//! libp2p: it meets them through the [`Store`](mirrorlet_oci::Store) and
+//! [`Router`](mirrorlet_oci::Router) traits.
 
 pub mod error;
+pub mod fetch;
 pub mod metrics;
 pub mod mirror;
 pub mod ops;
+pub mod peers;
 pub mod range;
+pub mod ratelimit;
 pub mod server;
 pub mod state;
 
@@ -20,6 +24,7 @@ use axum::routing::get;
 
 pub use error::RegistryError;
 pub use metrics::{Metrics, Source};
+pub use peers::{PEER_HEADER, PeerConfig};
 pub use state::{AppState, ReadyCheck};
 
 /// Builds the HTTP application: `/v2/...` pull endpoints plus `/livez`, `/readyz` and `/metrics`.

@@ -1,5 +1,5 @@
-//! The registry's Prometheus metrics: requests by route, method, status and source, bytes
-//! served by source, and request durations.
+//! The registry's Prometheus metrics: requests by route, status and source, bytes served
+//! by source, request durations, and how peers were found and used.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -43,6 +43,8 @@ pub struct RequestLabels {
     pub status: u16,
     /// Where the content came from.
     pub source: &'static str,
+    /// `containerd` (any client) or `peer` (another agent).
+    pub requester: &'static str,
 }
 
 /// Labels of request durations.
@@ -61,6 +63,20 @@ pub struct SourceLabels {
     pub source: &'static str,
 }
 
+/// Labels of lookups.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabels {
+    /// `found` or `not-found`.
+    pub outcome: &'static str,
+}
+
+/// Labels of peer failures.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `unreachable`, `bad-status`, `not-found` or `bad-range`.
+    pub reason: &'static str,
+}
+
 /// The registry's metrics. Cheap to clone (the families are shared handles).
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -68,8 +84,22 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Body bytes sent to clients, counted as they are streamed.
     pub bytes: Family<SourceLabels, Counter>,
+    /// Body bytes this node sent to other agents.
+    pub peer_served_bytes: Counter,
     /// Time to the response head (the body streams after).
     pub durations: Family<DurationLabels, Histogram>,
+    /// Time for a lookup to find its first peer (or give up).
+    pub lookups: Family<LookupLabels, Histogram>,
+    /// Peers left out because they failed recently.
+    pub peers_skipped: Counter,
+    /// Attempts at peers that failed, by reason.
+    pub peer_failures: Family<ReasonLabels, Counter>,
+    /// Content from peers that did not match its digest.
+    pub digest_mismatches: Counter,
+    /// Blob streams continued at another peer after a failure.
+    pub resumes: Counter,
+    /// Second peers raced against a slow first one.
+    pub hedges: Counter,
 }
 
 impl Metrics {
@@ -78,13 +108,22 @@ impl Metrics {
         let me = Self {
             requests: Family::default(),
             bytes: Family::default(),
+            peer_served_bytes: Counter::default(),
             durations: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0001, 2.0, 18))
             }),
+            lookups: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+            }),
+            peers_skipped: Counter::default(),
+            peer_failures: Family::default(),
+            digest_mismatches: Counter::default(),
+            resumes: Counter::default(),
+            hedges: Counter::default(),
         };
         registry.register(
             "mirrorlet_registry_requests",
-            "Registry requests by route, method, status and content source",
+            "Registry requests by route, method, status, content source and requester",
             me.requests.clone(),
         );
         registry.register(
@@ -93,9 +132,44 @@ impl Metrics {
             me.bytes.clone(),
         );
         registry.register(
+            "mirrorlet_registry_peer_served_bytes",
+            "Body bytes this node served to other agents",
+            me.peer_served_bytes.clone(),
+        );
+        registry.register(
             "mirrorlet_registry_request_duration_seconds",
             "Time from request to response head, by route and source",
             me.durations.clone(),
+        );
+        registry.register(
+            "mirrorlet_lookup_duration_seconds",
+            "Time for a DHT lookup to yield its first peer, or to give up",
+            me.lookups.clone(),
+        );
+        registry.register(
+            "mirrorlet_peers_skipped",
+            "Peers left out because they failed recently",
+            me.peers_skipped.clone(),
+        );
+        registry.register(
+            "mirrorlet_peer_failures",
+            "Failed attempts at peers, by reason",
+            me.peer_failures.clone(),
+        );
+        registry.register(
+            "mirrorlet_peer_digest_mismatches",
+            "Content from peers that did not match its digest (and was not delivered whole)",
+            me.digest_mismatches.clone(),
+        );
+        registry.register(
+            "mirrorlet_peer_resumes",
+            "Blob streams continued at another peer",
+            me.resumes.clone(),
+        );
+        registry.register(
+            "mirrorlet_peer_hedges",
+            "Second peers raced against a slow first one",
+            me.hedges.clone(),
         );
         me
     }

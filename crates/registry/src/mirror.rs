@@ -1,25 +1,34 @@
 //! The pull endpoints: `/v2/`, manifests by tag or digest, and blobs (with `Range`), for the
-//! registry named by containerd's `?ns=` parameter (Docker Hub when absent).
+//! registry named by containerd's `?ns=` parameter (Docker Hub when absent). Content comes
+//! from the node itself, else from a peer (unless the request is itself from a peer),
+//! else the answer is a 404 that sends containerd upstream.
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http::response::Builder;
+use http::{HeaderValue, Method, StatusCode, header};
+use mirrorlet_oci::glob::any_match;
 use mirrorlet_oci::manifest::{self, Descriptor};
 use mirrorlet_oci::path::Route;
 use mirrorlet_oci::{ByteRange, Digest, ImageName, Reference, Registry, Repository, StoreError};
 
 use crate::error::RegistryError;
+use crate::fetch;
 use crate::metrics::Source;
+use crate::peers::PEER_HEADER;
 use crate::range::{self, RangeRequest};
 use crate::state::AppState;
 
 /// The header that carries an image's digest.
 pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+
+/// What a client accepts when it says nothing: every manifest type.
+const ACCEPT_ALL_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
 /// Response extension recording what served a request, for metrics and logs.
 #[derive(Debug, Clone, Copy)]
@@ -33,11 +42,9 @@ pub struct Served {
 /// Handles every request under `/v2`.
 pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let (req, _body) = req.into_parts();
-    let method = req.method.clone();
     let route_label = route_label(req.uri.path());
-    let result = dispatch(&state, &method, &req).await;
-    let (mut resp, source) = match result {
-        Ok((resp, source)) => (resp, source),
+    let (mut resp, source) = match dispatch(&state, &req).await {
+        Ok(ok) => ok,
         Err(e) => {
             let source = match e {
                 RegistryError::ManifestUnknown(_)
@@ -72,16 +79,37 @@ fn route_label(path: &str) -> &'static str {
     }
 }
 
+/// One request's particulars.
+struct Ask<'a> {
+    state: &'a Arc<AppState>,
+    parts: &'a Parts,
+    head: bool,
+    /// From another agent: answer from local content only.
+    from_peer: bool,
+}
+
+impl Ask<'_> {
+    fn may_use_peers(&self) -> bool {
+        self.state.peers.enabled && !self.from_peer
+    }
+}
+
 async fn dispatch(
-    state: &AppState,
-    method: &Method,
-    req: &Parts,
+    state: &Arc<AppState>,
+    parts: &Parts,
 ) -> Result<(Response, Source), RegistryError> {
+    let method = &parts.method;
     if method != Method::GET && method != Method::HEAD {
         return Err(RegistryError::MethodNotAllowed(method.to_string()));
     }
-    let registry = namespace(req.uri.query())?;
-    match Route::parse(req.uri.path(), &registry)? {
+    let registry = namespace(parts.uri.query())?;
+    let ask = Ask {
+        state,
+        parts,
+        head: method == Method::HEAD,
+        from_peer: parts.headers.contains_key(PEER_HEADER),
+    };
+    match Route::parse(parts.uri.path(), &registry)? {
         Route::Base => Ok((
             ([(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
             Source::None,
@@ -89,8 +117,8 @@ async fn dispatch(
         Route::Manifest {
             repository,
             reference,
-        } => manifest(state, method, registry, repository, reference).await,
-        Route::Blob { digest, .. } => blob(state, method, &req.headers, &digest).await,
+        } => manifest(&ask, registry, repository, reference).await,
+        Route::Blob { repository, digest } => blob(&ask, &registry, &repository, &digest).await,
     }
 }
 
@@ -109,74 +137,112 @@ fn namespace(query: Option<&str>) -> Result<Registry, RegistryError> {
 }
 
 async fn manifest(
-    state: &AppState,
-    method: &Method,
+    ask: &Ask<'_>,
     registry: Registry,
     repository: Repository,
     reference: Reference,
 ) -> Result<(Response, Source), RegistryError> {
+    let state = ask.state;
+    let name = ImageName::new(registry.clone(), repository.clone(), reference.clone());
     let found = match &reference {
-        Reference::Tag(_) => {
-            let name = ImageName::new(registry, repository, reference.clone());
-            state.store.resolve(&name).await
-        }
+        Reference::Tag(_) => state.store.resolve(&name).await,
         Reference::Digest(d) => state
             .store
             .descriptor(d)
             .await
             .map(|o| o.filter(|desc| manifest::is_manifest_type(&desc.media_type))),
     };
-    match found {
+    let local_problem = match found {
         Ok(Some(desc)) => {
-            let resp = send(
-                state,
-                method,
-                &desc,
-                ByteRange::full(desc.size),
-                false,
-                Source::Local,
-            )
-            .await?;
-            Ok((resp, Source::Local))
+            let resp = send_local(ask, &desc, ByteRange::full(desc.size), false).await?;
+            return Ok((resp, Source::Local));
         }
-        Ok(None) => Err(RegistryError::ManifestUnknown(format!(
-            "{reference} is not on this node"
-        ))),
-        Err(e) => Err(store_error(e)),
+        Ok(None) => None,
+        Err(e) => Some(store_error(e)),
+    };
+    let (key, expect) = match &reference {
+        Reference::Tag(_) => (name.to_string(), None),
+        Reference::Digest(d) => (d.to_string(), Some(d)),
+    };
+    let excluded_tag =
+        matches!(reference, Reference::Tag(_)) && any_match(&state.peers.tag_excludes, &key);
+    if ask.may_use_peers() && !excluded_tag {
+        let path = format!("/v2/{repository}/manifests/{reference}?ns={registry}");
+        let accept = ask
+            .parts
+            .headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(ACCEPT_ALL_MANIFESTS);
+        if let Some(m) = fetch::manifest(state, &key, &path, expect, accept).await {
+            tracing::debug!(peer = %m.peer.addr, %key, "manifest from peer");
+            let builder = content_head(
+                &m.descriptor.media_type,
+                &m.descriptor.digest,
+                m.descriptor.size,
+                ByteRange::full(m.descriptor.size),
+                false,
+            );
+            let body = if ask.head {
+                Body::empty()
+            } else {
+                state
+                    .metrics
+                    .bytes_from(Source::Peer)
+                    .inc_by(m.bytes.len() as u64);
+                Body::from(m.bytes)
+            };
+            let resp = builder
+                .body(body)
+                .map_err(|e| RegistryError::StoreUnavailable(format!("building response: {e}")))?;
+            return Ok((resp, Source::Peer));
+        }
     }
+    Err(local_problem.unwrap_or_else(|| {
+        RegistryError::ManifestUnknown(format!("{reference} is not on this node"))
+    }))
 }
 
 async fn blob(
-    state: &AppState,
-    method: &Method,
-    headers: &HeaderMap,
+    ask: &Ask<'_>,
+    registry: &Registry,
+    repository: &Repository,
     digest: &Digest,
 ) -> Result<(Response, Source), RegistryError> {
-    let size = match state.store.size(digest).await {
-        Ok(Some(size)) => size,
-        Ok(None) => {
-            return Err(RegistryError::BlobUnknown(format!(
-                "{digest} is not on this node"
-            )));
+    let state = ask.state;
+    let range_header = ask
+        .parts
+        .headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok());
+    let local_problem = match state.store.size(digest).await {
+        Ok(Some(size)) => {
+            let (range, partial) = match range_header.map(|h| range::parse(h, size)) {
+                None | Some(RangeRequest::Full) => (ByteRange::full(size), false),
+                Some(RangeRequest::Partial(r)) => (r, true),
+                Some(RangeRequest::Unsatisfiable) => {
+                    return Err(RegistryError::RangeNotSatisfiable { size });
+                }
+            };
+            let desc = Descriptor {
+                media_type: manifest::OCTET_STREAM.to_owned(),
+                digest: digest.clone(),
+                size,
+            };
+            let resp = send_local(ask, &desc, range, partial).await?;
+            return Ok((resp, Source::Local));
         }
-        Err(e) => return Err(store_error(e)),
+        Ok(None) => None,
+        Err(e) => Some(store_error(e)),
     };
-    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-        None => RangeRequest::Full,
-        Some(h) => range::parse(h, size),
-    };
-    let (range, partial) = match range {
-        RangeRequest::Full => (ByteRange::full(size), false),
-        RangeRequest::Partial(r) => (r, true),
-        RangeRequest::Unsatisfiable => return Err(RegistryError::RangeNotSatisfiable { size }),
-    };
-    let desc = Descriptor {
-        media_type: manifest::OCTET_STREAM.to_owned(),
-        digest: digest.clone(),
-        size,
-    };
-    let resp = send(state, method, &desc, range, partial, Source::Local).await?;
-    Ok((resp, Source::Local))
+    if ask.may_use_peers() {
+        let path = format!("/v2/{repository}/blobs/{digest}?ns={registry}");
+        if let Some(resp) = fetch::blob(state, digest, &path, range_header, ask.head).await? {
+            return Ok((resp, Source::Peer));
+        }
+    }
+    Err(local_problem
+        .unwrap_or_else(|| RegistryError::BlobUnknown(format!("{digest} is not on this node"))))
 }
 
 fn store_error(e: StoreError) -> RegistryError {
@@ -186,25 +252,24 @@ fn store_error(e: StoreError) -> RegistryError {
     }
 }
 
-/// Builds the response head for `desc` and, for GET, streams `range` of it from the store.
-async fn send(
-    state: &AppState,
-    method: &Method,
-    desc: &Descriptor,
+/// The response head for content: status, type, length, digest, ranges.
+pub fn content_head(
+    media_type: &str,
+    digest: &Digest,
+    size: u64,
     range: ByteRange,
     partial: bool,
-    source: Source,
-) -> Result<Response, RegistryError> {
+) -> Builder {
     let mut builder = Response::builder()
         .status(if partial {
             StatusCode::PARTIAL_CONTENT
         } else {
             StatusCode::OK
         })
-        .header(header::CONTENT_TYPE, &desc.media_type)
+        .header(header::CONTENT_TYPE, media_type)
         .header(header::CONTENT_LENGTH, range.len())
-        .header(DOCKER_CONTENT_DIGEST, desc.digest.as_str())
-        .header(header::ETAG, format!("\"{}\"", desc.digest))
+        .header(DOCKER_CONTENT_DIGEST, digest.as_str())
+        .header(header::ETAG, format!("\"{digest}\""))
         .header(header::ACCEPT_RANGES, "bytes");
     if partial {
         builder = builder.header(
@@ -213,11 +278,24 @@ async fn send(
                 "bytes {}-{}/{}",
                 range.start,
                 range.end.saturating_sub(1),
-                desc.size
+                size
             ),
         );
     }
-    let body = if method == Method::HEAD {
+    builder
+}
+
+/// Builds the response for local content and, for GET, streams `range` of it from the
+/// store (paced by the upload limit when the requester is another agent).
+async fn send_local(
+    ask: &Ask<'_>,
+    desc: &Descriptor,
+    range: ByteRange,
+    partial: bool,
+) -> Result<Response, RegistryError> {
+    let state = ask.state;
+    let builder = content_head(&desc.media_type, &desc.digest, desc.size, range, partial);
+    let body = if ask.head {
         Body::empty()
     } else {
         let stream = state
@@ -225,10 +303,28 @@ async fn send(
             .open(&desc.digest, range)
             .await
             .map_err(store_error)?;
-        let counter = state.metrics.bytes_from(source);
-        Body::from_stream(stream.inspect_ok(move |chunk| {
-            counter.inc_by(chunk.len() as u64);
-        }))
+        let local = state.metrics.bytes_from(Source::Local);
+        let counted = stream.inspect_ok(move |chunk| {
+            local.inc_by(chunk.len() as u64);
+        });
+        if ask.from_peer {
+            let to_peers = state.metrics.peer_served_bytes.clone();
+            let state = state.clone();
+            Body::from_stream(counted.then(move |chunk| {
+                let (state, to_peers) = (state.clone(), to_peers.clone());
+                async move {
+                    if let Ok(c) = &chunk {
+                        if let Some(limit) = &state.peer_upload_limit {
+                            limit.acquire(c.len() as u64).await;
+                        }
+                        to_peers.inc_by(c.len() as u64);
+                    }
+                    chunk
+                }
+            }))
+        } else {
+            Body::from_stream(counted)
+        }
     };
     builder
         .body(body)

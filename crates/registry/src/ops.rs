@@ -59,6 +59,11 @@ pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next)
         _ => "other",
     };
     let path = req.uri().path().to_owned();
+    let requester = if req.headers().contains_key(crate::peers::PEER_HEADER) {
+        "peer"
+    } else {
+        "containerd"
+    };
     let ns = req.uri().query().map(ToOwned::to_owned);
     let resp = next.run(req).await;
     let served = resp
@@ -80,6 +85,7 @@ pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next)
             method,
             status,
             source,
+            requester,
         })
         .inc();
     state
@@ -99,9 +105,9 @@ pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next)
     let query = ns.as_deref().unwrap_or("");
     let ms = elapsed.as_secs_f64() * 1000.0;
     if status >= 500 {
-        tracing::warn!(method, %path, query, status, source, length, ms, "request failed");
+        tracing::warn!(method, %path, query, status, source, requester, length, ms, "request failed");
     } else {
-        tracing::info!(method, %path, query, status, source, length, ms, "request");
+        tracing::info!(method, %path, query, status, source, requester, length, ms, "request");
     }
     resp
 }

@@ -7,11 +7,11 @@ use futures_util::FutureExt;
 use futures_util::stream::BoxStream;
 use mirrorlet_oci::manifest::{DOCKER_MANIFEST, OCI_INDEX};
 use mirrorlet_oci::{
-    BlobStream, ByteRange, Descriptor, Digest, ImageContent, ImageName, Inventory, MemoryStore,
-    Store, StoreError, StoreEvent,
+    BlobStream, ByteRange, Descriptor, Digest, ImageContent, ImageName, Inventory, MemoryNetwork,
+    MemoryRouter, MemoryStore, Peer, Store, StoreError, StoreEvent,
 };
 use mirrorlet_registry::server::{self, Limits};
-use mirrorlet_registry::{AppState, Metrics};
+use mirrorlet_registry::{AppState, Metrics, PeerConfig};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -25,12 +25,25 @@ struct Server {
 async fn start(store: Arc<dyn Store>) -> Server {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
-    let state = Arc::new(AppState {
-        store,
-        metrics,
-        metrics_registry: Arc::new(registry),
-        ready: Arc::new(|| async { Ok(()) }.boxed()),
-    });
+    // No peers: a lone node.
+    let router = Arc::new(MemoryRouter::new(
+        Arc::new(MemoryNetwork::default()),
+        Peer {
+            id: "me".into(),
+            addr: ([127, 0, 0, 1], 1).into(),
+        },
+    ));
+    let state = Arc::new(
+        AppState::new(
+            store,
+            router,
+            PeerConfig::default(),
+            metrics,
+            Arc::new(registry),
+            Arc::new(|| async { Ok(()) }.boxed()),
+        )
+        .expect("state"),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -358,10 +371,10 @@ async fn health_and_metrics() {
         .await
         .expect("text");
     assert!(
-        text.contains(r#"mirrorlet_registry_requests_total{route="manifest",method="GET",status="404",source="upstream-fallthrough"} 1"#),
+        text.contains(r#"mirrorlet_registry_requests_total{route="manifest",method="GET",status="404",source="upstream-fallthrough",requester="containerd"} 1"#),
         "{text}"
     );
-    assert!(text.contains(r#"mirrorlet_registry_requests_total{route="blob",method="GET",status="200",source="local"} 1"#), "{text}");
+    assert!(text.contains(r#"mirrorlet_registry_requests_total{route="blob",method="GET",status="200",source="local",requester="containerd"} 1"#), "{text}");
     assert!(
         text.contains(r#"mirrorlet_registry_served_bytes_total{source="local"} 200000"#),
         "{text}"

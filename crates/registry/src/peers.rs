@@ -1,0 +1,216 @@
+//! Finding and opening content at peers: the lookup with its idle timeout, the cache of
+//! peers that failed recently, and opening a request with hedging (a slow first peer gets
+//! a second one raced against it).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{BoxStream, FuturesUnordered};
+use futures_util::{FutureExt, StreamExt};
+use http::{HeaderValue, StatusCode};
+use mirrorlet_oci::Peer;
+use mirrorlet_oci::glob::Glob;
+
+use crate::metrics::Metrics;
+
+/// The header an agent sets on requests to another agent. A request carrying it is
+/// answered from local content only, so agents never forward in loops.
+pub const PEER_HEADER: &str = "x-mirrorlet-peer";
+
+/// How the registry uses peers.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// Whether to ask peers at all (off: a purely node-local mirror).
+    pub enabled: bool,
+    /// How long to wait for the lookup to yield a (next) peer.
+    pub lookup_timeout: Duration,
+    /// Peers tried per request at most (hedges and resumes included).
+    pub max_attempts: usize,
+    /// If the peer being tried has not answered after this long, race another.
+    pub hedge_delay: Duration,
+    /// Connect timeout to a peer.
+    pub connect_timeout: Duration,
+    /// A peer's stream that delivers nothing for this long is abandoned (resumed elsewhere).
+    pub read_timeout: Duration,
+    /// How long a peer that failed is skipped.
+    pub failure_backoff: Duration,
+    /// How long a peer that served wrong bytes is skipped.
+    pub corrupt_backoff: Duration,
+    /// Blobs up to this size are fetched whole and verified before anything is sent, so a
+    /// bad peer costs a retry elsewhere instead of a failed pull.
+    pub verify_buffer: u64,
+    /// Tags matching these are never resolved through peers.
+    pub tag_excludes: Vec<Glob>,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            lookup_timeout: Duration::from_millis(20),
+            max_attempts: 3,
+            hedge_delay: Duration::from_millis(100),
+            connect_timeout: Duration::from_millis(500),
+            read_timeout: Duration::from_secs(5),
+            failure_backoff: Duration::from_secs(60),
+            corrupt_backoff: Duration::from_secs(600),
+            verify_buffer: 4 * 1024 * 1024,
+            tag_excludes: vec![Glob::new("*:latest")],
+        }
+    }
+}
+
+/// Peers that failed recently, by registry address, with when they may be tried again.
+#[derive(Debug, Default)]
+pub struct FailedPeers {
+    until: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl FailedPeers {
+    /// Skips `peer` for `backoff`.
+    pub fn mark(&self, peer: &Peer, backoff: Duration, why: &str) {
+        tracing::warn!(peer = %peer.addr, id = %peer.id, reason = why, backoff = ?backoff, "peer failed; skipping it for a while");
+        let mut m = self.until.lock().unwrap_or_else(PoisonError::into_inner);
+        let until = Instant::now() + backoff;
+        let e = m.entry(peer.addr).or_insert(until);
+        *e = (*e).max(until);
+        // Keep the map small: drop entries that have run out.
+        if m.len() > 1024 {
+            let now = Instant::now();
+            m.retain(|_, t| *t > now);
+        }
+    }
+
+    /// Whether `peer` is being skipped.
+    pub fn is_failed(&self, peer: &Peer) -> bool {
+        let m = self.until.lock().unwrap_or_else(PoisonError::into_inner);
+        m.get(&peer.addr).is_some_and(|t| *t > Instant::now())
+    }
+}
+
+/// The peers a lookup found, handed out one at a time, skipping failed ones. Keeps
+/// reading the lookup (with the idle timeout) when it runs out.
+pub struct Candidates {
+    lookup: Option<BoxStream<'static, Peer>>,
+    queue: VecDeque<Peer>,
+    tried: Vec<Peer>,
+    idle: Duration,
+}
+
+impl std::fmt::Debug for Candidates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Candidates")
+            .field("queue", &self.queue)
+            .field("tried", &self.tried)
+            .finish()
+    }
+}
+
+impl Candidates {
+    /// Starts from a lookup stream.
+    pub fn new(lookup: BoxStream<'static, Peer>, idle: Duration) -> Self {
+        Self {
+            lookup: Some(lookup),
+            queue: VecDeque::new(),
+            tried: Vec::new(),
+            idle,
+        }
+    }
+
+    /// The next peer to try, waiting at most the idle timeout for the lookup to find one.
+    pub async fn next(&mut self, failed: &FailedPeers, metrics: &Metrics) -> Option<Peer> {
+        loop {
+            while let Some(p) = self.queue.pop_front() {
+                if self.tried.contains(&p) {
+                    continue;
+                }
+                if failed.is_failed(&p) {
+                    metrics.peers_skipped.inc();
+                    continue;
+                }
+                self.tried.push(p.clone());
+                return Some(p);
+            }
+            let lookup = self.lookup.as_mut()?;
+            match tokio::time::timeout(self.idle, lookup.next()).await {
+                Ok(Some(p)) => {
+                    self.queue.push_back(p);
+                    // Take whatever else is already there without waiting.
+                    while let Some(Some(more)) = lookup.next().now_or_never() {
+                        self.queue.push_back(more);
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    self.lookup = None;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Peers handed out so far.
+    pub fn tried(&self) -> &[Peer] {
+        &self.tried
+    }
+}
+
+/// What one attempt at a peer gave.
+pub type Attempt = (Peer, Result<reqwest::Response, String>);
+
+/// Sends `build(peer)` to peers from `candidates` until one answers with an acceptable
+/// status: one at a time, but when the current one is slower than the hedge delay to
+/// answer, another is raced against it. Peers that fail are marked. Returns the first
+/// good response, or `None` when the attempts or candidates run out.
+pub async fn open(
+    candidates: &mut Candidates,
+    config: &PeerConfig,
+    failed: &FailedPeers,
+    metrics: &Metrics,
+    attempts: &mut usize,
+    build: impl Fn(&Peer) -> reqwest::RequestBuilder,
+    accept: impl Fn(StatusCode) -> bool,
+) -> Option<(Peer, reqwest::Response)> {
+    let mut inflight = FuturesUnordered::new();
+    let start = |peer: Peer| {
+        let req = build(&peer).header(PEER_HEADER, HeaderValue::from_static("1"));
+        async move { (peer, req.send().await.map_err(|e| e.to_string())) }.boxed()
+    };
+    loop {
+        if inflight.is_empty() {
+            if *attempts >= config.max_attempts {
+                return None;
+            }
+            let peer = candidates.next(failed, metrics).await?;
+            *attempts += 1;
+            inflight.push(start(peer));
+        }
+        let can_hedge = *attempts < config.max_attempts;
+        tokio::select! {
+            Some((peer, result)) = inflight.next() => match result {
+                Ok(resp) if accept(resp.status()) => return Some((peer, resp)),
+                // The peer no longer has it (deleted since it was advertised): not a fault.
+                Ok(resp) if resp.status() == StatusCode::NOT_FOUND => {
+                    metrics.peer_failures.get_or_create(&crate::metrics::ReasonLabels { reason: "not-found" }).inc();
+                }
+                Ok(resp) => {
+                    metrics.peer_failures.get_or_create(&crate::metrics::ReasonLabels { reason: "bad-status" }).inc();
+                    failed.mark(&peer, config.failure_backoff, &format!("answered {}", resp.status()));
+                }
+                Err(e) => {
+                    metrics.peer_failures.get_or_create(&crate::metrics::ReasonLabels { reason: "unreachable" }).inc();
+                    failed.mark(&peer, config.failure_backoff, &e);
+                }
+            },
+            () = tokio::time::sleep(config.hedge_delay), if can_hedge && inflight.len() == 1 => {
+                if let Some(peer) = candidates.next(failed, metrics).await {
+                    *attempts += 1;
+                    metrics.hedges.inc();
+                    tracing::debug!(peer = %peer.addr, "first peer is slow; racing another");
+                    inflight.push(start(peer));
+                }
+            }
+        }
+    }
+}
