@@ -63,10 +63,16 @@ impl Cluster {
         for image in &opts.images {
             image.push(&cache, &upstream.authority())?;
         }
-        let mut nodes = Vec::new();
+        let mut hosts = Vec::new();
         for i in 1..=opts.nodes {
             let octet = u8::try_from(10 + i).context("too many nodes")?;
-            let host = slot.add_host(&format!("n{i}"), octet)?;
+            hosts.push(slot.add_host(&format!("n{i}"), octet)?);
+        }
+        let names: Vec<&str> = hosts.iter().map(|h| h.netns.as_str()).collect();
+        let addrs: Vec<_> = hosts.iter().map(|h| h.addr).collect();
+        slot.set_hosts(&names, crate::node::PEERS_NAME, &addrs)?;
+        let mut nodes = Vec::new();
+        for (i, host) in (1..=opts.nodes).zip(hosts) {
             let mut node = Node::new(
                 i,
                 host,

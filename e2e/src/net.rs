@@ -84,6 +84,21 @@ impl Slot {
         Ok(Host { netns, veth, addr })
     }
 
+    /// Gives every listed namespace an /etc/hosts (bind-mounted by `ip netns exec`) in
+    /// which `name` resolves to all of `addrs`.
+    pub fn set_hosts(&self, namespaces: &[&str], name: &str, addrs: &[Ipv4Addr]) -> Result<()> {
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for a in addrs {
+            text.push_str(&format!("{a} {name}\n"));
+        }
+        for ns in namespaces {
+            let dir = Path::new("/etc/netns").join(ns);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("hosts"), &text)?;
+        }
+        Ok(())
+    }
+
     /// Tears down everything of this slot.
     pub fn teardown(&self) {
         teardown(self.k);
@@ -228,6 +243,14 @@ pub fn teardown(k: u8) {
     for ns in namespaces_of(k) {
         run_quiet("ip", &["netns", "del", &ns]);
     }
+    let prefix = format!("ml{k}-");
+    if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     run_quiet("ip", &["link", "del", &bridge_name(k)]);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -246,6 +269,14 @@ pub fn leftovers(k: u8) -> Vec<String> {
             .map(|m| format!("mount {m}")),
     );
     out.extend(namespaces_of(k).into_iter().map(|n| format!("netns {n}")));
+    let prefix = format!("ml{k}-");
+    if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                out.push(format!("/etc/netns entry {}", e.path().display()));
+            }
+        }
+    }
     if Path::new("/sys/class/net").join(bridge_name(k)).exists() {
         out.push(format!("bridge {}", bridge_name(k)));
     }

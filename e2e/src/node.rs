@@ -14,6 +14,11 @@ use crate::wait::wait_until;
 
 /// The agent's port on every node.
 pub const AGENT_PORT: u16 = 5000;
+/// The agents' libp2p port.
+pub const P2P_PORT: u16 = 5001;
+/// The DNS name that resolves to every node (like the chart's headless Service); each
+/// namespace gets it in its own /etc/hosts.
+pub const PEERS_NAME: &str = "mirrorlet-peers.e2e.test";
 /// The registry name test images are pulled under.
 pub const REGISTRY: &str = "registry.e2e.test";
 
@@ -162,6 +167,12 @@ state = "{d}/containerd/state"
             self.content_dir().display().to_string(),
             "--shutdown-grace".into(),
             "5s".into(),
+            "--p2p-listen".into(),
+            format!("0.0.0.0:{P2P_PORT}"),
+            "--data-dir".into(),
+            self.dir.join("data").display().to_string(),
+            "--bootstrap-dns".into(),
+            format!("{PEERS_NAME}:{P2P_PORT}"),
         ];
         args.extend(self.agent_args.iter().cloned());
         let log = self.dir.join("agent.log");

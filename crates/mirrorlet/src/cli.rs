@@ -90,6 +90,105 @@ pub(crate) struct RunArgs {
     /// On SIGTERM, time allowed for in-flight responses to finish.
     #[arg(long, env = "MIRRORLET_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub(crate) shutdown_grace: Duration,
+    /// Peer-to-peer flags.
+    #[command(flatten)]
+    pub(crate) p2p: P2pArgs,
+}
+
+/// Peer-to-peer flags of `mirrorlet run`.
+#[derive(Debug, Args)]
+pub(crate) struct P2pArgs {
+    /// Serve and fetch through peers (false: a node-local mirror only).
+    #[arg(long = "p2p", env = "MIRRORLET_P2P", default_value = "true", action = clap::ArgAction::Set)]
+    pub(crate) enabled: bool,
+    /// Address the libp2p (DHT) listener binds.
+    #[arg(long, env = "MIRRORLET_P2P_LISTEN", default_value = "0.0.0.0:5001")]
+    pub(crate) p2p_listen: SocketAddr,
+    /// Directory for the node's persistent peer identity.
+    #[arg(long, env = "MIRRORLET_DATA_DIR", default_value = "/var/lib/mirrorlet")]
+    pub(crate) data_dir: PathBuf,
+    /// File holding a pre-shared key (64 hex characters or a libp2p swarm.key): only nodes
+    /// with the same key can join. Empty: no key.
+    #[arg(long, env = "MIRRORLET_PSK_FILE", default_value = "", value_parser = parse_optional_path)]
+    pub(crate) psk_file: OptionalPath,
+    /// Peers to bootstrap from, comma-separated multiaddrs (`/ip4/10.0.0.5/tcp/5001`).
+    #[arg(long, env = "MIRRORLET_BOOTSTRAP", value_delimiter = ',', default_value = "", value_parser = parse_multiaddr)]
+    pub(crate) bootstrap: Vec<OptionalMultiaddr>,
+    /// A DNS name and port resolving to peers (the chart's headless Service), e.g.
+    /// `mirrorlet.kube-system.svc.cluster.local:5001`. Empty: none.
+    #[arg(long, env = "MIRRORLET_BOOTSTRAP_DNS", default_value = "", value_parser = parse_host_port)]
+    pub(crate) bootstrap_dns: OptionalHostPort,
+    /// How long provider records live at other nodes (see the README on the choice).
+    #[arg(long, env = "MIRRORLET_PROVIDER_TTL", default_value = "20m", value_parser = parse_duration)]
+    pub(crate) provider_ttl: Duration,
+    /// How often this node re-announces what it holds; must be well under the TTL.
+    #[arg(long, env = "MIRRORLET_REPUBLISH_INTERVAL", default_value = "6m", value_parser = parse_duration)]
+    pub(crate) republish_interval: Duration,
+    /// How long a lookup may wait for a (next) peer before the request falls through.
+    #[arg(long, env = "MIRRORLET_LOOKUP_TIMEOUT", default_value = "20ms", value_parser = parse_duration)]
+    pub(crate) lookup_timeout: Duration,
+    /// Peers tried per request at most (hedges and resumes included).
+    #[arg(long, env = "MIRRORLET_PEER_MAX_ATTEMPTS", default_value = "3", value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub(crate) peer_max_attempts: u32,
+    /// Race a second peer if the first has not answered after this long.
+    #[arg(long, env = "MIRRORLET_PEER_HEDGE_DELAY", default_value = "100ms", value_parser = parse_duration)]
+    pub(crate) peer_hedge_delay: Duration,
+    /// Abandon (and resume elsewhere) a peer stream that delivers nothing for this long.
+    #[arg(long, env = "MIRRORLET_PEER_READ_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub(crate) peer_read_timeout: Duration,
+    /// How long a peer that failed is skipped.
+    #[arg(long, env = "MIRRORLET_PEER_FAILURE_BACKOFF", default_value = "60s", value_parser = parse_duration)]
+    pub(crate) peer_failure_backoff: Duration,
+    /// Blobs up to this many bytes are verified whole before being sent.
+    #[arg(long, env = "MIRRORLET_PEER_VERIFY_BUFFER", default_value = "4194304")]
+    pub(crate) peer_verify_buffer: u64,
+    /// Tag patterns (`*` wildcard, comma-separated) never resolved through peers.
+    #[arg(
+        long,
+        env = "MIRRORLET_PEER_TAG_EXCLUDE",
+        value_delimiter = ',',
+        default_value = "*:latest"
+    )]
+    pub(crate) peer_tag_exclude: Vec<String>,
+    /// Bandwidth (bytes per second) this node may spend serving other agents; 0: no limit.
+    #[arg(long, env = "MIRRORLET_PEER_UPLOAD_LIMIT", default_value = "0")]
+    pub(crate) peer_upload_limit: u64,
+}
+
+/// A multiaddr flag entry (empty entries are ignored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OptionalMultiaddr(pub(crate) Option<libp2p::Multiaddr>);
+
+fn parse_multiaddr(s: &str) -> Result<OptionalMultiaddr, String> {
+    if s.trim().is_empty() {
+        return Ok(OptionalMultiaddr(None));
+    }
+    s.trim()
+        .parse::<libp2p::Multiaddr>()
+        .map(|m| OptionalMultiaddr(Some(m)))
+        .map_err(|e| format!("not a multiaddr like /ip4/10.0.0.5/tcp/5001: {e}"))
+}
+
+/// `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HostPort(pub(crate) String, pub(crate) u16);
+
+/// A `host:port` flag that may be empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OptionalHostPort(pub(crate) Option<HostPort>);
+
+fn parse_host_port(s: &str) -> Result<OptionalHostPort, String> {
+    if s.is_empty() {
+        return Ok(OptionalHostPort(None));
+    }
+    let (host, port) = s.rsplit_once(':').ok_or("expected host:port")?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| "the port must be a number from 1 to 65535".to_owned())?;
+    if host.is_empty() || port == 0 {
+        return Err("expected host:port".into());
+    }
+    Ok(OptionalHostPort(Some(HostPort(host.to_owned(), port))))
 }
 
 /// Flags of `mirrorlet configure`.

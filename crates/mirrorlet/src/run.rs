@@ -1,20 +1,26 @@
-//! `mirrorlet run`: assembles the agent. Binds the listener first (so a bad address fails
-//! at once), starts the tasks, waits for a signal or a failed task, then drains.
+//! `mirrorlet run`: assembles the agent. Binds the listeners first (so a bad address fails
+//! at once), starts the tasks, waits for a signal or a failed task, then drains: the
+//! advertiser withdraws what this node advertised, in-flight responses finish, and the
+//! router stops last.
 
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use futures_util::FutureExt;
 use mirrorlet_containerd::{Config as ContainerdConfig, ContainerdStore};
-use mirrorlet_oci::Store;
+use mirrorlet_oci::glob::Glob;
+use mirrorlet_oci::{MemoryNetwork, MemoryRouter, Peer, Router, Store};
+use mirrorlet_registry::ratelimit::RateLimiter;
 use mirrorlet_registry::server::{self, Limits};
-use mirrorlet_registry::{AppState, Metrics};
+use mirrorlet_registry::{AppState, Metrics, PeerConfig};
+use mirrorlet_routing::advertiser::{self, AdvertiserConfig};
+use mirrorlet_routing::{P2pConfig, P2pMetrics, P2pRouter, identity};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cli::RunArgs;
+use crate::cli::{P2pArgs, RunArgs};
 use crate::inventory::{self, InventoryMetrics};
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -46,31 +52,88 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
     let inventory_metrics = InventoryMetrics::register(&mut registry);
-    let ready_store = store.clone();
-    let state = Arc::new(AppState {
-        store: store.clone(),
-        metrics,
-        metrics_registry: Arc::new(registry),
-        ready: Arc::new(move || {
-            let store = ready_store.clone();
-            async move { store.ping().await.map_err(|e| e.to_string()) }.boxed()
-        }),
-    });
+    let p2p_metrics = P2pMetrics::register(&mut registry);
 
     let shutdown = CancellationToken::new();
+    let router_shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let p2p = &args.p2p;
+    let router: Arc<dyn Router> = if p2p.enabled {
+        let config = p2p_config(p2p, args.listen.port())?;
+        let (router, task) = P2pRouter::start(config, p2p_metrics, router_shutdown.clone())
+            .with_context(|| format!("--p2p-listen {}", p2p.p2p_listen))?;
+        tasks.spawn(async move {
+            let _ = task.await;
+        });
+        Arc::new(router)
+    } else {
+        // A network of one: lookups find nothing, so every miss falls through upstream.
+        let me = Peer {
+            id: "local".into(),
+            addr: args.listen,
+        };
+        Arc::new(MemoryRouter::new(Arc::new(MemoryNetwork::default()), me))
+    };
+
+    let peers = PeerConfig {
+        enabled: p2p.enabled,
+        lookup_timeout: p2p.lookup_timeout,
+        max_attempts: p2p.peer_max_attempts as usize,
+        hedge_delay: p2p.peer_hedge_delay,
+        read_timeout: p2p.peer_read_timeout,
+        failure_backoff: p2p.peer_failure_backoff,
+        verify_buffer: p2p.peer_verify_buffer,
+        tag_excludes: tag_excludes(p2p),
+        ..PeerConfig::default()
+    };
+    let (ready_store, ready_router) = (store.clone(), router.clone());
+    let ready = Arc::new(move || {
+        let (store, router) = (ready_store.clone(), ready_router.clone());
+        async move {
+            store.ping().await.map_err(|e| e.to_string())?;
+            if !router.ready().await {
+                return Err("the p2p router has stopped".to_owned());
+            }
+            Ok(())
+        }
+        .boxed()
+    });
+    let mut state = AppState::new(
+        store.clone(),
+        router.clone(),
+        peers,
+        metrics,
+        Arc::new(registry),
+        ready,
+    )
+    .context("building the peer HTTP client")?;
+    if p2p.peer_upload_limit > 0 {
+        state.peer_upload_limit = Some(RateLimiter::new(p2p.peer_upload_limit));
+    }
+
     tasks.spawn(inventory::run(
         store.clone(),
         inventory_metrics,
         shutdown.clone(),
     ));
+    let advertising = p2p.enabled.then(|| {
+        let config = AdvertiserConfig {
+            tag_excludes: tag_excludes(p2p),
+        };
+        tokio::spawn(advertiser::run(
+            store.clone(),
+            router.clone(),
+            config,
+            shutdown.clone(),
+        ))
+    });
     let limits = Limits {
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         header_read_timeout: args.header_read_timeout,
     };
     let mut server = tokio::spawn(server::serve(
         listener,
-        mirrorlet_registry::app(state),
+        mirrorlet_registry::app(Arc::new(state)),
         limits,
         shutdown.clone(),
     ));
@@ -79,6 +142,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         containerd = %args.containerd_socket.display(),
         namespace = %args.containerd_namespace,
         content_dir = ?content_dir,
+        p2p = p2p.enabled,
         version = env!("CARGO_PKG_VERSION"),
         "mirrorlet agent started"
     );
@@ -91,6 +155,10 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     shutdown.cancel();
     tasks.close();
     let drained = tokio::time::timeout(args.shutdown_grace, async {
+        if let Some(a) = advertising {
+            let _ = a.await;
+        }
+        router_shutdown.cancel();
         if !server_failed {
             let _ = (&mut server).await;
         }
@@ -105,4 +173,41 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         anyhow::bail!("the HTTP server stopped unexpectedly");
     }
     Ok(())
+}
+
+fn tag_excludes(p2p: &P2pArgs) -> Vec<Glob> {
+    p2p.peer_tag_exclude
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| Glob::new(s))
+        .collect()
+}
+
+fn p2p_config(p2p: &P2pArgs, http_port: u16) -> anyhow::Result<P2pConfig> {
+    anyhow::ensure!(
+        p2p.republish_interval < p2p.provider_ttl,
+        "--republish-interval {:?} must be shorter than --provider-ttl {:?}",
+        p2p.republish_interval,
+        p2p.provider_ttl
+    );
+    let keypair = identity::load_or_create(&p2p.data_dir)
+        .with_context(|| format!("--data-dir {}", p2p.data_dir.display()))?;
+    let psk = match &p2p.psk_file.0 {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--psk-file {}: cannot read", path.display()))?;
+            Some(
+                identity::parse_psk(&text)
+                    .with_context(|| format!("--psk-file {}", path.display()))?,
+            )
+        }
+    };
+    let mut config = P2pConfig::new(p2p.p2p_listen, http_port, keypair);
+    config.psk = psk;
+    config.bootstrap = p2p.bootstrap.iter().filter_map(|b| b.0.clone()).collect();
+    config.bootstrap_dns = p2p.bootstrap_dns.0.as_ref().map(|h| (h.0.clone(), h.1));
+    config.provider_ttl = p2p.provider_ttl;
+    config.republish = p2p.republish_interval;
+    Ok(config)
 }

@@ -190,14 +190,12 @@ pub async fn blob(
         let Some((peer, resp)) = opened else {
             return Ok(None);
         };
-        let Some(size) = resp.content_length().or_else(|| {
-            resp.headers()
-                .get(header::CONTENT_LENGTH)?
-                .to_str()
-                .ok()?
-                .parse()
-                .ok()
-        }) else {
+        // The header, not the body's size hint: a HEAD response has an empty body.
+        let size = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let Some(size) = size else {
             state
                 .failed_peers
                 .mark(&peer, state.peers.failure_backoff, "no Content-Length");

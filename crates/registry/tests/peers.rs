@@ -1,0 +1,495 @@
+//! Two or more registries in one process, joined by an in-memory router, with real HTTP
+//! between them; fake peers misbehave on purpose (corrupt, dying, stalling, slow).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::FutureExt;
+use mirrorlet_oci::manifest::DOCKER_MANIFEST;
+use mirrorlet_oci::{Descriptor, Digest, MemoryNetwork, MemoryRouter, MemoryStore, Peer, Router};
+use mirrorlet_registry::server::{self, Limits};
+use mirrorlet_registry::{AppState, Metrics, PEER_HEADER, PeerConfig};
+use reqwest::StatusCode;
+use tokio_util::sync::CancellationToken;
+
+struct Node {
+    base: String,
+    addr: SocketAddr,
+    registry: Arc<prometheus_client::registry::Registry>,
+    _shutdown: tokio_util::sync::DropGuard,
+}
+
+impl Node {
+    async fn metric(&self, name: &str) -> f64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("encode");
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>()
+            + 0.0
+    }
+}
+
+async fn bind() -> (tokio::net::TcpListener, SocketAddr) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let a = l.local_addr().expect("addr");
+    (l, a)
+}
+
+/// A registry node named `id` on `net`, serving `store`.
+async fn node(
+    net: &Arc<MemoryNetwork>,
+    id: &str,
+    store: Arc<MemoryStore>,
+    peers: PeerConfig,
+) -> (Node, Arc<MemoryRouter>) {
+    let (listener, addr) = bind().await;
+    let router = Arc::new(MemoryRouter::new(
+        net.clone(),
+        Peer {
+            id: id.into(),
+            addr,
+        },
+    ));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let registry = Arc::new(registry);
+    let state = AppState::new(
+        store,
+        router.clone(),
+        peers,
+        metrics,
+        registry.clone(),
+        Arc::new(|| async { Ok(()) }.boxed()),
+    )
+    .expect("state");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(server::serve(
+        listener,
+        mirrorlet_registry::app(Arc::new(state)),
+        Limits::default(),
+        shutdown.clone(),
+    ));
+    (
+        Node {
+            base: format!("http://{addr}"),
+            addr,
+            registry,
+            _shutdown: shutdown.drop_guard(),
+        },
+        router,
+    )
+}
+
+/// A fake peer: any request is answered by `handler`; advertises `keys` as `id`.
+async fn fake_peer<F, Fut>(
+    net: &Arc<MemoryNetwork>,
+    id: &str,
+    keys: Vec<String>,
+    handler: F,
+) -> SocketAddr
+where
+    F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response> + Send + 'static,
+{
+    let (listener, addr) = bind().await;
+    let app = axum::Router::new().fallback(move |req: Request| handler.clone()(req));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    MemoryRouter::new(
+        net.clone(),
+        Peer {
+            id: id.into(),
+            addr,
+        },
+    )
+    .advertise(keys)
+    .await
+    .expect("advertise");
+    addr
+}
+
+struct Image {
+    layer: Descriptor,
+    layer_bytes: Bytes,
+    manifest: Descriptor,
+    manifest_bytes: Bytes,
+}
+
+fn image(store: &MemoryStore, layer_size: usize) -> Image {
+    let layer_bytes = Bytes::from(
+        (0..layer_size)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<_>>(),
+    );
+    let layer = store.put_blob(layer_bytes.clone());
+    let manifest_bytes = Bytes::from(format!(
+        r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"x","digest":"{d}","size":{s}}},"layers":[{{"mediaType":"y","digest":"{d}","size":{s}}}]}}"#,
+        d = layer.digest,
+        s = layer.size
+    ));
+    let manifest = store.put_blob(manifest_bytes.clone());
+    store.put_image("example.com/team/app:v1", manifest.clone());
+    store.put_image("example.com/team/app:latest", manifest.clone());
+    Image {
+        layer,
+        layer_bytes,
+        manifest,
+        manifest_bytes,
+    }
+}
+
+fn keys(img: &Image) -> Vec<String> {
+    vec![
+        img.layer.digest.to_string(),
+        img.manifest.digest.to_string(),
+        "example.com/team/app:v1".into(),
+        "example.com/team/app:latest".into(),
+    ]
+}
+
+fn blob_url(node: &Node, d: &Digest) -> String {
+    format!("{}/v2/team/app/blobs/{d}?ns=example.com", node.base)
+}
+
+fn test_config() -> PeerConfig {
+    PeerConfig {
+        read_timeout: Duration::from_millis(500),
+        hedge_delay: Duration::from_millis(100),
+        verify_buffer: 64 * 1024,
+        lookup_timeout: Duration::from_millis(50),
+        ..PeerConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn a_node_serves_what_only_its_peer_has() {
+    let net = Arc::new(MemoryNetwork::default());
+    let store_a = Arc::new(MemoryStore::new());
+    let img = image(&store_a, 300_000);
+    let (a, router_a) = node(&net, "a", store_a, test_config()).await;
+    router_a.advertise(keys(&img)).await.expect("advertise");
+    let (b, _) = node(&net, "b", Arc::new(MemoryStore::new()), test_config()).await;
+    let http = reqwest::Client::new();
+
+    // By tag (resolved through the peer), by digest, HEAD, blob, range.
+    let r = http
+        .get(format!(
+            "{}/v2/team/app/manifests/v1?ns=example.com",
+            b.base
+        ))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], DOCKER_MANIFEST);
+    assert_eq!(
+        r.headers()["docker-content-digest"],
+        img.manifest.digest.as_str()
+    );
+    assert_eq!(r.bytes().await.expect("body"), img.manifest_bytes);
+    let r = http
+        .head(format!(
+            "{}/v2/team/app/manifests/{}?ns=example.com",
+            b.base, img.manifest.digest
+        ))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.headers()["content-length"],
+        img.manifest.size.to_string().as_str()
+    );
+    let r = http
+        .get(blob_url(&b, &img.layer.digest))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.expect("body"), img.layer_bytes);
+    let r = http
+        .get(blob_url(&b, &img.layer.digest))
+        .header("range", "bytes=1000-1999")
+        .send()
+        .await
+        .expect("range");
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        r.bytes().await.expect("body"),
+        img.layer_bytes.slice(1000..2000)
+    );
+    let r = http
+        .head(blob_url(&b, &img.layer.digest))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(r.headers()["content-length"], "300000");
+
+    assert!(
+        b.metric("mirrorlet_registry_served_bytes_total{source=\"peer\"}")
+            .await
+            >= 300_000.0
+    );
+    assert!(a.metric("mirrorlet_registry_peer_served_bytes_total").await >= 300_000.0);
+    assert!(
+        b.metric("mirrorlet_lookup_duration_seconds_count{outcome=\"found\"}")
+            .await
+            >= 1.0
+    );
+
+    // Excluded tags (`:latest` by default) are never resolved through peers.
+    let r = http
+        .get(format!(
+            "{}/v2/team/app/manifests/latest?ns=example.com",
+            b.base
+        ))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    // A request from another agent is answered from local content only: no loops.
+    let r = http
+        .get(blob_url(&b, &img.layer.digest))
+        .header(PEER_HEADER, "1")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    // Unknown content is a 404 after a quick, empty lookup.
+    let r = http
+        .get(blob_url(&b, &Digest::sha256_of(b"nothing")))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(
+        b.metric("mirrorlet_lookup_duration_seconds_count{outcome=\"not-found\"}")
+            .await
+            >= 1.0
+    );
+    let _ = a.addr;
+}
+
+fn corrupt(bytes: &Bytes) -> Bytes {
+    let mut v = bytes.to_vec();
+    let mid = v.len() / 2;
+    v[mid] ^= 0xff;
+    Bytes::from(v)
+}
+
+fn ok_body(bytes: Bytes) -> Response {
+    Response::builder()
+        .header("content-length", bytes.len())
+        .body(Body::from(bytes))
+        .expect("response")
+}
+
+#[tokio::test]
+async fn corrupt_small_blobs_are_never_delivered_and_the_peer_is_avoided() {
+    let net = Arc::new(MemoryNetwork::default());
+    let source = MemoryStore::new();
+    let img = image(&source, 10_000); // under the verify buffer: checked before sending
+    let bad = corrupt(&img.layer_bytes);
+    fake_peer(
+        &net,
+        "a-corrupt",
+        vec![img.layer.digest.to_string()],
+        move |_| {
+            let bad = bad.clone();
+            async move { ok_body(bad) }
+        },
+    )
+    .await;
+    let (b, _) = node(&net, "b", Arc::new(MemoryStore::new()), test_config()).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .get(blob_url(&b, &img.layer.digest))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "the only peer lied: fall through to upstream"
+    );
+    assert_eq!(
+        b.metric("mirrorlet_peer_digest_mismatches_total").await,
+        1.0
+    );
+
+    // An honest peer appears: the corrupt one is skipped, the honest one serves.
+    let store_c = Arc::new(MemoryStore::new());
+    let img_c = image(&store_c, 10_000);
+    let (_c, router_c) = node(&net, "c-honest", store_c, test_config()).await;
+    router_c.advertise(keys(&img_c)).await.expect("advertise");
+    let r = http
+        .get(blob_url(&b, &img.layer.digest))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.expect("body"), img.layer_bytes);
+    assert!(b.metric("mirrorlet_peers_skipped_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn a_large_corrupt_blob_is_aborted_before_its_last_bytes() {
+    let net = Arc::new(MemoryNetwork::default());
+    let source = MemoryStore::new();
+    let img = image(&source, 1_000_000); // over the verify buffer: streamed
+    let bad = corrupt(&img.layer_bytes);
+    fake_peer(
+        &net,
+        "a-corrupt",
+        vec![img.layer.digest.to_string()],
+        move |_| {
+            let bad = bad.clone();
+            async move { ok_body(bad) }
+        },
+    )
+    .await;
+    let (b, _) = node(&net, "b", Arc::new(MemoryStore::new()), test_config()).await;
+    let r = reqwest::get(blob_url(&b, &img.layer.digest))
+        .await
+        .expect("get");
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "streaming starts before the digest is known"
+    );
+    let body = r.bytes().await;
+    assert!(
+        body.is_err(),
+        "the client must not receive a complete body with wrong bytes"
+    );
+    assert_eq!(
+        b.metric("mirrorlet_peer_digest_mismatches_total").await,
+        1.0
+    );
+}
+
+/// Serves `bytes` honouring `Range: bytes=N-`, like an agent.
+fn ranged(bytes: Bytes, req: &Request) -> Response {
+    let from = req
+        .headers()
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("bytes=")?
+                .strip_suffix('-')?
+                .parse::<usize>()
+                .ok()
+        });
+    match from {
+        Some(n) => Response::builder()
+            .status(206)
+            .header("content-length", bytes.len() - n)
+            .header(
+                "content-range",
+                format!("bytes {n}-{}/{}", bytes.len() - 1, bytes.len()),
+            )
+            .body(Body::from(bytes.slice(n..)))
+            .expect("response"),
+        None => ok_body(bytes),
+    }
+}
+
+/// A body that sends the first half, then fails (`stall`: then never ends).
+fn half_then(bytes: Bytes, stall: bool) -> Response {
+    let half = bytes.slice(..bytes.len() / 2);
+    let len = bytes.len();
+    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(half) }).chain(
+        futures_util::stream::once(async move {
+            if stall {
+                futures_util::future::pending::<()>().await;
+            }
+            Err(std::io::Error::other("peer died"))
+        }),
+    );
+    Response::builder()
+        .header("content-length", len)
+        .body(Body::from_stream(stream))
+        .expect("response")
+}
+
+use futures_util::StreamExt;
+
+async fn resume_case(stall: bool) {
+    let net = Arc::new(MemoryNetwork::default());
+    let source = MemoryStore::new();
+    let img = image(&source, 2_000_000);
+    let good = img.layer_bytes.clone();
+    let key = vec![img.layer.digest.to_string()];
+    let half = good.clone();
+    fake_peer(&net, "a-dies", key.clone(), move |_| {
+        let half = half.clone();
+        async move { half_then(half, stall) }
+    })
+    .await;
+    fake_peer(&net, "b-honest", key, move |req| {
+        let good = good.clone();
+        async move { ranged(good, &req) }
+    })
+    .await;
+    let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), test_config()).await;
+    let r = reqwest::get(blob_url(&n, &img.layer.digest))
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    let body = r.bytes().await.expect("one uninterrupted body");
+    assert_eq!(Digest::sha256_of(&body), img.layer.digest);
+    assert_eq!(n.metric("mirrorlet_peer_resumes_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_stream_that_breaks_is_continued_at_another_peer() {
+    resume_case(false).await;
+}
+
+#[tokio::test]
+async fn a_stream_that_stalls_is_continued_at_another_peer() {
+    resume_case(true).await;
+}
+
+#[tokio::test]
+async fn a_slow_peer_gets_a_second_one_raced_against_it() {
+    let net = Arc::new(MemoryNetwork::default());
+    let source = MemoryStore::new();
+    let img = image(&source, 100_000);
+    let good = img.layer_bytes.clone();
+    let key = vec![img.layer.digest.to_string()];
+    let slow = good.clone();
+    fake_peer(&net, "a-slow", key.clone(), move |_| {
+        let slow = slow.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            ok_body(slow)
+        }
+    })
+    .await;
+    fake_peer(&net, "b-fast", key, move |_| {
+        let good = good.clone();
+        async move { ok_body(good) }
+    })
+    .await;
+    let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), test_config()).await;
+    let started = std::time::Instant::now();
+    let r = reqwest::get(blob_url(&n, &img.layer.digest))
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.expect("body"), img.layer_bytes);
+    assert_eq!(n.metric("mirrorlet_peer_hedges_total").await, 1.0);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "did not wait for the slow peer"
+    );
+}
