@@ -98,6 +98,21 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Adds a host that is not a node (e.g. a misbehaving peer) at `.octet`, with the
+    /// peers' DNS name in its /etc/hosts.
+    pub fn extra_host(&self, name: &str, octet: u8) -> Result<crate::net::Host> {
+        let host = self.slot.add_host(name, octet)?;
+        let addrs: Vec<_> = self.nodes.iter().map(|n| n.host.addr).collect();
+        self.slot
+            .set_hosts(&[host.netns.as_str()], crate::node::PEERS_NAME, &addrs)?;
+        Ok(host)
+    }
+
+    /// The working directory of the cluster.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.slot.dir
+    }
+
     /// Node `i` (1-based).
     pub fn node(&self, i: usize) -> &Node {
         &self.nodes[i - 1]

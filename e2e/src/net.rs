@@ -206,6 +206,23 @@ fn mounts_under(dir: &str) -> Vec<String> {
     out
 }
 
+/// Host-side veths of slot `k` (`ml<k><letter>...`).
+fn veths_of(k: u8) -> Vec<String> {
+    let prefix = format!("ml{k}");
+    std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| {
+                    n.strip_prefix(&prefix)
+                        .and_then(|rest| rest.chars().next())
+                        .is_some_and(|c| c.is_ascii_lowercase())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn namespaces_of(k: u8) -> Vec<String> {
     let prefix = format!("ml{k}-");
     std::fs::read_dir("/run/netns")
@@ -243,6 +260,11 @@ pub fn teardown(k: u8) {
     for ns in namespaces_of(k) {
         run_quiet("ip", &["netns", "del", &ns]);
     }
+    // A namespace lives on while sockets in it wait out TCP timers (after a cut link, say);
+    // deleting the host side of each veth frees the names at once.
+    for veth in veths_of(k) {
+        run_quiet("ip", &["link", "del", &veth]);
+    }
     let prefix = format!("ml{k}-");
     if let Ok(entries) = std::fs::read_dir("/etc/netns") {
         for e in entries.flatten() {
@@ -269,6 +291,7 @@ pub fn leftovers(k: u8) -> Vec<String> {
             .map(|m| format!("mount {m}")),
     );
     out.extend(namespaces_of(k).into_iter().map(|n| format!("netns {n}")));
+    out.extend(veths_of(k).into_iter().map(|n| format!("veth {n}")));
     let prefix = format!("ml{k}-");
     if let Ok(entries) = std::fs::read_dir("/etc/netns") {
         for e in entries.flatten() {

@@ -171,6 +171,8 @@ state = "{d}/containerd/state"
             format!("0.0.0.0:{P2P_PORT}"),
             "--data-dir".into(),
             self.dir.join("data").display().to_string(),
+            "--spool-dir".into(),
+            self.dir.join("spool").display().to_string(),
             "--bootstrap-dns".into(),
             format!("{PEERS_NAME}:{P2P_PORT}"),
         ];

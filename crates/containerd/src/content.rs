@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -11,17 +10,9 @@ use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::{InfoRequest, ListContentRequest, ReadContentRequest};
 use containerd_client::tonic::transport::Channel;
 use futures_util::{StreamExt, TryStreamExt, stream};
-use mirrorlet_oci::{BlobStream, ByteRange, Digest, StoreError};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use mirrorlet_oci::{BlobStream, ByteRange, Digest, StoreError, filestream};
 
 use crate::client::{is_not_found, request, unavailable};
-
-/// Bytes per chunk read from a blob file.
-const FILE_CHUNK: usize = 1024 * 1024;
-/// Chunks read ahead of the consumer per stream (so memory per stream is bounded by
-/// `(READ_AHEAD + 1) * FILE_CHUNK`).
-const READ_AHEAD: usize = 2;
 
 /// Access to containerd's content store.
 #[derive(Clone)]
@@ -180,21 +171,15 @@ fn check_range(digest: &Digest, range: ByteRange, size: u64) -> Result<(), Store
     Ok(())
 }
 
-/// Streams a range of a file: chunks are read on the blocking pool by a small task that
-/// stays at most `READ_AHEAD` chunks ahead of the consumer (a bounded channel), so memory
-/// per stream is bounded and a slow client never pins a blocking thread.
+/// Opens a blob file and streams `range` of it.
 async fn open_file(
     path: PathBuf,
     digest: &Digest,
     range: ByteRange,
 ) -> Result<BlobStream, StoreError> {
-    let start = range.start;
     let opened = tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::File::open(&path)?;
+        let file = std::fs::File::open(&path)?;
         let len = file.metadata()?.len();
-        if start <= len {
-            file.seek(SeekFrom::Start(start))?;
-        }
         Ok::<_, io::Error>((file, len))
     })
     .await
@@ -212,46 +197,5 @@ async fn open_file(
         }
     };
     check_range(digest, range, size)?;
-    let (tx, rx) = mpsc::channel(READ_AHEAD);
-    tokio::spawn(read_chunks(file, range.len(), tx));
-    Ok(ReceiverStream::new(rx).boxed())
-}
-
-async fn read_chunks(mut file: std::fs::File, mut left: u64, tx: mpsc::Sender<io::Result<Bytes>>) {
-    while left > 0 {
-        let want = left.min(FILE_CHUNK as u64);
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = Vec::with_capacity(want as usize);
-            let got = (&mut file).take(want).read_to_end(&mut buf);
-            (file, got.map(|_| buf))
-        })
-        .await;
-        let (f, result) = match read {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
-                return;
-            }
-        };
-        file = f;
-        let chunk = match result {
-            Ok(buf) if buf.len() as u64 == want => buf,
-            Ok(_) => {
-                let short = io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "blob file is shorter than its size",
-                );
-                let _ = tx.send(Err(short)).await;
-                return;
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
-        };
-        left -= want;
-        if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
-            return; // The client went away.
-        }
-    }
+    Ok(filestream::stream(file, range))
 }

@@ -44,7 +44,7 @@ pub(crate) enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Run the agent: serve this node's containerd content as a registry mirror.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write containerd's hosts.toml files so pulls try the agent first.
     Configure(ConfigureArgs),
     /// Restore the hosts.toml files `configure` changed.
@@ -142,6 +142,14 @@ pub(crate) struct P2pArgs {
     /// Blobs up to this many bytes are verified whole before being sent.
     #[arg(long, env = "MIRRORLET_PEER_VERIFY_BUFFER", default_value = "4194304")]
     pub(crate) peer_verify_buffer: u64,
+    /// Where blobs from peers larger than the verify buffer are held while being verified
+    /// (anonymous temporary files). Created if missing.
+    #[arg(
+        long,
+        env = "MIRRORLET_SPOOL_DIR",
+        default_value = "/var/lib/mirrorlet/spool"
+    )]
+    pub(crate) spool_dir: PathBuf,
     /// Tag patterns (`*` wildcard, comma-separated) never resolved through peers.
     #[arg(
         long,

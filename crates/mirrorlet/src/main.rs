@@ -21,7 +21,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(run::run(args))),
+            .and_then(|rt| rt.block_on(run::run(*args))),
         Command::Configure(args) => hosts::configure(&args.options())
             .map(|files| {
                 for f in files {

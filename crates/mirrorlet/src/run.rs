@@ -75,6 +75,11 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::new(MemoryRouter::new(Arc::new(MemoryNetwork::default()), me))
     };
 
+    if p2p.enabled {
+        std::fs::create_dir_all(&p2p.spool_dir).with_context(|| {
+            format!("--spool-dir {}: cannot create it", p2p.spool_dir.display())
+        })?;
+    }
     let peers = PeerConfig {
         enabled: p2p.enabled,
         lookup_timeout: p2p.lookup_timeout,
@@ -84,6 +89,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         failure_backoff: p2p.peer_failure_backoff,
         verify_buffer: p2p.peer_verify_buffer,
         tag_excludes: tag_excludes(p2p),
+        spool_dir: p2p.spool_dir.clone(),
         ..PeerConfig::default()
     };
     let (ready_store, ready_router) = (store.clone(), router.clone());

@@ -1,9 +1,11 @@
 //! The vocabulary every mirrorlet layer shares: OCI digests, names, references and
 //! manifests, registry path parsing, and the [`Store`](store::Store) and router interfaces
 //! through which the registry reaches containerd and the peer-to-peer network without
-//! depending on either. No I/O happens here beyond the in-memory implementations.
+//! depending on either. No I/O happens here beyond the in-memory implementations and
+//! [`filestream`], the file-range streaming both the store and the registry use.
 
 pub mod digest;
+pub mod filestream;
 pub mod glob;
 pub mod manifest;
 pub mod memory;

@@ -1,24 +1,22 @@
-//! Taking content from peers: manifests (small: fetched whole and verified), blobs up to
-//! the verify buffer (likewise), and larger blobs streamed through bounded buffers while
-//! their digest is computed. A stream that breaks is continued at another peer with
-//! `Range: bytes=<received>-`, so the client sees one uninterrupted body; a digest
-//! mismatch aborts the response before its last bytes, so a client never receives a
-//! complete body with wrong bytes, and the peers involved are avoided.
+//! Taking content from peers. Nothing from a peer reaches the client before it has been
+//! verified against its digest: manifests and small blobs are checked in memory, larger
+//! blobs are streamed through bounded buffers into a spool file while their digest is
+//! computed. A stream that breaks or stalls is continued at another peer with
+//! `Range: bytes=<received>-`; a copy that does not match is discarded, the peers that
+//! supplied it are avoided, and another peer (or, failing all, upstream) is used.
 
-use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
 use http::{StatusCode, header};
 use mirrorlet_oci::manifest::{self, Descriptor, Manifest};
-use mirrorlet_oci::{ByteRange, Digest, Peer};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use mirrorlet_oci::{ByteRange, Digest, Peer, filestream};
+use tokio::io::AsyncWriteExt;
 
 use crate::error::RegistryError;
 use crate::metrics::{LookupLabels, ReasonLabels, Source};
@@ -26,9 +24,6 @@ use crate::mirror::content_head;
 use crate::peers::{self, Candidates};
 use crate::range::{self, RangeRequest};
 use crate::state::AppState;
-
-/// Chunks buffered between a peer's stream and the client.
-const STREAM_BUFFER: usize = 8;
 
 /// Starts a lookup for `key` and records its latency when the first peer is found.
 fn candidates(state: &AppState, key: &str) -> Candidates {
@@ -98,13 +93,13 @@ pub async fn manifest(
             &state.failed_peers,
             &state.metrics,
             &mut attempts,
-            |p| {
+            &|p: &Peer| {
                 state
                     .http
                     .get(format!("http://{}{path_and_query}", p.addr))
                     .header(header::ACCEPT, accept)
             },
-            |s| s == StatusCode::OK,
+            &|s| s == StatusCode::OK,
         )
         .await;
         if !observed {
@@ -153,7 +148,44 @@ pub async fn manifest(
     }
 }
 
+/// A blob taken from peers and verified against its digest.
+enum Verified {
+    /// Small blobs, held in memory.
+    Memory(Bytes),
+    /// Larger ones, in an anonymous spool file (gone when closed).
+    File(std::fs::File, u64),
+}
+
+impl Verified {
+    fn size(&self) -> u64 {
+        match self {
+            Self::Memory(b) => b.len() as u64,
+            Self::File(_, size) => *size,
+        }
+    }
+
+    fn body(self, range: ByteRange, counter: prometheus_client::metrics::counter::Counter) -> Body {
+        match self {
+            Self::Memory(b) => {
+                counter.inc_by(range.len());
+                Body::from(b.slice(range.start as usize..range.end as usize))
+            }
+            Self::File(f, _) => {
+                Body::from_stream(filestream::stream(f, range).inspect_ok(move |c| {
+                    counter.inc_by(c.len() as u64);
+                }))
+            }
+        }
+    }
+}
+
 /// Serves a blob from peers; `Ok(None)` if no peer could.
+///
+/// Every byte is verified before the first one is sent: containerd resumes an interrupted
+/// download from what it already wrote, so a wrong byte that reached it would poison its
+/// partial download for every later attempt. Small blobs are checked in memory, larger
+/// ones in a spool file; meanwhile the client waits for the response head, and if no peer
+/// delivers a verified copy the answer is still a 404 that sends containerd upstream.
 pub async fn blob(
     state: &Arc<AppState>,
     digest: &Digest,
@@ -162,149 +194,223 @@ pub async fn blob(
     head: bool,
 ) -> Result<Option<Response>, RegistryError> {
     let started = Instant::now();
-    let mut cands = candidates(state, digest.as_str());
-    let mut attempts = 0;
-    let mut observed = false;
     let url = |p: &Peer| format!("http://{}{path_and_query}", p.addr);
-    loop {
-        let opened = peers::open(
-            &mut cands,
-            &state.peers,
-            &state.failed_peers,
-            &state.metrics,
-            &mut attempts,
-            |p| {
-                if head {
-                    state.http.head(url(p))
-                } else {
-                    state.http.get(url(p))
-                }
-            },
-            |s| s == StatusCode::OK,
-        )
-        .await;
-        if !observed {
-            observe_lookup(state, started, !cands.tried().is_empty());
-            observed = true;
-        }
-        let Some((peer, resp)) = opened else {
+    let mut fetch = Fetch {
+        state: state.clone(),
+        digest: digest.clone(),
+        path_and_query: path_and_query.to_owned(),
+        candidates: candidates(state, digest.as_str()),
+        attempts: 0,
+        looked_again: false,
+    };
+    let verified = if head {
+        // The size is all a HEAD needs; no bytes are taken, so none need verifying.
+        let opened = fetch
+            .open(|p| state.http.head(url(p)), |s| s == StatusCode::OK)
+            .await;
+        observe_lookup(state, started, !fetch.candidates.tried().is_empty());
+        let Some((_, resp)) = opened else {
             return Ok(None);
         };
-        // The header, not the body's size hint: a HEAD response has an empty body.
-        let size = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let Some(size) = size else {
-            state
-                .failed_peers
-                .mark(&peer, state.peers.failure_backoff, "no Content-Length");
-            continue;
+        let Some(size) = content_length(&resp) else {
+            return Ok(None);
         };
-        let (range, partial) = match range_header.map(|h| range::parse(h, size)) {
-            None | Some(RangeRequest::Full) => (ByteRange::full(size), false),
-            Some(RangeRequest::Partial(r)) => (r, true),
-            Some(RangeRequest::Unsatisfiable) => {
-                return Err(RegistryError::RangeNotSatisfiable { size });
-            }
-        };
-        let head_resp = |body: Body| {
-            content_head(manifest::OCTET_STREAM, digest, size, range, partial)
-                .body(body)
-                .map(Some)
-                .map_err(|e| RegistryError::StoreUnavailable(format!("building response: {e}")))
-        };
-        if head {
-            return head_resp(Body::empty());
-        }
-        if size <= state.peers.verify_buffer {
-            let Ok(_permit) = state.buffer_slots.acquire().await else {
-                return Ok(None);
-            };
-            match read_limited(state, resp, size).await {
-                Ok(bytes) if bytes.len() as u64 == size && Digest::sha256_of(&bytes) == *digest => {
-                    let part = bytes.slice(range.start as usize..range.end as usize);
-                    state
-                        .metrics
-                        .bytes_from(Source::Peer)
-                        .inc_by(part.len() as u64);
-                    return head_resp(Body::from(part));
-                }
-                Ok(_) => {
-                    state.metrics.digest_mismatches.inc();
-                    state.failed_peers.mark(
-                        &peer,
-                        state.peers.corrupt_backoff,
-                        "served bytes that do not match the digest",
-                    );
-                }
-                Err(e) => state
-                    .failed_peers
-                    .mark(&peer, state.peers.failure_backoff, &e),
-            }
-            continue;
-        }
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let job = Streamer {
-            state: state.clone(),
-            digest: digest.clone(),
-            path_and_query: path_and_query.to_owned(),
+        let head = content_head(
+            manifest::OCTET_STREAM,
+            digest,
             size,
-            range,
-            candidates: cands,
-            attempts,
-            tx,
-        };
-        tokio::spawn(job.run(peer, resp));
-        return head_resp(Body::from_stream(ReceiverStream::new(rx)));
-    }
+            ByteRange::full(size),
+            false,
+        );
+        return head
+            .body(Body::empty())
+            .map(Some)
+            .map_err(|e| RegistryError::StoreUnavailable(format!("building response: {e}")));
+    } else {
+        fetch.run(started).await
+    };
+    let Some(verified) = verified else {
+        return Ok(None);
+    };
+    let size = verified.size();
+    let (range, partial) = match range_header.map(|h| range::parse(h, size)) {
+        None | Some(RangeRequest::Full) => (ByteRange::full(size), false),
+        Some(RangeRequest::Partial(r)) => (r, true),
+        Some(RangeRequest::Unsatisfiable) => {
+            return Err(RegistryError::RangeNotSatisfiable { size });
+        }
+    };
+    let body = verified.body(range, state.metrics.bytes_from(Source::Peer));
+    content_head(manifest::OCTET_STREAM, digest, size, range, partial)
+        .body(body)
+        .map(Some)
+        .map_err(|e| RegistryError::StoreUnavailable(format!("building response: {e}")))
 }
 
-/// Copies a blob from peers to the client, verifying and resuming.
-struct Streamer {
+/// The size a peer announced (the header, not the body's size hint: a HEAD's body is empty).
+fn content_length(resp: &reqwest::Response) -> Option<u64> {
+    resp.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Getting one blob from peers: attempts, resumes, verification.
+struct Fetch {
     state: Arc<AppState>,
     digest: Digest,
     path_and_query: String,
-    size: u64,
-    /// The part the client asked for.
-    range: ByteRange,
     candidates: Candidates,
     attempts: usize,
-    tx: mpsc::Sender<io::Result<Bytes>>,
+    /// Whether the DHT was asked a second time after the first lookup's peers ran out.
+    looked_again: bool,
 }
 
-/// The client went away.
-struct Gone;
+/// A copy went wrong: the peer is marked; try another.
+struct Failed;
 
-impl Streamer {
-    async fn run(mut self, first_peer: Peer, first: reqwest::Response) {
+impl Fetch {
+    /// Opens a request at the next good peer; asks the DHT once more when the first
+    /// lookup's peers are used up.
+    async fn open(
+        &mut self,
+        build: impl Fn(&Peer) -> reqwest::RequestBuilder,
+        accept: impl Fn(StatusCode) -> bool,
+    ) -> Option<(Peer, reqwest::Response)> {
+        loop {
+            let state = &self.state;
+            let opened = peers::open(
+                &mut self.candidates,
+                &state.peers,
+                &state.failed_peers,
+                &state.metrics,
+                &mut self.attempts,
+                &build,
+                &accept,
+            )
+            .await;
+            if opened.is_some() || self.looked_again || self.candidates.tried().is_empty() {
+                return opened;
+            }
+            self.looked_again = true;
+            self.candidates = candidates(&self.state, self.digest.as_str());
+            self.attempts = 0;
+        }
+    }
+
+    /// Takes the whole blob from peers until a copy verifies, or no peer is left.
+    async fn run(&mut self, started: Instant) -> Option<Verified> {
+        let mut observed = false;
+        loop {
+            let http = self.state.http.clone();
+            let path = self.path_and_query.clone();
+            let opened = self
+                .open(
+                    |p| http.get(format!("http://{}{path}", p.addr)),
+                    |s| s == StatusCode::OK,
+                )
+                .await;
+            if !observed {
+                observe_lookup(&self.state, started, !self.candidates.tried().is_empty());
+                observed = true;
+            }
+            let (peer, resp) = opened?;
+            let Some(size) = content_length(&resp) else {
+                self.state.failed_peers.mark(
+                    &peer,
+                    self.state.peers.failure_backoff,
+                    "no Content-Length",
+                );
+                continue;
+            };
+            let copy = if size <= self.state.peers.verify_buffer {
+                self.in_memory(&peer, resp, size).await
+            } else {
+                self.spooled(peer, resp, size).await
+            };
+            if let Ok(v) = copy {
+                return Some(v);
+            }
+        }
+    }
+
+    fn mismatch(&self, peers: &[Peer]) {
+        self.state.metrics.digest_mismatches.inc();
+        for p in peers {
+            self.state.failed_peers.mark(
+                p,
+                self.state.peers.corrupt_backoff,
+                "served bytes that do not match the digest",
+            );
+        }
+    }
+
+    async fn in_memory(
+        &mut self,
+        peer: &Peer,
+        resp: reqwest::Response,
+        size: u64,
+    ) -> Result<Verified, Failed> {
+        let Ok(_slot) = self.state.buffer_slots.acquire().await else {
+            return Err(Failed);
+        };
+        match read_limited(&self.state, resp, size).await {
+            Ok(bytes) if bytes.len() as u64 == size && Digest::sha256_of(&bytes) == self.digest => {
+                Ok(Verified::Memory(bytes))
+            }
+            Ok(_) => {
+                self.mismatch(std::slice::from_ref(peer));
+                Err(Failed)
+            }
+            Err(e) => {
+                self.state
+                    .failed_peers
+                    .mark(peer, self.state.peers.failure_backoff, &e);
+                Err(Failed)
+            }
+        }
+    }
+
+    /// Copies the blob into a spool file, continuing at other peers (`Range: bytes=N-`)
+    /// when a stream breaks or stalls, then verifies it.
+    async fn spooled(
+        &mut self,
+        first_peer: Peer,
+        first: reqwest::Response,
+        size: u64,
+    ) -> Result<Verified, Failed> {
+        let state = self.state.clone();
+        let Ok(_slot) = state.spool_slots.acquire().await else {
+            return Err(Failed);
+        };
+        let dir = self.state.peers.spool_dir.clone();
+        let file = match tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir)).await {
+            Ok(Ok(f)) => f,
+            other => {
+                tracing::warn!(error = ?other.err(), spool = %self.state.peers.spool_dir.display(), "cannot create a spool file; not using peers for this blob");
+                return Err(Failed);
+            }
+        };
+        let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));
         let mut verifier = self.digest.verifier();
         let mut pos: u64 = 0;
-        let mut pending: Option<Bytes> = None;
         let mut contributors = vec![first_peer.clone()];
         let mut current: Option<(Peer, BoxStream<'static, reqwest::Result<Bytes>>, u64)> =
             Some((first_peer, first.bytes_stream().boxed(), 0));
-        while pos < self.size {
+        while pos < size {
             let Some((peer, body, skip)) = current.as_mut() else {
-                match self.resume(pos).await {
-                    Some((p, resp, skip)) => {
-                        self.state.metrics.resumes.inc();
-                        tracing::info!(peer = %p.addr, digest = %self.digest, offset = pos, "continuing the blob from another peer");
-                        contributors.push(p.clone());
-                        current = Some((p, resp.bytes_stream().boxed(), skip));
-                        continue;
-                    }
-                    None => {
-                        tracing::warn!(digest = %self.digest, offset = pos, "no peer could continue the blob; aborting the response");
-                        let _ = self
-                            .tx
-                            .send(Err(io::Error::other("peers failed mid-stream")))
-                            .await;
-                        return;
-                    }
-                }
+                let (p, resp, skip) = self.resume(pos, size).await.ok_or(Failed)?;
+                self.state.metrics.resumes.inc();
+                tracing::info!(peer = %p.addr, digest = %self.digest, offset = pos, "continuing the blob at another peer");
+                contributors.push(p.clone());
+                current = Some((p, resp.bytes_stream().boxed(), skip));
+                continue;
             };
-            match tokio::time::timeout(self.state.peers.read_timeout, body.next()).await {
+            let failure = match tokio::time::timeout(self.state.peers.read_timeout, body.next())
+                .await
+            {
                 Ok(Some(Ok(mut chunk))) => {
                     if *skip > 0 {
                         let n = (*skip).min(chunk.len() as u64);
@@ -312,106 +418,56 @@ impl Streamer {
                         chunk = chunk.slice(n as usize..);
                     }
                     let n = chunk.len() as u64;
-                    if n == 0 {
-                        continue;
-                    }
-                    if pos + n > self.size {
-                        let peer = peer.clone();
-                        self.state.failed_peers.mark(
-                            &peer,
-                            self.state.peers.failure_backoff,
-                            "sent more bytes than the blob has",
-                        );
-                        current = None;
-                        continue;
-                    }
-                    verifier.update(&chunk);
-                    let (a, b) = (self.range.start.max(pos), self.range.end.min(pos + n));
-                    if a < b {
-                        let part = chunk.slice((a - pos) as usize..(b - pos) as usize);
-                        // Hold back the latest part until more arrives: the last bytes go
-                        // out only once the whole blob is verified.
-                        if let Some(ready) = pending.replace(part) {
-                            if self.send(ready).await.is_err() {
-                                return;
-                            }
+                    if pos + n > size {
+                        Some("sent more bytes than the blob has".to_owned())
+                    } else {
+                        verifier.update(&chunk);
+                        if let Err(e) = out.write_all(&chunk).await {
+                            tracing::warn!(error = %e, "writing the spool file failed; not using peers for this blob");
+                            return Err(Failed);
                         }
+                        pos += n;
+                        None
                     }
-                    pos += n;
                 }
-                Ok(Some(Err(e))) => {
-                    let peer = peer.clone();
-                    self.state.failed_peers.mark(
-                        &peer,
-                        self.state.peers.failure_backoff,
-                        &format!("stream broke: {e}"),
-                    );
-                    current = None;
-                }
-                Ok(None) => {
-                    let peer = peer.clone();
-                    self.state.failed_peers.mark(
-                        &peer,
-                        self.state.peers.failure_backoff,
-                        "stream ended early",
-                    );
-                    current = None;
-                }
-                Err(_) => {
-                    let peer = peer.clone();
-                    self.state.failed_peers.mark(
-                        &peer,
-                        self.state.peers.failure_backoff,
-                        "stream stalled",
-                    );
-                    current = None;
-                }
+                Ok(Some(Err(e))) => Some(format!("stream broke: {e}")),
+                Ok(None) => Some("stream ended early".to_owned()),
+                Err(_) => Some("stream stalled".to_owned()),
+            };
+            if let Some(why) = failure {
+                let peer = peer.clone();
+                self.state
+                    .failed_peers
+                    .mark(&peer, self.state.peers.failure_backoff, &why);
+                current = None;
             }
         }
-        if verifier.matches() {
-            if let Some(last) = pending {
-                let _ = self.send(last).await;
-            }
-        } else {
-            self.state.metrics.digest_mismatches.inc();
-            for p in &contributors {
-                self.state.failed_peers.mark(
-                    p,
-                    self.state.peers.corrupt_backoff,
-                    "served bytes that do not match the digest",
-                );
-            }
-            tracing::error!(digest = %self.digest, "blob from peers does not match its digest; aborting the response");
-            let _ = self.tx.send(Err(io::Error::other("digest mismatch"))).await;
+        if !verifier.matches() {
+            tracing::error!(digest = %self.digest, "blob from peers does not match its digest; discarded");
+            self.mismatch(&contributors);
+            return Err(Failed);
         }
-    }
-
-    async fn send(&mut self, part: Bytes) -> Result<(), Gone> {
-        let n = part.len() as u64;
-        self.tx.send(Ok(part)).await.map_err(|_| Gone)?;
-        self.state.metrics.bytes_from(Source::Peer).inc_by(n);
-        Ok(())
+        if out.flush().await.is_err() {
+            return Err(Failed);
+        }
+        Ok(Verified::File(out.into_inner().into_std().await, size))
     }
 
     /// Opens the blob at another peer from `pos`. Returns the peer, its response and how
     /// many leading bytes to skip (if it ignored the range).
-    async fn resume(&mut self, pos: u64) -> Option<(Peer, reqwest::Response, u64)> {
-        let (size, path) = (self.size, self.path_and_query.clone());
+    async fn resume(&mut self, pos: u64, size: u64) -> Option<(Peer, reqwest::Response, u64)> {
         let http = self.state.http.clone();
+        let path = self.path_and_query.clone();
         loop {
-            let (peer, resp) = peers::open(
-                &mut self.candidates,
-                &self.state.peers,
-                &self.state.failed_peers,
-                &self.state.metrics,
-                &mut self.attempts,
-                |p| {
-                    http.get(format!("http://{}{path}", p.addr))
-                        .header(header::RANGE, format!("bytes={pos}-"))
-                },
-                |s| s == StatusCode::OK || s == StatusCode::PARTIAL_CONTENT,
-            )
-            .await?;
+            let (peer, resp) = self
+                .open(
+                    |p| {
+                        http.get(format!("http://{}{path}", p.addr))
+                            .header(header::RANGE, format!("bytes={pos}-"))
+                    },
+                    |s| s == StatusCode::OK || s == StatusCode::PARTIAL_CONTENT,
+                )
+                .await?;
             if resp.status() == StatusCode::OK {
                 return Some((peer, resp, pos));
             }

@@ -43,6 +43,9 @@ pub struct PeerConfig {
     pub verify_buffer: u64,
     /// Tags matching these are never resolved through peers.
     pub tag_excludes: Vec<Glob>,
+    /// Where blobs larger than the verify buffer are spooled while they are verified
+    /// (anonymous files, gone when closed).
+    pub spool_dir: std::path::PathBuf,
 }
 
 impl Default for PeerConfig {
@@ -58,6 +61,7 @@ impl Default for PeerConfig {
             corrupt_backoff: Duration::from_secs(600),
             verify_buffer: 4 * 1024 * 1024,
             tag_excludes: vec![Glob::new("*:latest")],
+            spool_dir: std::env::temp_dir(),
         }
     }
 }
@@ -169,8 +173,8 @@ pub async fn open(
     failed: &FailedPeers,
     metrics: &Metrics,
     attempts: &mut usize,
-    build: impl Fn(&Peer) -> reqwest::RequestBuilder,
-    accept: impl Fn(StatusCode) -> bool,
+    build: &impl Fn(&Peer) -> reqwest::RequestBuilder,
+    accept: &impl Fn(StatusCode) -> bool,
 ) -> Option<(Peer, reqwest::Response)> {
     let mut inflight = FuturesUnordered::new();
     let start = |peer: Peer| {

@@ -16,6 +16,8 @@ pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + S
 /// Blob fetches from peers that may buffer a whole (small) blob at once; with the verify
 /// buffer this bounds that memory.
 pub const BUFFER_SLOTS: usize = 16;
+/// Blob fetches from peers spooling to disk at once.
+pub const SPOOL_SLOTS: usize = 16;
 
 /// State shared by every request.
 pub struct AppState {
@@ -31,6 +33,8 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// Bounds concurrent whole-blob buffering (see [`BUFFER_SLOTS`]).
     pub buffer_slots: Semaphore,
+    /// Bounds concurrent spooling (see [`SPOOL_SLOTS`]).
+    pub spool_slots: Semaphore,
     /// Caps the bandwidth this node spends serving other agents, if set.
     pub peer_upload_limit: Option<RateLimiter>,
     /// Request and byte metrics.
@@ -64,6 +68,7 @@ impl AppState {
             failed_peers: FailedPeers::default(),
             http,
             buffer_slots: Semaphore::new(BUFFER_SLOTS),
+            spool_slots: Semaphore::new(SPOOL_SLOTS),
             peer_upload_limit: None,
             metrics,
             metrics_registry,

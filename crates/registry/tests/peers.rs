@@ -341,10 +341,10 @@ async fn corrupt_small_blobs_are_never_delivered_and_the_peer_is_avoided() {
 }
 
 #[tokio::test]
-async fn a_large_corrupt_blob_is_aborted_before_its_last_bytes() {
+async fn a_large_corrupt_blob_is_never_sent_and_another_peer_serves_it() {
     let net = Arc::new(MemoryNetwork::default());
     let source = MemoryStore::new();
-    let img = image(&source, 1_000_000); // over the verify buffer: streamed
+    let img = image(&source, 1_000_000); // over the verify buffer: spooled, then checked
     let bad = corrupt(&img.layer_bytes);
     fake_peer(
         &net,
@@ -362,17 +362,36 @@ async fn a_large_corrupt_blob_is_aborted_before_its_last_bytes() {
         .expect("get");
     assert_eq!(
         r.status(),
-        StatusCode::OK,
-        "streaming starts before the digest is known"
-    );
-    let body = r.bytes().await;
-    assert!(
-        body.is_err(),
-        "the client must not receive a complete body with wrong bytes"
+        StatusCode::NOT_FOUND,
+        "no verified copy: fall through, not a single byte sent"
     );
     assert_eq!(
         b.metric("mirrorlet_peer_digest_mismatches_total").await,
         1.0
+    );
+
+    // With an honest peer too, the same request is served correctly in one go.
+    let good = img.layer_bytes.clone();
+    fake_peer(
+        &net,
+        "c-honest",
+        vec![img.layer.digest.to_string()],
+        move |_| {
+            let good = good.clone();
+            async move { ok_body(good) }
+        },
+    )
+    .await;
+    let (b2, _) = node(&net, "b2", Arc::new(MemoryStore::new()), test_config()).await;
+    let r = reqwest::get(blob_url(&b2, &img.layer.digest))
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.expect("body"), img.layer_bytes);
+    assert_eq!(
+        b2.metric("mirrorlet_peer_digest_mismatches_total").await,
+        1.0,
+        "b2 met the corrupt peer first"
     );
 }
 

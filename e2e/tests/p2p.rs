@@ -1,0 +1,498 @@
+//! End-to-end scenarios for peer-to-peer serving: N >= 3 nodes (network namespaces, real
+//! containerd, an agent each) joined through DNS bootstrap, a real upstream registry that
+//! is stopped to prove content came from peers, and every pull through the CRI.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mirrorlet_e2e::process::Proc;
+use mirrorlet_e2e::wait::wait_until;
+use mirrorlet_e2e::{Cluster, Options, REGISTRY, TestImage};
+
+const PULL: Duration = Duration::from_secs(180);
+
+fn app() -> TestImage {
+    TestImage::single("e2e/p2p-app", "v1", &[3_000_000, 600_000, 9_000_000])
+}
+
+fn big() -> TestImage {
+    TestImage::single("e2e/big", "v1", &[256 << 20])
+}
+
+/// Agent flags for the failure scenarios: serve peers at a bounded rate (so a transfer
+/// lasts long enough to break it midway) and give up on a stalled peer after a second.
+fn slow_serving() -> Vec<String> {
+    [
+        "--peer-upload-limit",
+        "134217728",
+        "--peer-read-timeout",
+        "1s",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+async fn cluster(nodes: usize, images: Vec<TestImage>, agent_args: Vec<String>) -> Cluster {
+    Cluster::start(Options {
+        nodes,
+        images,
+        agent_args,
+        ..Options::default()
+    })
+    .await
+    .expect("cluster starts")
+}
+
+/// Waits until node `i`'s agent can serve `repo:tag` (from itself or a peer).
+async fn wait_servable(c: &Cluster, i: usize, image: &TestImage) {
+    let url = format!(
+        "{}/v2/{}/manifests/{}?ns={REGISTRY}",
+        c.node(i).agent_url(),
+        image.repo,
+        image.tag
+    );
+    let http = c.http.clone();
+    wait_until(
+        Duration::from_secs(20),
+        "the image to be advertised",
+        || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                http.head(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        },
+    )
+    .await
+    .expect("advertised");
+}
+
+#[tokio::test]
+async fn a_nodes_pull_from_a_peer_by_tag_and_by_digest_with_upstream_down() {
+    let mut c = cluster(3, vec![app()], vec![]).await;
+    let image = app();
+    let digest = c
+        .upstream_digest(&image.repo, &image.tag)
+        .await
+        .expect("digest");
+    c.node(1)
+        .cri
+        .pull(&Cluster::image_ref(&image), PULL)
+        .await
+        .expect("node 1 pulls from upstream");
+    c.upstream.stop();
+    wait_servable(&c, 2, &image).await;
+
+    c.node(2)
+        .cri
+        .pull(&Cluster::image_ref(&image), PULL)
+        .await
+        .expect("node 2 pulls by tag from peers");
+    c.node(3)
+        .cri
+        .pull(&format!("{REGISTRY}/{}@{digest}", image.repo), PULL)
+        .await
+        .expect("node 3 pulls by digest from peers");
+
+    // Node 1 served at least one whole copy; node 3 may have taken parts from node 2.
+    let served = c
+        .node(1)
+        .metric("mirrorlet_registry_peer_served_bytes_total", &[])
+        .await
+        .expect("metrics");
+    assert!(served >= 12_600_000.0, "node 1 served the layers: {served}");
+    let by_2 = c
+        .node(2)
+        .metric("mirrorlet_registry_peer_served_bytes_total", &[])
+        .await
+        .expect("metrics");
+    assert!(
+        served + by_2 >= 2.0 * 12_600_000.0,
+        "two copies went node to node: {served} + {by_2}"
+    );
+    for i in [2, 3] {
+        let from_peer = c
+            .node(i)
+            .metric(
+                "mirrorlet_registry_served_bytes_total",
+                &[("source", "peer")],
+            )
+            .await
+            .expect("metrics");
+        assert!(
+            from_peer >= 12_600_000.0,
+            "node {i} got its layers from a peer: {from_peer}"
+        );
+        let found = c
+            .node(i)
+            .metric(
+                "mirrorlet_lookup_duration_seconds_count",
+                &[("outcome", "found")],
+            )
+            .await
+            .expect("metrics");
+        assert!(found >= 4.0, "node {i} found peers by lookup");
+    }
+    let _ = c.node_mut(1);
+}
+
+#[tokio::test]
+async fn b_an_image_nobody_has_fails_fast_with_upstream_down() {
+    let mut c = cluster(3, vec![app()], vec![]).await;
+    c.upstream.stop();
+    let started = Instant::now();
+    let err = c
+        .node(2)
+        .cri
+        .pull(
+            &format!("{REGISTRY}/e2e/nobody-has-this:v1"),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect_err("the pull fails");
+    let text = format!("{err:#}");
+    assert!(!text.contains("did not finish within"), "no hang: {text}");
+    assert!(
+        text.contains("connection refused") || text.contains("not found"),
+        "a clear error: {text}"
+    );
+    eprintln!("failed after {:?}: {text}", started.elapsed());
+    let misses = c
+        .node(2)
+        .metric(
+            "mirrorlet_registry_requests_total",
+            &[("source", "upstream-fallthrough")],
+        )
+        .await
+        .expect("metrics");
+    assert!(misses >= 1.0);
+    let _ = c.node_mut(1);
+}
+
+#[tokio::test]
+async fn c_a_removed_image_is_withdrawn() {
+    let c = cluster(3, vec![app()], vec![]).await;
+    let image = app();
+    c.node(1)
+        .cri
+        .pull(&Cluster::image_ref(&image), PULL)
+        .await
+        .expect("pull");
+    wait_servable(&c, 2, &image).await;
+    let manifest = c
+        .upstream_digest(&image.repo, &image.tag)
+        .await
+        .expect("digest");
+    let blob_url = |i: usize| {
+        format!(
+            "{}/v2/{}/manifests/{manifest}?ns={REGISTRY}",
+            c.node(i).agent_url(),
+            image.repo
+        )
+    };
+    assert_eq!(
+        c.http
+            .head(blob_url(2))
+            .send()
+            .await
+            .expect("head")
+            .status(),
+        200,
+        "node 2 finds it at node 1"
+    );
+
+    // Delete the image on node 1; containerd's garbage collection removes its content.
+    c.node(1)
+        .cri
+        .remove(&Cluster::image_ref(&image))
+        .await
+        .expect("remove");
+    let _ = c.node(1).ctr(&[
+        "images",
+        "rm",
+        &format!("{REGISTRY}/{}@{manifest}", image.repo),
+    ]);
+    let node1 = c.node(1);
+    wait_until(
+        Duration::from_secs(15),
+        "the content to be garbage-collected",
+        || async {
+            !node1
+                .ctr(&["content", "ls", "-q"])
+                .unwrap_or_default()
+                .contains(manifest.as_str())
+        },
+    )
+    .await
+    .expect("collected");
+
+    let http = c.http.clone();
+    let url = blob_url(2);
+    wait_until(
+        Duration::from_secs(20),
+        "lookups to stop returning node 1",
+        || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                http.head(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 404)
+            }
+        },
+    )
+    .await
+    .expect("withdrawn");
+    let withdrawn = c
+        .node(2)
+        .metric("mirrorlet_p2p_withdrawals_received_total", &[])
+        .await
+        .expect("metrics");
+    let withdrawn3 = c
+        .node(3)
+        .metric("mirrorlet_p2p_withdrawals_received_total", &[])
+        .await
+        .expect("metrics");
+    assert!(
+        withdrawn + withdrawn3 >= 1.0,
+        "node 1 told its peers to forget it"
+    );
+    assert_eq!(
+        c.http
+            .head(blob_url(3))
+            .send()
+            .await
+            .expect("head")
+            .status(),
+        404
+    );
+}
+
+/// Starts node 2's pull of the big image in the background, waits until one of the peers
+/// holding it has served `threshold` bytes to it, and returns that peer's index.
+async fn pull_and_catch_server(
+    c: &Cluster,
+    holders: [usize; 2],
+) -> (tokio::task::JoinHandle<anyhow::Result<String>>, usize) {
+    let mut before = [0.0; 2];
+    for (b, i) in before.iter_mut().zip(holders) {
+        *b = c
+            .node(i)
+            .metric("mirrorlet_registry_peer_served_bytes_total", &[])
+            .await
+            .expect("metrics");
+    }
+    let cri = c.node(2).cri.clone();
+    let name = Cluster::image_ref(&big());
+    let pull = tokio::spawn(async move { cri.pull(&name, PULL).await });
+    let threshold = 32.0 * 1024.0 * 1024.0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for (b, i) in before.iter().zip(holders) {
+            let served = c
+                .node(i)
+                .metric("mirrorlet_registry_peer_served_bytes_total", &[])
+                .await
+                .unwrap_or(0.0);
+            if served - b >= threshold {
+                return (pull, i);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 2 never streamed from a peer"
+        );
+        assert!(
+            !pull.is_finished(),
+            "the pull finished before it could be interrupted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn big_image_on_nodes_1_and_3(c: &mut Cluster) {
+    let name = Cluster::image_ref(&big());
+    c.node(1)
+        .cri
+        .pull(&name, PULL)
+        .await
+        .expect("node 1 pulls the big image");
+    c.node(3)
+        .cri
+        .pull(&name, PULL)
+        .await
+        .expect("node 3 pulls the big image");
+    c.upstream.stop();
+    wait_servable(c, 2, &big()).await;
+}
+
+#[tokio::test]
+async fn d_the_serving_agent_killed_mid_blob_and_the_pull_completes_from_another() {
+    let mut c = cluster(3, vec![big()], slow_serving()).await;
+    big_image_on_nodes_1_and_3(&mut c).await;
+    let (pull, serving) = pull_and_catch_server(&c, [1, 3]).await;
+    c.node_mut(serving).kill_agent();
+    pull.await.expect("join").expect("node 2's pull completes");
+    let other = if serving == 1 { 3 } else { 1 };
+    let resumed = c
+        .node(2)
+        .metric("mirrorlet_peer_resumes_total", &[])
+        .await
+        .expect("metrics");
+    assert!(
+        resumed >= 1.0,
+        "node 2's agent continued the blob elsewhere"
+    );
+    let rest = c
+        .node(other)
+        .metric("mirrorlet_registry_peer_served_bytes_total", &[])
+        .await
+        .expect("metrics");
+    assert!(rest > 0.0, "node {other} served the rest");
+}
+
+#[tokio::test]
+async fn f_a_peers_link_cut_mid_pull_and_the_pull_completes_from_others() {
+    let mut c = cluster(3, vec![big()], slow_serving()).await;
+    big_image_on_nodes_1_and_3(&mut c).await;
+    let (pull, serving) = pull_and_catch_server(&c, [1, 3]).await;
+    c.node(serving).host.link_down().expect("cut the link");
+    pull.await.expect("join").expect("node 2's pull completes");
+    c.node(serving).host.link_up().expect("restore the link");
+    let resumed = c
+        .node(2)
+        .metric("mirrorlet_peer_resumes_total", &[])
+        .await
+        .expect("metrics");
+    assert!(
+        resumed >= 1.0,
+        "node 2's agent continued the blob elsewhere"
+    );
+}
+
+fn corrupt_peer_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_corrupt-peer"))
+}
+
+/// Starts the corrupt peer on host `.octet`, corrupting blobs of at least `min_size` bytes.
+async fn corrupt_peer(
+    c: &Cluster,
+    name: &str,
+    octet: u8,
+    min_size: usize,
+    blob_urls: &[String],
+) -> Proc {
+    let host = c.extra_host(name, octet).expect("host");
+    let mut args = vec![
+        host.addr.to_string(),
+        format!("{}:5001", mirrorlet_e2e::node::PEERS_NAME),
+        min_size.to_string(),
+    ];
+    args.extend(blob_urls.iter().cloned());
+    let log = c.dir().join(format!("{name}.log"));
+    let bad = Proc::spawn(name, Some(&host.netns), corrupt_peer_bin(), &args, &log).expect("spawn");
+    wait_until(
+        Duration::from_secs(20),
+        "the corrupt peer to advertise",
+        || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("advertised")
+            }
+        },
+    )
+    .await
+    .expect("advertised");
+    bad
+}
+
+/// Pulls like kubelet: a failed pull is retried (up to three times in all).
+async fn pull_with_retries(c: &Cluster, i: usize, name: &str) -> usize {
+    for attempt in 1..=3 {
+        match c.node(i).cri.pull(name, PULL).await {
+            Ok(_) => return attempt,
+            Err(e) => eprintln!("node {i}: pull attempt {attempt} failed: {e:#}"),
+        }
+    }
+    panic!("node {i}: the pull never completed");
+}
+
+#[tokio::test]
+async fn e_a_peer_serving_corrupt_bytes_never_gets_a_wrong_byte_accepted() {
+    let c = cluster(3, vec![app()], vec![]).await;
+    let image = app();
+    let manifest: serde_json::Value = c
+        .upstream_get(&format!("/v2/{}/manifests/{}", image.repo, image.tag))
+        .await
+        .expect("manifest")
+        .json()
+        .await
+        .expect("json");
+    let mut blobs: Vec<String> = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["digest"].as_str().expect("digest").to_owned())
+        .collect();
+    blobs.push(
+        manifest["config"]["digest"]
+            .as_str()
+            .expect("config")
+            .to_owned(),
+    );
+    let urls: Vec<String> = blobs
+        .iter()
+        .map(|d| format!("{}/v2/{}/blobs/{d}", c.upstream.url(), image.repo))
+        .collect();
+    let name = Cluster::image_ref(&image);
+
+    // A peer that corrupts only the 9 MB layer: node 2's agent spools it (too large to
+    // check in memory), finds the mismatch, sends nothing and falls through to upstream.
+    // (An earlier design aborted a streaming response before its last bytes; containerd
+    // resumes partial downloads, so the bytes already written poisoned every retry.)
+    let bad = corrupt_peer(&c, "bad1", 98, 5_000_000, &urls).await;
+    assert_eq!(
+        pull_with_retries(&c, 2, &name).await,
+        1,
+        "the first pull completes"
+    );
+    let mismatches = c
+        .node(2)
+        .metric("mirrorlet_peer_digest_mismatches_total", &[])
+        .await
+        .expect("metrics");
+    assert_eq!(mismatches, 1.0, "the corrupt layer was detected");
+    drop(bad);
+
+    // A peer that corrupts everything: node 3's first blob from it fails verification
+    // in memory, and the peer is avoided from then on.
+    let bad = corrupt_peer(&c, "bad2", 97, 0, &urls).await;
+    assert_eq!(
+        pull_with_retries(&c, 3, &name).await,
+        1,
+        "the first pull completes"
+    );
+    let mismatches = c
+        .node(3)
+        .metric("mirrorlet_peer_digest_mismatches_total", &[])
+        .await
+        .expect("metrics");
+    assert!(mismatches >= 1.0, "the corrupt bytes were detected");
+    drop(bad);
+
+    // containerd commits content only under its verified digest: every blob is there.
+    for i in [2, 3] {
+        let content = c.node(i).ctr(&["content", "ls", "-q"]).expect("content");
+        for d in &blobs {
+            assert!(
+                content.contains(d.as_str()),
+                "node {i}: {d} stored after verification"
+            );
+        }
+    }
+}
