@@ -35,7 +35,6 @@ lint: setup
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 bench: setup
-	$(CARGO) bench -p mirrorlet-registry
 	bash e2e/bench/run.sh
 
 ## Removes clusters left behind by a killed test run.

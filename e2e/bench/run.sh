@@ -4,3 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ./blob-throughput.sh "${BLOB_MIB:-1024}" "${RUNS:-5}"
+./p2p.sh "${RUNS:-3}"

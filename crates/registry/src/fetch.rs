@@ -16,7 +16,6 @@ use futures_util::{StreamExt, TryStreamExt};
 use http::{StatusCode, header};
 use mirrorlet_oci::manifest::{self, Descriptor, Manifest};
 use mirrorlet_oci::{ByteRange, Digest, Peer, filestream};
-use tokio::io::AsyncWriteExt;
 
 use crate::error::RegistryError;
 use crate::metrics::{LookupLabels, ReasonLabels, Source};
@@ -32,6 +31,8 @@ fn candidates(state: &AppState, key: &str) -> Candidates {
 
 fn observe_lookup(state: &AppState, started: Instant, found: bool) {
     let outcome = if found { "found" } else { "not-found" };
+    let lookup_us = started.elapsed().as_micros() as u64;
+    tracing::debug!(outcome, lookup_us, "lookup");
     state
         .metrics
         .lookups
@@ -247,6 +248,35 @@ pub async fn blob(
         .map_err(|e| RegistryError::StoreUnavailable(format!("building response: {e}")))
 }
 
+/// Batches queued between the network and the spool worker.
+const SPOOL_QUEUE: usize = 4;
+/// Bytes per batch handed to the spool worker.
+const SPOOL_BATCH: usize = 1 << 20;
+
+/// Starts a blocking worker that hashes and writes what it is sent to `file`; it returns
+/// the file (rewound) and the verifier when the sender is dropped.
+fn spool_worker(
+    file: std::fs::File,
+    mut verifier: mirrorlet_oci::digest::Verifier,
+) -> (
+    tokio::sync::mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<std::io::Result<(std::fs::File, mirrorlet_oci::digest::Verifier)>>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(SPOOL_QUEUE);
+    let worker = tokio::task::spawn_blocking(move || {
+        use std::io::{Seek, Write};
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        while let Some(chunk) = rx.blocking_recv() {
+            verifier.update(&chunk);
+            out.write_all(&chunk)?;
+        }
+        let mut file = out.into_inner().map_err(|e| e.into_error())?;
+        file.rewind()?;
+        Ok((file, verifier))
+    });
+    (tx, worker)
+}
+
 /// The size a peer announced (the header, not the body's size hint: a HEAD's body is empty).
 fn content_length(resp: &reqwest::Response) -> Option<u64> {
     resp.headers()
@@ -393,8 +423,10 @@ impl Fetch {
                 return Err(Failed);
             }
         };
-        let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));
-        let mut verifier = self.digest.verifier();
+        // Hashing and writing run on a blocking thread fed through a bounded channel, so they
+        // overlap with receiving from the network.
+        let (sink, worker) = spool_worker(file, self.digest.verifier());
+        let mut batch = BytesMut::with_capacity(SPOOL_BATCH);
         let mut pos: u64 = 0;
         let mut contributors = vec![first_peer.clone()];
         let mut current: Option<(Peer, BoxStream<'static, reqwest::Result<Bytes>>, u64)> =
@@ -408,32 +440,34 @@ impl Fetch {
                 current = Some((p, resp.bytes_stream().boxed(), skip));
                 continue;
             };
-            let failure = match tokio::time::timeout(self.state.peers.read_timeout, body.next())
-                .await
-            {
-                Ok(Some(Ok(mut chunk))) => {
-                    if *skip > 0 {
-                        let n = (*skip).min(chunk.len() as u64);
-                        *skip -= n;
-                        chunk = chunk.slice(n as usize..);
-                    }
-                    let n = chunk.len() as u64;
-                    if pos + n > size {
-                        Some("sent more bytes than the blob has".to_owned())
-                    } else {
-                        verifier.update(&chunk);
-                        if let Err(e) = out.write_all(&chunk).await {
-                            tracing::warn!(error = %e, "writing the spool file failed; not using peers for this blob");
-                            return Err(Failed);
+            let failure =
+                match tokio::time::timeout(self.state.peers.read_timeout, body.next()).await {
+                    Ok(Some(Ok(mut chunk))) => {
+                        if *skip > 0 {
+                            let n = (*skip).min(chunk.len() as u64);
+                            *skip -= n;
+                            chunk = chunk.slice(n as usize..);
                         }
-                        pos += n;
-                        None
+                        let n = chunk.len() as u64;
+                        if pos + n > size {
+                            Some("sent more bytes than the blob has".to_owned())
+                        } else {
+                            // Network reads are small: batch them so the worker is woken per MiB.
+                            batch.extend_from_slice(&chunk);
+                            pos += n;
+                            if (batch.len() >= SPOOL_BATCH || pos == size)
+                                && sink.send(batch.split().freeze()).await.is_err()
+                            {
+                                // The worker stopped: writing the spool failed.
+                                return Err(Failed);
+                            }
+                            None
+                        }
                     }
-                }
-                Ok(Some(Err(e))) => Some(format!("stream broke: {e}")),
-                Ok(None) => Some("stream ended early".to_owned()),
-                Err(_) => Some("stream stalled".to_owned()),
-            };
+                    Ok(Some(Err(e))) => Some(format!("stream broke: {e}")),
+                    Ok(None) => Some("stream ended early".to_owned()),
+                    Err(_) => Some("stream stalled".to_owned()),
+                };
             if let Some(why) = failure {
                 let peer = peer.clone();
                 self.state
@@ -442,15 +476,24 @@ impl Fetch {
                 current = None;
             }
         }
+        drop(sink);
+        let (file, verifier) = match worker.await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "writing the spool file failed; not using peers for this blob");
+                return Err(Failed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the spool worker failed");
+                return Err(Failed);
+            }
+        };
         if !verifier.matches() {
             tracing::error!(digest = %self.digest, "blob from peers does not match its digest; discarded");
             self.mismatch(&contributors);
             return Err(Failed);
         }
-        if out.flush().await.is_err() {
-            return Err(Failed);
-        }
-        Ok(Verified::File(out.into_inner().into_std().await, size))
+        Ok(Verified::File(file, size))
     }
 
     /// Opens the blob at another peer from `pos`. Returns the peer, its response and how

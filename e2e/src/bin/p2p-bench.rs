@@ -1,0 +1,203 @@
+//! Peer-to-peer benchmark on the namespace cluster (release build; `e2e/bench/p2p.sh`):
+//! a 1 GiB single-layer image pulled by node 2 from node 1 through two agents, next to a
+//! plain TCP copy of the same blob between the same two namespaces; and DHT lookup
+//! latency (p50/p99) measured by the agents themselves.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use mirrorlet_e2e::process::{Proc, run};
+use mirrorlet_e2e::{Cluster, Options, REGISTRY, TestImage};
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// `curl` inside a namespace: returns (bytes, seconds).
+fn curl_in(netns: &str, url: &str, extra: &[&str]) -> Result<(f64, f64)> {
+    let mut args = vec![
+        "netns",
+        "exec",
+        netns,
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download} %{time_total}",
+    ];
+    args.extend(extra);
+    args.push(url);
+    let out = run("ip", &args)?;
+    let mut it = out.split_whitespace();
+    let bytes: f64 = it.next().context("size")?.parse()?;
+    let secs: f64 = it.next().context("time")?.parse()?;
+    Ok((bytes, secs))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let image = TestImage::single("bench/big", "v1", &[1 << 30]);
+    let agent_args = [
+        "--log-format",
+        "json",
+        "--log-level",
+        "info,mirrorlet_registry::fetch=debug",
+    ]
+    .map(String::from)
+    .to_vec();
+    println!("cluster: 3 nodes; image: one 1 GiB layer; {runs} runs per measurement");
+    let mut c = Cluster::start(Options {
+        nodes: 3,
+        images: vec![image.clone()],
+        agent_args,
+        ..Options::default()
+    })
+    .await?;
+    let name = Cluster::image_ref(&image);
+    let manifest: serde_json::Value = c
+        .upstream_get(&format!("/v2/{}/manifests/{}", image.repo, image.tag))
+        .await?
+        .json()
+        .await?;
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .context("layer")?
+        .to_owned();
+
+    let t = Instant::now();
+    c.node(1).cri.pull(&name, Duration::from_secs(600)).await?;
+    println!(
+        "node 1: CRI pull from the upstream registry (Distribution 2.8): {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    c.upstream.stop();
+
+    // Plain TCP: a zero-copy sendfile server in node 1's namespace, curl in node 2's.
+    let file = c
+        .node(1)
+        .content_dir()
+        .join("blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    let server = format!(
+        "import socket,os\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('{}',6000));s.listen(4)\nwhile True:\n c,_=s.accept();c.recv(65536);f=open('{}','rb');n=os.fstat(f.fileno()).st_size\n c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n'%n);c.sendfile(f);c.close();f.close()\n",
+        c.node(1).host.addr,
+        file.display()
+    );
+    let script = c.dir().join("sendfile.py");
+    std::fs::write(&script, server)?;
+    let _tcp = Proc::spawn(
+        "sendfile",
+        Some(&c.node(1).host.netns),
+        std::path::Path::new("/usr/bin/python3"),
+        &[script.display().to_string()],
+        &c.dir().join("sendfile.log"),
+    )?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = std::fs::read(&file)?; // warm node 1's page cache
+    let n2 = c.node(2).host.netns.clone();
+    let mut tcp = Vec::new();
+    for _ in 0..runs {
+        let (bytes, secs) = curl_in(&n2, &format!("http://{}:6000/", c.node(1).host.addr), &[])?;
+        tcp.push(bytes / secs / 1e9);
+    }
+
+    // One agent: node 1's agent straight to curl in node 2's namespace (as a peer asks).
+    let direct = format!(
+        "{}/v2/{}/blobs/{layer}?ns={REGISTRY}",
+        c.node(1).agent_url(),
+        image.repo
+    );
+    let mut one_agent = Vec::new();
+    for _ in 0..runs {
+        let (bytes, secs) = curl_in(&n2, &direct, &["-H", "x-mirrorlet-peer: 1"])?;
+        one_agent.push(bytes / secs / 1e9);
+    }
+
+    // Through two agents: node 2's agent fetches from node 1's agent (verified), then
+    // serves node 2's client. Node 2 holds nothing, so every run is a full peer fetch.
+    let url = format!(
+        "{}/v2/{}/blobs/{layer}?ns={REGISTRY}",
+        c.node(2).agent_url(),
+        image.repo
+    );
+    let mut agents = Vec::new();
+    let mut agent_secs = Vec::new();
+    for _ in 0..runs {
+        let (bytes, secs) = curl_in(&n2, &url, &[])?;
+        anyhow::ensure!(
+            (bytes - GIB).abs() < 1e6 || bytes > GIB,
+            "short body: {bytes}"
+        );
+        agents.push(bytes / secs / 1e9);
+        agent_secs.push(secs);
+    }
+    let t = Instant::now();
+    c.node(2).cri.pull(&name, Duration::from_secs(600)).await?;
+    let cri = t.elapsed().as_secs_f64();
+
+    // Lookups: HEADs from node 3 for the image's digests (each one a DHT lookup at node 3).
+    let digests: Vec<String> = manifest["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(std::iter::once(&manifest["config"]))
+        .filter_map(|d| d["digest"].as_str().map(str::to_owned))
+        .collect();
+    for i in 0..2000 {
+        let d = &digests[i % digests.len()];
+        let u = format!(
+            "{}/v2/{}/blobs/{d}?ns={REGISTRY}",
+            c.node(3).agent_url(),
+            image.repo
+        );
+        let r = c.http.head(&u).send().await?;
+        anyhow::ensure!(r.status().is_success(), "HEAD {u}: {}", r.status());
+    }
+    let log = std::fs::read_to_string(c.node(3).dir.join("agent.log"))?;
+    let mut lookups: Vec<f64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "lookup" && v["outcome"] == "found")
+        .filter_map(|v| v["lookup_us"].as_f64())
+        .collect();
+    lookups.sort_by(f64::total_cmp);
+    anyhow::ensure!(!lookups.is_empty(), "no lookups logged");
+
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        percentile(v, 0.5)
+    };
+    println!(
+        "plain TCP copy node 1 -> node 2 (sendfile server, curl): median {:.2} GB/s",
+        med(&mut tcp)
+    );
+    println!(
+        "one agent (node 1's agent -> curl in node 2): median {:.2} GB/s",
+        med(&mut one_agent)
+    );
+    println!(
+        "through two agents (node 2's agent fetches and verifies from node 1's, then serves): median {:.2} GB/s, {:.2} s per GiB",
+        med(&mut agents),
+        med(&mut agent_secs)
+    );
+    println!(
+        "node 2: CRI pull of the 1 GiB image from peers (incl. containerd's write and unpack): {cri:.2} s"
+    );
+    println!(
+        "DHT lookups at node 3 ({} lookups): p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+        lookups.len(),
+        percentile(&lookups, 0.5),
+        percentile(&lookups, 0.99),
+        lookups[lookups.len() - 1]
+    );
+    let left = c.teardown();
+    anyhow::ensure!(left.is_empty(), "teardown left {left:?}");
+    Ok(())
+}
