@@ -422,10 +422,8 @@ async fn pull_with_retries(c: &Cluster, i: usize, name: &str) -> usize {
     panic!("node {i}: the pull never completed");
 }
 
-#[tokio::test]
-async fn e_a_peer_serving_corrupt_bytes_never_gets_a_wrong_byte_accepted() {
-    let c = cluster(3, vec![app()], vec![]).await;
-    let image = app();
+/// The blob URLs (config and layers) of `image` at the upstream registry.
+async fn blob_urls(c: &Cluster, image: &TestImage) -> (Vec<String>, Vec<String>) {
     let manifest: serde_json::Value = c
         .upstream_get(&format!("/v2/{}/manifests/{}", image.repo, image.tag))
         .await
@@ -445,19 +443,27 @@ async fn e_a_peer_serving_corrupt_bytes_never_gets_a_wrong_byte_accepted() {
             .expect("config")
             .to_owned(),
     );
-    let urls: Vec<String> = blobs
+    let urls = blobs
         .iter()
         .map(|d| format!("{}/v2/{}/blobs/{d}", c.upstream.url(), image.repo))
         .collect();
-    let name = Cluster::image_ref(&image);
+    (blobs, urls)
+}
 
-    // A peer that corrupts only the 9 MB layer: node 2's agent spools it (too large to
-    // check in memory), finds the mismatch, sends nothing and falls through to upstream.
-    // (An earlier design aborted a streaming response before its last bytes; containerd
-    // resumes partial downloads, so the bytes already written poisoned every retry.)
+#[tokio::test]
+async fn e_a_peer_serving_corrupt_bytes_never_gets_a_wrong_byte_accepted() {
+    let other = TestImage::single("e2e/p2p-other", "v1", &[2_000_000, 500_000]);
+    let c = cluster(3, vec![app(), other.clone()], vec![]).await;
+
+    // A peer that corrupts only the 9 MB layer of one image: node 2's agent spools it (too
+    // large to check in memory), finds the mismatch, sends nothing and falls through to
+    // upstream. (An earlier design aborted a streaming response before its last bytes;
+    // containerd resumes partial downloads, so the bytes already written poisoned every
+    // retry.)
+    let (blobs, urls) = blob_urls(&c, &app()).await;
     let bad = corrupt_peer(&c, "bad1", 98, 5_000_000, &urls).await;
     assert_eq!(
-        pull_with_retries(&c, 2, &name).await,
+        pull_with_retries(&c, 2, &Cluster::image_ref(&app())).await,
         1,
         "the first pull completes"
     );
@@ -469,11 +475,12 @@ async fn e_a_peer_serving_corrupt_bytes_never_gets_a_wrong_byte_accepted() {
     assert_eq!(mismatches, 1.0, "the corrupt layer was detected");
     drop(bad);
 
-    // A peer that corrupts everything: node 3's first blob from it fails verification
-    // in memory, and the peer is avoided from then on.
-    let bad = corrupt_peer(&c, "bad2", 97, 0, &urls).await;
+    // A peer that corrupts every blob of another image (nobody else holds it): node 3's
+    // first blob from it fails verification in memory, and the peer is avoided from then on.
+    let (other_blobs, other_urls) = blob_urls(&c, &other).await;
+    let bad = corrupt_peer(&c, "bad2", 97, 0, &other_urls).await;
     assert_eq!(
-        pull_with_retries(&c, 3, &name).await,
+        pull_with_retries(&c, 3, &Cluster::image_ref(&other)).await,
         1,
         "the first pull completes"
     );
@@ -486,9 +493,9 @@ async fn e_a_peer_serving_corrupt_bytes_never_gets_a_wrong_byte_accepted() {
     drop(bad);
 
     // containerd commits content only under its verified digest: every blob is there.
-    for i in [2, 3] {
+    for (i, digests) in [(2, &blobs), (3, &other_blobs)] {
         let content = c.node(i).ctr(&["content", "ls", "-q"]).expect("content");
-        for d in &blobs {
+        for d in digests {
             assert!(
                 content.contains(d.as_str()),
                 "node {i}: {d} stored after verification"
