@@ -7,6 +7,7 @@
 mod client;
 mod content;
 mod events;
+mod files;
 mod media;
 
 use std::num::NonZeroUsize;
@@ -242,6 +243,9 @@ impl Store for ContainerdStore {
 
     fn watch(&self) -> BoxStream<'static, StoreEvent> {
         let (tx, rx) = mpsc::channel(256);
+        if let Some(dir) = self.content.dir() {
+            tokio::spawn(files::follow(dir.to_owned(), tx.clone()));
+        }
         tokio::spawn(events::follow(
             self.channel.clone(),
             self.namespace.clone(),

@@ -192,3 +192,54 @@ async fn containerd_store_conforms_reading_files() {
 async fn containerd_store_conforms_over_grpc() {
     run(false).await;
 }
+
+/// With the content directory mounted, a blob is reported the moment containerd commits
+/// it (containerd 1.6 sends no content events), and its garbage collection too.
+#[tokio::test]
+async fn blob_files_are_reported_as_they_land_and_go() {
+    use futures_util::StreamExt;
+    use mirrorlet_oci::{Store, StoreEvent};
+
+    let containerd = Containerd::start();
+    let namespace = "files";
+    let store = ContainerdStore::new(Config {
+        socket: containerd.socket(),
+        namespace: namespace.to_owned(),
+        content_dir: Some(containerd.content_dir()),
+        media_type_cache: NonZeroUsize::new(16).expect("non-zero"),
+    });
+    let loader = GrpcLoader::connect(&containerd.socket(), namespace).await;
+    // A first blob makes containerd create the blob directory; then watch.
+    loader.put_blob("x", Bytes::from_static(b"first")).await;
+    let mut events = store.watch();
+    async fn wait_for(
+        events: &mut futures_util::stream::BoxStream<'static, StoreEvent>,
+        want: StoreEvent,
+    ) {
+        tokio::time::timeout(Duration::from_secs(15), async {
+            while let Some(e) = events.next().await {
+                if e == want {
+                    return;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {want:?}"));
+    }
+    wait_for(&mut events, StoreEvent::Resync).await;
+    // The file watch starts alongside the event feed; give it a moment to be in place.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let data = Bytes::from_static(b"a layer that just landed");
+    loader.put_blob("x", data.clone()).await;
+    wait_for(
+        &mut events,
+        StoreEvent::ContentAdded(Digest::sha256_of(&data)),
+    )
+    .await;
+    loader.delete_blob(&Digest::sha256_of(&data)).await;
+    wait_for(
+        &mut events,
+        StoreEvent::ContentDeleted(Digest::sha256_of(&data)),
+    )
+    .await;
+}
