@@ -3,13 +3,13 @@
 //! Pending lookups live in a map keyed by query id. The loop never panics: a closed
 //! channel is just a finished conversation.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
 use futures_util::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::kad::store::RecordStore;
-use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
+use libp2p::kad::{self, GetProvidersOk, ProviderRecord, QueryId, QueryResult, RecordKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, identify, request_response};
@@ -23,6 +23,11 @@ use crate::behaviour::{
 };
 use crate::config::P2pConfig;
 use crate::metrics::P2pMetrics;
+
+/// Announcement queries (to the nodes closest to a key) run at once. Starting thousands
+/// together overwhelms the peers' stream limits and drops announcements; Kademlia's own
+/// republication is paced the same way.
+const ANNOUNCE_IN_FLIGHT: usize = 64;
 
 /// Requests to the swarm task.
 #[derive(Debug)]
@@ -57,6 +62,8 @@ struct PeerState {
     connections: u32,
     /// All its connections closed: left out of lookups until it reconnects.
     disconnected: bool,
+    /// Addresses it listens on (dialled, or from identify), to restore it in the routing table.
+    addrs: Vec<Multiaddr>,
 }
 
 pub(crate) struct EventLoop {
@@ -65,6 +72,10 @@ pub(crate) struct EventLoop {
     resolved_tx: mpsc::Sender<Vec<SocketAddr>>,
     resolved_rx: mpsc::Receiver<Vec<SocketAddr>>,
     lookups: HashMap<QueryId, mpsc::Sender<Peer>>,
+    /// Keys advertised but not yet announced to the nodes closest to them.
+    to_announce: VecDeque<String>,
+    /// Announcement queries running.
+    announcing: HashSet<QueryId>,
     peers: HashMap<PeerId, PeerState>,
     advertised: HashSet<String>,
     /// Addresses this node listens on (to never dial itself).
@@ -93,6 +104,8 @@ impl EventLoop {
             resolved_tx,
             resolved_rx,
             lookups: HashMap::new(),
+            to_announce: VecDeque::new(),
+            announcing: HashSet::new(),
             peers: HashMap::new(),
             advertised: HashSet::new(),
             own,
@@ -120,6 +133,44 @@ impl EventLoop {
         tracing::info!("p2p router stopped");
     }
 
+    /// Starts announcements from the queue while fewer than [`ANNOUNCE_IN_FLIGHT`] run.
+    fn announce_more(&mut self) {
+        while self.announcing.len() < ANNOUNCE_IN_FLIGHT {
+            let Some(key) = self.to_announce.pop_front() else {
+                return;
+            };
+            if !self.advertised.contains(&key) {
+                continue; // withdrawn while queued
+            }
+            match self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .start_providing(RecordKey::new(&key))
+            {
+                Ok(id) => {
+                    self.announcing.insert(id);
+                }
+                Err(e) => tracing::warn!(%key, error = ?e, "announcing a key failed"),
+            }
+        }
+    }
+
+    /// Re-adds every connected peer's known addresses to the routing table.
+    fn heal_routing_table(&mut self) {
+        let known: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.connections > 0)
+            .map(|(id, p)| (*id, p.addrs.clone()))
+            .collect();
+        for (peer, addrs) in known {
+            for addr in addrs {
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+            }
+        }
+    }
+
     fn connected_peers(&self) -> usize {
         self.peers.values().filter(|p| p.connections > 0).count()
     }
@@ -129,6 +180,8 @@ impl EventLoop {
     fn housekeeping(&mut self) {
         if self.connected_peers() == 0 {
             self.bootstrap();
+        } else {
+            self.heal_routing_table();
         }
         let abandoned: Vec<QueryId> = self
             .lookups
@@ -219,17 +272,25 @@ impl EventLoop {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Advertise { keys, reply } => {
+                // The record goes into the local store at once (so peers asking this node
+                // find it, and Kademlia republishes it); the announcements to the nodes
+                // closest to each key are paced (see ANNOUNCE_IN_FLIGHT).
+                let local = *self.swarm.local_peer_id();
                 let mut failed = 0usize;
                 let mut first_error = None;
                 for key in keys {
+                    let record = ProviderRecord::new(RecordKey::new(&key), local, Vec::new());
                     match self
                         .swarm
                         .behaviour_mut()
                         .kad
-                        .start_providing(RecordKey::new(&key))
+                        .store_mut()
+                        .add_provider(record)
                     {
-                        Ok(_) => {
-                            self.advertised.insert(key);
+                        Ok(()) => {
+                            if self.advertised.insert(key.clone()) {
+                                self.to_announce.push_back(key);
+                            }
                         }
                         Err(e) => {
                             failed += 1;
@@ -237,13 +298,14 @@ impl EventLoop {
                         }
                     }
                 }
+                self.announce_more();
                 self.metrics
                     .advertised_keys
                     .set(i64::try_from(self.advertised.len()).unwrap_or(i64::MAX));
                 let result = match first_error {
                     None => Ok(()),
                     Some(e) => Err(RouterError::Advertise(format!(
-                        "{failed} keys not advertised, first: {e}"
+                        "{failed} keys not advertised (record store full?), first: {e}"
                     ))),
                 };
                 let _ = reply.send(result);
@@ -319,6 +381,11 @@ impl EventLoop {
                 if let Some(ip) = ip_of(remote) {
                     state.ip = Some(ip);
                 }
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint
+                    && !state.addrs.contains(address)
+                {
+                    state.addrs.push(address.clone());
+                }
                 if num_established.get() == 1 {
                     tracing::info!(peer = %peer_id, addr = %remote, "peer connected");
                     if let ConnectedPoint::Dialer { address, .. } = &endpoint {
@@ -380,11 +447,26 @@ impl EventLoop {
                     })) => {
                         self.forward(id, providers);
                     }
-                    QueryResult::GetProviders(_) => {
+                    QueryResult::GetProviders(Ok(
+                        GetProvidersOk::FinishedWithNoAdditionalRecord { closest_peers },
+                    )) => {
+                        self.lookups.remove(&id);
+                        if closest_peers.is_empty() && self.connected_peers() > 0 {
+                            // Connected, yet nobody to ask: Kademlia dropped peers from its
+                            // table (it does under load). Put them back.
+                            self.heal_routing_table();
+                        }
+                    }
+                    QueryResult::GetProviders(Err(_)) => {
                         self.lookups.remove(&id);
                     }
-                    QueryResult::StartProviding(Err(e)) => {
-                        tracing::debug!(error = ?e, "announcing a key did not reach enough peers");
+                    QueryResult::StartProviding(result) => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = ?e, "announcing a key did not reach enough peers");
+                        }
+                        if self.announcing.remove(&id) {
+                            self.announce_more();
+                        }
                     }
                     _ => {}
                 }
