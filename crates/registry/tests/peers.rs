@@ -500,15 +500,14 @@ async fn a_slow_peer_gets_a_second_one_raced_against_it() {
     })
     .await;
     let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), test_config()).await;
-    let started = std::time::Instant::now();
     let r = reqwest::get(blob_url(&n, &img.layer.digest))
         .await
         .expect("get");
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.expect("body"), img.layer_bytes);
-    assert_eq!(n.metric("mirrorlet_peer_hedges_total").await, 1.0);
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "did not wait for the slow peer"
+    assert_eq!(
+        n.metric("mirrorlet_peer_hedges_total").await,
+        1.0,
+        "a second peer was raced against the slow one"
     );
 }
