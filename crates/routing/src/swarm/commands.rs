@@ -1,0 +1,122 @@
+//! Commands from the router's clients, and the pacing of announcements.
+
+use libp2p::PeerId;
+use libp2p::kad::store::RecordStore;
+use libp2p::kad::{ProviderRecord, RecordKey};
+use mirrorlet_oci::{RouterError, RouterStatus};
+
+use super::{ANNOUNCE_IN_FLIGHT, Command, EventLoop};
+use crate::behaviour::{WITHDRAW_BATCH, WithdrawRequest};
+
+impl EventLoop {
+    pub(super) fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Advertise { keys, reply } => {
+                // The record goes into the local store at once (so peers asking this node
+                // find it, and Kademlia republishes it); the announcements to the nodes
+                // closest to each key are paced (see ANNOUNCE_IN_FLIGHT).
+                let local = *self.swarm.local_peer_id();
+                let mut failed = 0usize;
+                let mut first_error = None;
+                for key in keys {
+                    let record = ProviderRecord::new(RecordKey::new(&key), local, Vec::new());
+                    match self
+                        .swarm
+                        .behaviour_mut()
+                        .kad
+                        .store_mut()
+                        .add_provider(record)
+                    {
+                        Ok(()) => {
+                            if self.advertised.insert(key.clone()) {
+                                self.to_announce.push_back(key);
+                            }
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            first_error.get_or_insert_with(|| format!("{key}: {e:?}"));
+                        }
+                    }
+                }
+                self.announce_more();
+                self.metrics
+                    .advertised_keys
+                    .set(i64::try_from(self.advertised.len()).unwrap_or(i64::MAX));
+                let result = match first_error {
+                    None => Ok(()),
+                    Some(e) => Err(RouterError::Advertise(format!(
+                        "{failed} keys not advertised (record store full?), first: {e}"
+                    ))),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Withdraw { keys, reply } => {
+                for key in &keys {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .stop_providing(&RecordKey::new(key));
+                    self.advertised.remove(key);
+                }
+                let connected: Vec<PeerId> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| p.connections > 0)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for batch in keys.chunks(WITHDRAW_BATCH) {
+                    for peer in &connected {
+                        let req = WithdrawRequest {
+                            keys: batch.to_vec(),
+                        };
+                        self.swarm.behaviour_mut().withdraw.send_request(peer, req);
+                    }
+                }
+                self.metrics
+                    .advertised_keys
+                    .set(i64::try_from(self.advertised.len()).unwrap_or(i64::MAX));
+                let _ = reply.send(());
+            }
+            Command::Lookup { key, tx } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(RecordKey::new(&key));
+                self.lookups.insert(id, tx);
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(RouterStatus {
+                    connected_peers: self.connected_peers(),
+                    advertised_keys: self.advertised.len(),
+                });
+            }
+        }
+    }
+
+    /// Starts announcements from the queue while fewer than [`ANNOUNCE_IN_FLIGHT`] run.
+    pub(super) fn announce_more(&mut self) {
+        while self.announcing.len() < ANNOUNCE_IN_FLIGHT {
+            let Some(key) = self.to_announce.pop_front() else {
+                return;
+            };
+            if !self.advertised.contains(&key) {
+                continue; // withdrawn while queued
+            }
+            match self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .start_providing(RecordKey::new(&key))
+            {
+                Ok(id) => {
+                    self.announcing.insert(id);
+                }
+                Err(e) => tracing::warn!(%key, error = ?e, "announcing a key failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Swarm events: connections, identify, query progress and withdrawals from peers.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use libp2p::core::ConnectedPoint;
+use libp2p::kad::store::RecordStore;
+use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{PeerId, identify, request_response};
+use mirrorlet_oci::Peer;
+
+use super::EventLoop;
+use super::addr::{ip_of, socket_of};
+use crate::behaviour::{BehaviourEvent, KAD_PROTOCOL, WithdrawResponse, http_port_of};
+
+impl EventLoop {
+    pub(super) fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "p2p listening");
+                if let Some(sa) = socket_of(&address) {
+                    self.own.insert(sa);
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let remote = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => address,
+                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr,
+                };
+                let state = self.peers.entry(peer_id).or_default();
+                state.connections = num_established.get();
+                state.disconnected = false;
+                if let Some(ip) = ip_of(remote) {
+                    state.ip = Some(ip);
+                }
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint
+                    && !state.addrs.contains(address)
+                {
+                    state.addrs.push(address.clone());
+                }
+                if num_established.get() == 1 {
+                    tracing::info!(peer = %peer_id, addr = %remote, "peer connected");
+                    if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, address.clone());
+                    }
+                }
+                self.refresh_gauges();
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                cause,
+                ..
+            } => {
+                let state = self.peers.entry(peer_id).or_default();
+                state.connections = 0;
+                state.disconnected = true;
+                tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
+                self.refresh_gauges();
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, %error, "dial failed");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if !info.protocols.contains(&KAD_PROTOCOL) {
+                    tracing::debug!(peer = %peer_id, agent = %info.agent_version, "peer does not speak mirrorlet's DHT");
+                    return;
+                }
+                let state = self.peers.entry(peer_id).or_default();
+                state.http_port = http_port_of(&info.agent_version);
+                // Loopback addresses are only useful when the peer is on this host too.
+                let local_peer = state.ip.is_some_and(|ip| ip.is_loopback());
+                for addr in info.listen_addrs {
+                    if ip_of(&addr)
+                        .is_some_and(|ip| !ip.is_unspecified() && (local_peer || !ip.is_loopback()))
+                    {
+                        // Kademlia does not learn inbound peers' listen addresses by itself.
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result,
+                step,
+                ..
+            })) => {
+                match result {
+                    QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders {
+                        providers,
+                        ..
+                    })) => {
+                        self.forward(id, providers);
+                    }
+                    QueryResult::GetProviders(Ok(
+                        GetProvidersOk::FinishedWithNoAdditionalRecord { closest_peers },
+                    )) => {
+                        self.lookups.remove(&id);
+                        if closest_peers.is_empty() && self.connected_peers() > 0 {
+                            // Connected, yet nobody to ask: Kademlia dropped peers from its
+                            // table (it does under load). Put them back.
+                            self.heal_routing_table();
+                        }
+                    }
+                    QueryResult::GetProviders(Err(_)) => {
+                        self.lookups.remove(&id);
+                    }
+                    QueryResult::StartProviding(result) => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = ?e, "announcing a key did not reach enough peers");
+                        }
+                        if self.announcing.remove(&id) {
+                            self.announce_more();
+                        }
+                    }
+                    _ => {}
+                }
+                if step.last {
+                    self.lookups.remove(&id);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Withdraw(request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            })) => {
+                let store = self.swarm.behaviour_mut().kad.store_mut();
+                let mut removed = 0;
+                for key in &request.keys {
+                    let key = RecordKey::new(key);
+                    let before = store.providers(&key).len();
+                    store.remove_provider(&key, &peer);
+                    if store.providers(&key).len() < before {
+                        removed += 1;
+                    }
+                }
+                self.metrics.withdrawals_received.inc_by(removed as u64);
+                tracing::debug!(%peer, keys = request.keys.len(), removed, "peer withdrew keys");
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .withdraw
+                    .send_response(channel, WithdrawResponse { removed });
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends found providers to the lookup's stream, skipping this node and peers whose
+    /// connections dropped. Finishes the query when the consumer is gone or has enough.
+    pub(super) fn forward(&mut self, id: QueryId, providers: HashSet<PeerId>) {
+        let local = *self.swarm.local_peer_id();
+        let mut found = Vec::new();
+        for p in providers {
+            if p == local {
+                continue;
+            }
+            if self.peers.get(&p).is_some_and(|s| s.disconnected) {
+                self.metrics.providers_skipped_disconnected.inc();
+                continue;
+            }
+            if let Some(addr) = self.http_addr(&p) {
+                found.push(Peer {
+                    id: p.to_string(),
+                    addr,
+                });
+            }
+        }
+        let Some(tx) = self.lookups.get(&id) else {
+            return;
+        };
+        let mut done = false;
+        for peer in found {
+            if tx.try_send(peer).is_err() {
+                done = true;
+                break;
+            }
+        }
+        if done {
+            self.finish_lookup(id);
+        }
+    }
+
+    pub(super) fn finish_lookup(&mut self, id: QueryId) {
+        self.lookups.remove(&id);
+        if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+            q.finish();
+        }
+    }
+
+    /// Where a peer's registry listens: its address from the connection, identify or the
+    /// routing table, and the port it announced (else the same port as ours).
+    pub(super) fn http_addr(&mut self, peer: &PeerId) -> Option<SocketAddr> {
+        let state = self.peers.get(peer);
+        let port = state
+            .and_then(|s| s.http_port)
+            .unwrap_or(self.config.http_port);
+        if let Some(ip) = state.and_then(|s| s.ip) {
+            return Some(SocketAddr::new(ip, port));
+        }
+        let bucket = self.swarm.behaviour_mut().kad.kbucket(*peer)?;
+        let ip = bucket
+            .iter()
+            .find(|e| e.node.key.preimage() == peer)
+            .and_then(|e| e.node.value.iter().find_map(ip_of))?;
+        Some(SocketAddr::new(ip, port))
+    }
+}
