@@ -1,9 +1,4 @@
-//! Taking content from peers. Nothing from a peer reaches the client before it has been
-//! verified against its digest: manifests and small blobs are checked in memory, larger
-//! blobs are streamed through bounded buffers into a spool file while their digest is
-//! computed. A stream that breaks or stalls is continued at another peer with
-//! `Range: bytes=<received>-`; a copy that does not match is discarded, the peers that
-//! supplied it are avoided, and another peer (or, failing all, upstream) is used.
+//! Blobs from peers: fetched whole (in memory or a spool file), verified, then served.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,140 +9,16 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use http::{StatusCode, header};
-use mirrorlet_oci::manifest::{self, Descriptor, Manifest};
+use mirrorlet_oci::manifest;
 use mirrorlet_oci::{ByteRange, Digest, Peer, filestream};
 
+use super::{candidates, observe_lookup, read_limited};
 use crate::error::RegistryError;
-use crate::metrics::{LookupLabels, ReasonLabels, Source};
+use crate::metrics::{ReasonLabels, Source};
 use crate::mirror::content_head;
 use crate::peers::{self, Candidates};
 use crate::range::{self, RangeRequest};
 use crate::state::AppState;
-
-/// Starts a lookup for `key` and records its latency when the first peer is found.
-fn candidates(state: &AppState, key: &str) -> Candidates {
-    Candidates::new(state.router.lookup(key), state.peers.lookup_timeout)
-}
-
-fn observe_lookup(state: &AppState, started: Instant, found: bool) {
-    let outcome = if found { "found" } else { "not-found" };
-    let lookup_us = started.elapsed().as_micros() as u64;
-    tracing::debug!(outcome, lookup_us, "lookup");
-    state
-        .metrics
-        .lookups
-        .get_or_create(&LookupLabels { outcome })
-        .observe(started.elapsed().as_secs_f64());
-}
-
-/// Reads a whole body of at most `limit` bytes, with the read timeout between chunks.
-async fn read_limited(
-    state: &AppState,
-    resp: reqwest::Response,
-    limit: u64,
-) -> Result<Bytes, String> {
-    let mut body = resp.bytes_stream();
-    let mut out = BytesMut::new();
-    loop {
-        match tokio::time::timeout(state.peers.read_timeout, body.next()).await {
-            Ok(Some(Ok(chunk))) => {
-                if (out.len() + chunk.len()) as u64 > limit {
-                    return Err(format!("body larger than {limit} bytes"));
-                }
-                out.extend_from_slice(&chunk);
-            }
-            Ok(Some(Err(e))) => return Err(format!("reading body: {e}")),
-            Ok(None) => return Ok(out.freeze()),
-            Err(_) => return Err("stalled while sending".into()),
-        }
-    }
-}
-
-/// A manifest taken from a peer and verified.
-#[derive(Debug)]
-pub struct PeerManifest {
-    /// Its descriptor (media type read from the bytes).
-    pub descriptor: Descriptor,
-    /// The bytes.
-    pub bytes: Bytes,
-    /// Who served it.
-    pub peer: Peer,
-}
-
-/// Fetches a manifest by tag or digest from peers. `key` is what was looked up (the tag as
-/// `registry/repo:tag`, or the digest); `expect` the digest when asked by digest.
-pub async fn manifest(
-    state: &AppState,
-    key: &str,
-    path_and_query: &str,
-    expect: Option<&Digest>,
-    accept: &str,
-) -> Option<PeerManifest> {
-    let started = Instant::now();
-    let mut cands = candidates(state, key);
-    let mut attempts = 0;
-    let mut observed = false;
-    loop {
-        let opened = peers::open(
-            &mut cands,
-            &state.peers,
-            &state.failed_peers,
-            &state.metrics,
-            &mut attempts,
-            &|p: &Peer| {
-                state
-                    .http
-                    .get(format!("http://{}{path_and_query}", p.addr))
-                    .header(header::ACCEPT, accept)
-            },
-            &|s| s == StatusCode::OK,
-        )
-        .await;
-        if !observed {
-            observe_lookup(state, started, !cands.tried().is_empty());
-            observed = true;
-        }
-        let (peer, resp) = opened?;
-        let claimed = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| Digest::parse(v).ok());
-        let bytes = match read_limited(state, resp, manifest::MAX_MANIFEST_SIZE).await {
-            Ok(b) => b,
-            Err(e) => {
-                state
-                    .failed_peers
-                    .mark(&peer, state.peers.failure_backoff, &e);
-                continue;
-            }
-        };
-        let actual = Digest::sha256_of(&bytes);
-        let wanted = expect.cloned().or(claimed);
-        let sniffed = Manifest::sniff(&bytes);
-        match (wanted, sniffed) {
-            (Some(w), Some(m)) if w == actual => {
-                return Some(PeerManifest {
-                    descriptor: Descriptor {
-                        media_type: m.media_type,
-                        digest: actual,
-                        size: bytes.len() as u64,
-                    },
-                    bytes,
-                    peer,
-                });
-            }
-            _ => {
-                state.metrics.digest_mismatches.inc();
-                state.failed_peers.mark(
-                    &peer,
-                    state.peers.corrupt_backoff,
-                    "served a manifest that does not match its digest",
-                );
-            }
-        }
-    }
-}
 
 /// A blob taken from peers and verified against its digest.
 enum Verified {
