@@ -186,22 +186,9 @@ state = "{d}/containerd/state"
             &log,
         )?);
         let url = format!("{}/livez", self.agent_url());
-        let http = reqwest::Client::new();
-        wait_until(
-            Duration::from_secs(20),
-            "the agent to answer /livez",
-            || {
-                let (http, url) = (http.clone(), url.clone());
-                async move {
-                    http.get(&url)
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().is_success())
-                }
-            },
-        )
-        .await
-        .with_context(|| format!("agent log:\n{}", self.agent_log_tail(30)))
+        crate::process::wait_http_ok(&url, Duration::from_secs(20), "the agent to answer /livez")
+            .await
+            .with_context(|| format!("agent log:\n{}", self.agent_log_tail(30)))
     }
 
     /// Stops the agent with SIGTERM (graceful); returns whether it exited in time.
@@ -228,11 +215,7 @@ state = "{d}/containerd/state"
         self.agent
             .as_ref()
             .map(|p| p.log_tail(lines))
-            .unwrap_or_else(|| {
-                let text = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
-                let all: Vec<&str> = text.lines().collect();
-                all[all.len().saturating_sub(lines)..].join("\n")
-            })
+            .unwrap_or_else(|| crate::process::tail_file(&self.dir.join("agent.log"), lines))
     }
 
     /// The end of containerd's log.

@@ -95,9 +95,7 @@ impl Proc {
 
     /// The last `lines` lines of the log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        tail_file(&self.log, lines)
     }
 
     /// The log file.
@@ -115,6 +113,28 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(3));
     }
+}
+
+/// The last `lines` lines of a file (empty if unreadable).
+pub fn tail_file(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// GETs `url` until it answers 2xx, for at most `limit`.
+pub async fn wait_http_ok(url: &str, limit: std::time::Duration, what: &str) -> Result<()> {
+    let http = reqwest::Client::new();
+    crate::wait::wait_until(limit, what, || {
+        let (http, url) = (http.clone(), url.to_owned());
+        async move {
+            http.get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        }
+    })
+    .await
 }
 
 /// Runs a command to completion, failing with its output if it fails.

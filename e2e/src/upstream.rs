@@ -8,7 +8,6 @@ use anyhow::{Context, Result};
 
 use crate::net::Host;
 use crate::process::Proc;
-use crate::wait::wait_until;
 
 /// Port the registry listens on.
 pub const PORT: u16 = 5000;
@@ -76,19 +75,10 @@ impl Upstream {
             &log,
         )?);
         let url = format!("{}/v2/", self.url());
-        let http = reqwest::Client::new();
-        wait_until(
+        crate::process::wait_http_ok(
+            &url,
             Duration::from_secs(20),
             "the upstream registry to answer",
-            || {
-                let (http, url) = (http.clone(), url.clone());
-                async move {
-                    http.get(&url)
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().is_success())
-                }
-            },
         )
         .await
         .with_context(|| format!("registry log:\n{}", self.log_tail()))
