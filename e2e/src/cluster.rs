@@ -26,10 +26,20 @@ pub struct Options {
     pub start_agents: bool,
 }
 
+/// The number of nodes a scenario uses unless it needs a specific count:
+/// `MIRRORLET_E2E_NODES`, at least 3 (default 3).
+pub fn default_nodes() -> usize {
+    std::env::var("MIRRORLET_E2E_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(3)
+}
+
 impl Default for Options {
     fn default() -> Self {
         Self {
-            nodes: 3,
+            nodes: default_nodes(),
             images: Vec::new(),
             agent_args: Vec::new(),
             start_agents: true,

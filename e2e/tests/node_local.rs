@@ -42,7 +42,11 @@ async fn cluster(nodes: usize, images: Vec<TestImage>) -> Cluster {
 
 #[tokio::test]
 async fn a_pull_of_an_image_not_on_the_node_falls_through_to_upstream() {
-    let c = cluster(3, vec![multi_layer(), multi_arch()]).await;
+    let c = cluster(
+        mirrorlet_e2e::cluster::default_nodes(),
+        vec![multi_layer(), multi_arch()],
+    )
+    .await;
     let image = Cluster::image_ref(&multi_layer());
     c.node(1)
         .cri
@@ -246,7 +250,11 @@ fn children(manifest: &[u8]) -> (Vec<String>, Vec<String>) {
 
 #[tokio::test]
 async fn b_content_on_the_node_is_served_byte_identical_to_upstream() {
-    let c = cluster(3, vec![multi_layer(), multi_arch(), by_digest(), hub()]).await;
+    let c = cluster(
+        mirrorlet_e2e::cluster::default_nodes(),
+        vec![multi_layer(), multi_arch(), by_digest(), hub()],
+    )
+    .await;
     let node = c.node(1);
     let pinned = by_digest();
     let pinned_digest = c
@@ -350,7 +358,11 @@ async fn b_content_on_the_node_is_served_byte_identical_to_upstream() {
 
 #[tokio::test]
 async fn c_pulls_succeed_with_the_agent_stopped_or_killed() {
-    let mut c = cluster(3, vec![multi_layer(), multi_arch()]).await;
+    let mut c = cluster(
+        mirrorlet_e2e::cluster::default_nodes(),
+        vec![multi_layer(), multi_arch()],
+    )
+    .await;
     assert!(
         c.node_mut(2).stop_agent(),
         "agent exits on SIGTERM within its grace period"

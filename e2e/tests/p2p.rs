@@ -72,7 +72,7 @@ async fn wait_servable(c: &Cluster, i: usize, image: &TestImage) {
 
 #[tokio::test]
 async fn a_nodes_pull_from_a_peer_by_tag_and_by_digest_with_upstream_down() {
-    let mut c = cluster(3, vec![app()], vec![]).await;
+    let mut c = cluster(mirrorlet_e2e::cluster::default_nodes(), vec![app()], vec![]).await;
     let image = app();
     let digest = c
         .upstream_digest(&image.repo, &image.tag)
@@ -141,7 +141,7 @@ async fn a_nodes_pull_from_a_peer_by_tag_and_by_digest_with_upstream_down() {
 
 #[tokio::test]
 async fn b_an_image_nobody_has_fails_fast_with_upstream_down() {
-    let mut c = cluster(3, vec![app()], vec![]).await;
+    let mut c = cluster(mirrorlet_e2e::cluster::default_nodes(), vec![app()], vec![]).await;
     c.upstream.stop();
     let started = Instant::now();
     let err = c
@@ -174,7 +174,7 @@ async fn b_an_image_nobody_has_fails_fast_with_upstream_down() {
 
 #[tokio::test]
 async fn c_a_removed_image_is_withdrawn() {
-    let c = cluster(3, vec![app()], vec![]).await;
+    let c = cluster(mirrorlet_e2e::cluster::default_nodes(), vec![app()], vec![]).await;
     let image = app();
     c.node(1)
         .cri
@@ -331,7 +331,12 @@ async fn big_image_on_nodes_1_and_3(c: &mut Cluster) {
 
 #[tokio::test]
 async fn d_the_serving_agent_killed_mid_blob_and_the_pull_completes_from_another() {
-    let mut c = cluster(3, vec![big()], slow_serving()).await;
+    let mut c = cluster(
+        mirrorlet_e2e::cluster::default_nodes(),
+        vec![big()],
+        slow_serving(),
+    )
+    .await;
     big_image_on_nodes_1_and_3(&mut c).await;
     let (pull, serving) = pull_and_catch_server(&c, [1, 3]).await;
     c.node_mut(serving).kill_agent();
@@ -356,7 +361,12 @@ async fn d_the_serving_agent_killed_mid_blob_and_the_pull_completes_from_another
 
 #[tokio::test]
 async fn f_a_peers_link_cut_mid_pull_and_the_pull_completes_from_others() {
-    let mut c = cluster(3, vec![big()], slow_serving()).await;
+    let mut c = cluster(
+        mirrorlet_e2e::cluster::default_nodes(),
+        vec![big()],
+        slow_serving(),
+    )
+    .await;
     big_image_on_nodes_1_and_3(&mut c).await;
     let (pull, serving) = pull_and_catch_server(&c, [1, 3]).await;
     c.node(serving).host.link_down().expect("cut the link");
@@ -453,7 +463,12 @@ async fn blob_urls(c: &Cluster, image: &TestImage) -> (Vec<String>, Vec<String>)
 #[tokio::test]
 async fn e_a_peer_serving_corrupt_bytes_never_gets_a_wrong_byte_accepted() {
     let other = TestImage::single("e2e/p2p-other", "v1", &[2_000_000, 500_000]);
-    let c = cluster(3, vec![app(), other.clone()], vec![]).await;
+    let c = cluster(
+        mirrorlet_e2e::cluster::default_nodes(),
+        vec![app(), other.clone()],
+        vec![],
+    )
+    .await;
 
     // A peer that corrupts only the 9 MB layer of one image: node 2's agent spools it (too
     // large to check in memory), finds the mismatch, sends nothing and falls through to
