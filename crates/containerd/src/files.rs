@@ -53,6 +53,14 @@ async fn watch(dir: &std::path::Path, tx: &mpsc::Sender<StoreEvent>) -> std::io:
             Some(Err(e)) => return Err(e),
             None => return Err(std::io::Error::other("inotify stream ended")),
         };
+        if event.mask.contains(EventMask::Q_OVERFLOW) {
+            // Events were lost: have the consumer list everything again.
+            tracing::warn!("inotify queue overflowed; resyncing");
+            if tx.send(StoreEvent::Resync).await.is_err() {
+                return Ok(());
+            }
+            continue;
+        }
         if event.mask.contains(EventMask::IGNORED) {
             return Err(std::io::Error::other("the blob directory went away"));
         }

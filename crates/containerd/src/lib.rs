@@ -98,15 +98,16 @@ impl ContainerdStore {
             return Ok(t);
         }
         let mut media_type = manifest::OCTET_STREAM.to_owned();
-        if size <= manifest::MAX_MANIFEST_SIZE
-            && let Some(m) = self
-                .content
-                .read_all(digest, size)
-                .await?
-                .as_deref()
-                .and_then(Manifest::sniff)
-        {
-            media_type = m.media_type;
+        if size <= manifest::MAX_MANIFEST_SIZE {
+            match self.content.read_all(digest, size).await? {
+                Some(bytes) => {
+                    if let Some(m) = Manifest::sniff(&bytes) {
+                        media_type = m.media_type;
+                    }
+                }
+                // Gone between the size and the read: nothing learnt, nothing cached.
+                None => return Ok(media_type),
+            }
         }
         self.media_types.put(digest.clone(), media_type.clone());
         Ok(media_type)

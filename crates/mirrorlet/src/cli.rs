@@ -142,6 +142,14 @@ pub(crate) struct P2pArgs {
     /// Blobs up to this many bytes are verified whole before being sent.
     #[arg(long, env = "MIRRORLET_PEER_VERIFY_BUFFER", default_value = "4194304")]
     pub(crate) peer_verify_buffer: u64,
+    /// Largest blob (bytes) taken from peers; larger ones come from upstream. Bounds the
+    /// spool against a peer lying about sizes.
+    #[arg(
+        long,
+        env = "MIRRORLET_PEER_MAX_BLOB_SIZE",
+        default_value = "34359738368"
+    )]
+    pub(crate) peer_max_blob_size: u64,
     /// Where blobs from peers larger than the verify buffer are held while being verified
     /// (anonymous temporary files). Created if missing.
     #[arg(

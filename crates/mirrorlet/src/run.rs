@@ -90,6 +90,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         verify_buffer: p2p.peer_verify_buffer,
         tag_excludes: tag_excludes(p2p),
         spool_dir: p2p.spool_dir.clone(),
+        max_blob_size: p2p.peer_max_blob_size,
         ..PeerConfig::default()
     };
     let (ready_store, ready_router) = (store.clone(), router.clone());
@@ -164,10 +165,11 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(a) = advertising {
             let _ = a.await;
         }
-        router_shutdown.cancel();
         if !server_failed {
             let _ = (&mut server).await;
         }
+        // Last: in-flight responses may still look up and resume at peers.
+        router_shutdown.cancel();
         tasks.wait().await;
     })
     .await;

@@ -23,9 +23,14 @@ pub enum RouterError {
     /// The router's task has stopped (shutdown or failure).
     #[error("the router has stopped")]
     Stopped,
-    /// Announcing failed, e.g. the local record store is full.
-    #[error("advertising failed: {0}")]
-    Advertise(String),
+    /// Some keys could not be announced (e.g. the local record store is full); the others were.
+    #[error("{} keys not advertised: {reason}", failed.len())]
+    Advertise {
+        /// The keys that were not advertised.
+        failed: Vec<String>,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// What the router knows about the network.

@@ -43,6 +43,9 @@ pub struct PeerConfig {
     pub verify_buffer: u64,
     /// Tags matching these are never resolved through peers.
     pub tag_excludes: Vec<Glob>,
+    /// Blobs a peer announces as larger than this are not taken from peers (a bound on the
+    /// spool, against a peer lying about sizes).
+    pub max_blob_size: u64,
     /// Where blobs larger than the verify buffer are spooled while they are verified
     /// (anonymous files, gone when closed).
     pub spool_dir: std::path::PathBuf,
@@ -61,6 +64,7 @@ impl Default for PeerConfig {
             corrupt_backoff: Duration::from_secs(600),
             verify_buffer: 4 * 1024 * 1024,
             tag_excludes: vec![Glob::new("*:latest")],
+            max_blob_size: 32 << 30,
             spool_dir: std::env::temp_dir(),
         }
     }
@@ -179,7 +183,17 @@ pub async fn open(
     let mut inflight = FuturesUnordered::new();
     let start = |peer: Peer| {
         let req = build(&peer).header(PEER_HEADER, HeaderValue::from_static("1"));
-        async move { (peer, req.send().await.map_err(|e| e.to_string())) }.boxed()
+        let limit = config.read_timeout;
+        async move {
+            // A peer that accepted the connection but never answers must not hold the
+            // client: the response head has the read timeout too.
+            let result = match tokio::time::timeout(limit, req.send()).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no response within {limit:?}")),
+            };
+            (peer, result)
+        }
+        .boxed()
     };
     loop {
         if inflight.is_empty() {
@@ -194,8 +208,9 @@ pub async fn open(
         tokio::select! {
             Some((peer, result)) = inflight.next() => match result {
                 Ok(resp) if accept(resp.status()) => return Some((peer, resp)),
-                // The peer no longer has it (deleted since it was advertised): not a fault.
-                Ok(resp) if resp.status() == StatusCode::NOT_FOUND => {
+                // The peer no longer has it (deleted since it was advertised), or the range
+                // asked for lies outside its copy: not a fault of that peer.
+                Ok(resp) if resp.status() == StatusCode::NOT_FOUND || resp.status() == StatusCode::RANGE_NOT_SATISFIABLE => {
                     metrics.peer_failures.get_or_create(&crate::metrics::ReasonLabels { reason: "not-found" }).inc();
                 }
                 Ok(resp) => {

@@ -32,9 +32,9 @@ pub struct AppState {
     /// The HTTP client for peers (no proxy, short connect timeout).
     pub http: reqwest::Client,
     /// Bounds concurrent whole-blob buffering (see [`BUFFER_SLOTS`]).
-    pub buffer_slots: Semaphore,
+    pub buffer_slots: Arc<Semaphore>,
     /// Bounds concurrent spooling (see [`SPOOL_SLOTS`]).
-    pub spool_slots: Semaphore,
+    pub spool_slots: Arc<Semaphore>,
     /// Caps the bandwidth this node spends serving other agents, if set.
     pub peer_upload_limit: Option<RateLimiter>,
     /// Request and byte metrics.
@@ -58,6 +58,7 @@ impl AppState {
         let http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(peers.connect_timeout)
+            .read_timeout(peers.read_timeout)
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .tcp_nodelay(true)
             .build()?;
@@ -67,8 +68,8 @@ impl AppState {
             peers,
             failed_peers: FailedPeers::default(),
             http,
-            buffer_slots: Semaphore::new(BUFFER_SLOTS),
-            spool_slots: Semaphore::new(SPOOL_SLOTS),
+            buffer_slots: Arc::new(Semaphore::new(BUFFER_SLOTS)),
+            spool_slots: Arc::new(Semaphore::new(SPOOL_SLOTS)),
             peer_upload_limit: None,
             metrics,
             metrics_registry,

@@ -408,6 +408,11 @@ fn ranged(bytes: Bytes, req: &Request) -> Response {
                 .ok()
         });
     match from {
+        Some(n) if n >= bytes.len() => Response::builder()
+            .status(416)
+            .header("content-range", format!("bytes */{}", bytes.len()))
+            .body(Body::empty())
+            .expect("response"),
         Some(n) => Response::builder()
             .status(206)
             .header("content-length", bytes.len() - n)
@@ -510,4 +515,81 @@ async fn a_slow_peer_gets_a_second_one_raced_against_it() {
         1.0,
         "a second peer was raced against the slow one"
     );
+}
+
+#[tokio::test]
+async fn a_peer_that_accepts_but_never_answers_does_not_hold_the_client() {
+    let net = Arc::new(MemoryNetwork::default());
+    let img = image(&MemoryStore::new(), 10_000);
+    fake_peer(
+        &net,
+        "a-silent",
+        vec![img.layer.digest.to_string()],
+        |_| async {
+            futures_util::future::pending::<()>().await;
+            ok_body(Bytes::new())
+        },
+    )
+    .await;
+    let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), test_config()).await;
+    let r = reqwest::get(blob_url(&n, &img.layer.digest))
+        .await
+        .expect("get");
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "gave up on the silent peer and fell through"
+    );
+    assert!(
+        n.metric("mirrorlet_peer_failures_total{reason=\"unreachable\"}")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn a_peer_lying_about_the_size_does_not_get_honest_peers_blamed() {
+    let net = Arc::new(MemoryNetwork::default());
+    let img = image(&MemoryStore::new(), 300_000);
+    let real = img.layer_bytes.clone();
+    let key = vec![img.layer.digest.to_string()];
+    // Claims twice the size, sends the real bytes, then stalls.
+    let lie = real.clone();
+    fake_peer(&net, "a-liar", key.clone(), move |_| {
+        let lie = lie.clone();
+        async move {
+            let len = lie.len() * 2;
+            let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(lie) })
+                .chain(futures_util::stream::once(async {
+                    futures_util::future::pending::<()>().await;
+                    Ok(Bytes::new())
+                }));
+            Response::builder()
+                .header("content-length", len)
+                .body(Body::from_stream(body))
+                .expect("response")
+        }
+    })
+    .await;
+    let honest = real.clone();
+    fake_peer(&net, "b-honest", key, move |req| {
+        let honest = honest.clone();
+        async move { ranged(honest, &req) }
+    })
+    .await;
+    let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), test_config()).await;
+    let r = reqwest::get(blob_url(&n, &img.layer.digest))
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.bytes().await.expect("body"),
+        real,
+        "served from the honest peer"
+    );
+    // The honest peer was not put on the failed list: it serves the next request directly.
+    let r = reqwest::get(blob_url(&n, &img.layer.digest))
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use mirrorlet_oci::glob::{Glob, any_match};
-use mirrorlet_oci::{Digest, Router, Store, StoreEvent};
+use mirrorlet_oci::{Digest, Router, RouterError, Store, StoreEvent};
 use tokio_util::sync::CancellationToken;
 
 /// Keys per advertise or withdraw call.
@@ -152,6 +152,12 @@ impl Advertiser {
                 Ok(()) => {
                     tracing::debug!(keys = batch.len(), first = %batch[0], "advertised");
                     self.advertised.extend(batch.iter().cloned());
+                }
+                Err(RouterError::Advertise { failed, reason }) => {
+                    tracing::warn!(keys = failed.len(), %reason, "some keys could not be advertised");
+                    let failed: HashSet<&String> = failed.iter().collect();
+                    self.advertised
+                        .extend(batch.iter().filter(|k| !failed.contains(k)).cloned());
                 }
                 Err(e) => tracing::warn!(keys = batch.len(), error = %e, "advertising failed"),
             }

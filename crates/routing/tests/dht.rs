@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 struct Node {
     router: P2pRouter,
+    metrics: P2pMetrics,
     addr: Multiaddr,
     http: SocketAddr,
     shutdown: CancellationToken,
@@ -56,8 +57,9 @@ async fn start_with(config: impl FnOnce(&mut P2pConfig)) -> Node {
     config(&mut cfg);
     let http_port = cfg.http_port;
     let shutdown = CancellationToken::new();
+    let metrics = P2pMetrics::default();
     let (router, task) =
-        P2pRouter::start(cfg, P2pMetrics::default(), shutdown.clone()).expect("router starts");
+        P2pRouter::start(cfg, metrics.clone(), shutdown.clone()).expect("router starts");
     let mut addr = None;
     for _ in 0..100 {
         if let Some(a) = router
@@ -75,6 +77,7 @@ async fn start_with(config: impl FnOnce(&mut P2pConfig)) -> Node {
     let addr = addr.expect("listening");
     Node {
         router,
+        metrics,
         addr,
         http: ([127, 0, 0, 1], http_port).into(),
         shutdown,
@@ -327,4 +330,31 @@ async fn a_peer_that_goes_away_is_skipped_at_once_and_rejoins() {
     wait_connected(&c, 1).await;
     a2.stop().await;
     c.stop().await;
+}
+
+/// A withdrawal returns only once the peers have it: a node that withdraws and stops at
+/// once (graceful shutdown) still gets the message out.
+#[tokio::test]
+async fn a_withdrawal_reaches_the_peers_before_it_returns() {
+    let a = start(&[]).await;
+    let b = start(&[&a]).await;
+    wait_connected(&b, 1).await;
+    a.router
+        .advertise(vec!["sha256:leaving".into()])
+        .await
+        .expect("advertise");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !finds(&b, "sha256:leaving", &a).await {
+        assert!(Instant::now() < deadline, "found before the withdrawal");
+    }
+    a.router
+        .withdraw(vec!["sha256:leaving".into()])
+        .await
+        .expect("withdraw");
+    a.stop().await;
+    assert!(
+        b.metrics.withdrawals_received.get() >= 1,
+        "b dropped a's record before a stopped"
+    );
+    b.stop().await;
 }

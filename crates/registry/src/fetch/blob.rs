@@ -6,11 +6,13 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
+use futures_util::stream;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use http::{StatusCode, header};
 use mirrorlet_oci::manifest;
 use mirrorlet_oci::{ByteRange, Digest, Peer, filestream};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{candidates, observe_lookup, read_limited};
 use crate::error::RegistryError;
@@ -20,30 +22,41 @@ use crate::peers::{self, Candidates};
 use crate::range::{self, RangeRequest};
 use crate::state::AppState;
 
-/// A blob taken from peers and verified against its digest.
+/// A blob taken from peers and verified against its digest. It holds its slot (memory or
+/// spool) until the response body that serves it is dropped, so the slots bound what is
+/// held at once, slow clients included.
 enum Verified {
     /// Small blobs, held in memory.
-    Memory(Bytes),
+    Memory(Bytes, OwnedSemaphorePermit),
     /// Larger ones, in an anonymous spool file (gone when closed).
-    File(std::fs::File, u64),
+    File(std::fs::File, u64, OwnedSemaphorePermit),
 }
 
 impl Verified {
     fn size(&self) -> u64 {
         match self {
-            Self::Memory(b) => b.len() as u64,
-            Self::File(_, size) => *size,
+            Self::Memory(b, _) => b.len() as u64,
+            Self::File(_, size, _) => *size,
         }
     }
 
     fn body(self, range: ByteRange, counter: prometheus_client::metrics::counter::Counter) -> Body {
         match self {
-            Self::Memory(b) => {
-                counter.inc_by(range.len());
-                Body::from(b.slice(range.start as usize..range.end as usize))
+            Self::Memory(b, slot) => {
+                let part = b.slice(range.start as usize..range.end as usize);
+                Body::from_stream(
+                    stream::iter([Ok::<_, std::io::Error>(part)]).map(move |chunk| {
+                        let _held = &slot;
+                        if let Ok(c) = &chunk {
+                            counter.inc_by(c.len() as u64);
+                        }
+                        chunk
+                    }),
+                )
             }
-            Self::File(f, _) => {
+            Self::File(f, _, slot) => {
                 Body::from_stream(filestream::stream(f, range).inspect_ok(move |c| {
+                    let _held = &slot;
                     counter.inc_by(c.len() as u64);
                 }))
             }
@@ -77,15 +90,26 @@ pub async fn blob(
     };
     let verified = if head {
         // The size is all a HEAD needs; no bytes are taken, so none need verifying.
-        let opened = fetch
-            .open(|p| state.http.head(url(p)), |s| s == StatusCode::OK)
-            .await;
-        observe_lookup(state, started, !fetch.candidates.tried().is_empty());
-        let Some((_, resp)) = opened else {
-            return Ok(None);
-        };
-        let Some(size) = content_length(&resp) else {
-            return Ok(None);
+        let mut observed = false;
+        let size = loop {
+            let opened = fetch
+                .open(|p| state.http.head(url(p)), |s| s == StatusCode::OK)
+                .await;
+            if !observed {
+                observe_lookup(state, started, !fetch.candidates.tried().is_empty());
+                observed = true;
+            }
+            let Some((peer, resp)) = opened else {
+                return Ok(None);
+            };
+            match content_length(&resp) {
+                Some(size) => break size,
+                None => {
+                    state
+                        .failed_peers
+                        .mark(&peer, state.peers.failure_backoff, "no Content-Length")
+                }
+            }
         };
         let head = content_head(
             manifest::OCTET_STREAM,
@@ -204,6 +228,7 @@ impl Fetch {
     /// Takes the whole blob from peers until a copy verifies, or no peer is left.
     async fn run(&mut self, started: Instant) -> Option<Verified> {
         let mut observed = false;
+        let mut copies = 0;
         loop {
             let http = self.state.http.clone();
             let path = self.path_and_query.clone();
@@ -234,6 +259,15 @@ impl Fetch {
             if let Ok(v) = copy {
                 return Some(v);
             }
+            // That copy failed and its culprits are marked: look again from scratch (the
+            // failed peers are skipped), a bounded number of times.
+            copies += 1;
+            if copies >= self.state.peers.max_attempts {
+                return None;
+            }
+            self.candidates = candidates(&self.state, self.digest.as_str());
+            self.attempts = 0;
+            self.looked_again = false;
         }
     }
 
@@ -254,12 +288,12 @@ impl Fetch {
         resp: reqwest::Response,
         size: u64,
     ) -> Result<Verified, Failed> {
-        let Ok(_slot) = self.state.buffer_slots.acquire().await else {
+        let Ok(slot) = self.state.buffer_slots.clone().acquire_owned().await else {
             return Err(Failed);
         };
         match read_limited(&self.state, resp, size).await {
             Ok(bytes) if bytes.len() as u64 == size && Digest::sha256_of(&bytes) == self.digest => {
-                Ok(Verified::Memory(bytes))
+                Ok(Verified::Memory(bytes, slot))
             }
             Ok(_) => {
                 self.mismatch(std::slice::from_ref(peer));
@@ -282,8 +316,11 @@ impl Fetch {
         first: reqwest::Response,
         size: u64,
     ) -> Result<Verified, Failed> {
-        let state = self.state.clone();
-        let Ok(_slot) = state.spool_slots.acquire().await else {
+        if size > self.state.peers.max_blob_size {
+            tracing::warn!(peer = %first_peer.addr, size, limit = self.state.peers.max_blob_size, "blob larger than --peer-max-blob-size; not using peers for it");
+            return Err(Failed);
+        }
+        let Ok(slot) = self.state.spool_slots.clone().acquire_owned().await else {
             return Err(Failed);
         };
         let dir = self.state.peers.spool_dir.clone();
@@ -304,7 +341,10 @@ impl Fetch {
             Some((first_peer, first.bytes_stream().boxed(), 0));
         while pos < size {
             let Some((peer, body, skip)) = current.as_mut() else {
-                let (p, resp, skip) = self.resume(pos, size).await.ok_or(Failed)?;
+                let (p, resp, skip) = self
+                    .resume(pos, size, &contributors[0].clone())
+                    .await
+                    .ok_or(Failed)?;
                 self.state.metrics.resumes.inc();
                 tracing::info!(peer = %p.addr, digest = %self.digest, offset = pos, "continuing the blob at another peer");
                 contributors.push(p.clone());
@@ -364,12 +404,19 @@ impl Fetch {
             self.mismatch(&contributors);
             return Err(Failed);
         }
-        Ok(Verified::File(file, size))
+        Ok(Verified::File(file, size, slot))
     }
 
     /// Opens the blob at another peer from `pos`. Returns the peer, its response and how
-    /// many leading bytes to skip (if it ignored the range).
-    async fn resume(&mut self, pos: u64, size: u64) -> Option<(Peer, reqwest::Response, u64)> {
+    /// many leading bytes to skip (if it ignored the range); `None` when no peer can
+    /// continue, or when the next one disagrees about the blob's size (then the copy is
+    /// abandoned and the peer that announced the size is blamed).
+    async fn resume(
+        &mut self,
+        pos: u64,
+        size: u64,
+        first: &Peer,
+    ) -> Option<(Peer, reqwest::Response, u64)> {
         let http = self.state.http.clone();
         let path = self.path_and_query.clone();
         loop {
@@ -379,21 +426,54 @@ impl Fetch {
                         http.get(format!("http://{}{path}", p.addr))
                             .header(header::RANGE, format!("bytes={pos}-"))
                     },
-                    |s| s == StatusCode::OK || s == StatusCode::PARTIAL_CONTENT,
+                    |s| {
+                        s == StatusCode::OK
+                            || s == StatusCode::PARTIAL_CONTENT
+                            || s == StatusCode::RANGE_NOT_SATISFIABLE
+                    },
                 )
                 .await?;
+            if resp.status() == StatusCode::RANGE_NOT_SATISFIABLE {
+                // The peer's copy ends before `pos`: whoever announced the larger size lied.
+                self.state.failed_peers.mark(
+                    first,
+                    self.state.peers.failure_backoff,
+                    "announced a size other peers disagree with",
+                );
+                return None;
+            }
             if resp.status() == StatusCode::OK {
+                if content_length(&resp) != Some(size) {
+                    self.state.failed_peers.mark(
+                        first,
+                        self.state.peers.failure_backoff,
+                        "announced a size other peers disagree with",
+                    );
+                    return None;
+                }
                 return Some((peer, resp, pos));
             }
-            let range_ok = resp
+            let range = resp
                 .headers()
                 .get(header::CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| {
-                    v.starts_with(&format!("bytes {pos}-")) && v.ends_with(&format!("/{size}"))
-                });
-            if range_ok {
+                .map(str::to_owned);
+            let starts = range
+                .as_deref()
+                .is_some_and(|v| v.starts_with(&format!("bytes {pos}-")));
+            let total_ok = range
+                .as_deref()
+                .is_some_and(|v| v.ends_with(&format!("/{size}")));
+            if starts && total_ok {
                 return Some((peer, resp, 0));
+            }
+            if starts {
+                self.state.failed_peers.mark(
+                    first,
+                    self.state.peers.failure_backoff,
+                    "announced a size other peers disagree with",
+                );
+                return None;
             }
             self.state
                 .metrics

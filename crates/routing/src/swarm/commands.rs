@@ -1,8 +1,11 @@
 //! Commands from the router's clients, and the pacing of announcements.
 
+use std::collections::HashSet;
+
 use libp2p::PeerId;
 use libp2p::kad::store::RecordStore;
 use libp2p::kad::{ProviderRecord, RecordKey};
+use libp2p::request_response::OutboundRequestId;
 use mirrorlet_oci::{RouterError, RouterStatus};
 
 use super::{ANNOUNCE_IN_FLIGHT, Command, EventLoop};
@@ -16,7 +19,7 @@ impl EventLoop {
                 // find it, and Kademlia republishes it); the announcements to the nodes
                 // closest to each key are paced (see ANNOUNCE_IN_FLIGHT).
                 let local = *self.swarm.local_peer_id();
-                let mut failed = 0usize;
+                let mut failed = Vec::new();
                 let mut first_error = None;
                 for key in keys {
                     let record = ProviderRecord::new(RecordKey::new(&key), local, Vec::new());
@@ -33,8 +36,9 @@ impl EventLoop {
                             }
                         }
                         Err(e) => {
-                            failed += 1;
-                            first_error.get_or_insert_with(|| format!("{key}: {e:?}"));
+                            first_error
+                                .get_or_insert_with(|| format!("{e:?} (record store full?)"));
+                            failed.push(key);
                         }
                     }
                 }
@@ -44,9 +48,7 @@ impl EventLoop {
                     .set(i64::try_from(self.advertised.len()).unwrap_or(i64::MAX));
                 let result = match first_error {
                     None => Ok(()),
-                    Some(e) => Err(RouterError::Advertise(format!(
-                        "{failed} keys not advertised (record store full?), first: {e}"
-                    ))),
+                    Some(reason) => Err(RouterError::Advertise { failed, reason }),
                 };
                 let _ = reply.send(result);
             }
@@ -64,18 +66,25 @@ impl EventLoop {
                     .filter(|(_, p)| p.connections > 0)
                     .map(|(id, _)| *id)
                     .collect();
+                let mut sent = HashSet::new();
                 for batch in keys.chunks(WITHDRAW_BATCH) {
                     for peer in &connected {
                         let req = WithdrawRequest {
                             keys: batch.to_vec(),
                         };
-                        self.swarm.behaviour_mut().withdraw.send_request(peer, req);
+                        sent.insert(self.swarm.behaviour_mut().withdraw.send_request(peer, req));
                     }
                 }
                 self.metrics
                     .advertised_keys
                     .set(i64::try_from(self.advertised.len()).unwrap_or(i64::MAX));
-                let _ = reply.send(());
+                // Answer once every peer has acknowledged (or failed, at the latest after
+                // the request timeout), so that a withdrawal at shutdown really goes out.
+                if sent.is_empty() {
+                    let _ = reply.send(());
+                } else {
+                    self.withdrawals.push((sent, reply));
+                }
             }
             Command::Lookup { key, tx } => {
                 let id = self
@@ -94,6 +103,20 @@ impl EventLoop {
                     advertised_keys: self.advertised.len(),
                 });
             }
+        }
+    }
+
+    /// A withdrawal request to a peer finished (answered or failed).
+    pub(super) fn withdrawal_done(&mut self, id: OutboundRequestId) {
+        for (pending, _) in &mut self.withdrawals {
+            pending.remove(&id);
+        }
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.withdrawals)
+            .into_iter()
+            .partition(|(p, _)| p.is_empty());
+        self.withdrawals = waiting;
+        for (_, reply) in done {
+            let _ = reply.send(());
         }
     }
 

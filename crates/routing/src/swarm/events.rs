@@ -36,6 +36,7 @@ impl EventLoop {
                 let state = self.peers.entry(peer_id).or_default();
                 state.connections = num_established.get();
                 state.disconnected = false;
+                state.disconnected_at = None;
                 if let Some(ip) = ip_of(remote) {
                     state.ip = Some(ip);
                 }
@@ -64,6 +65,7 @@ impl EventLoop {
                 let state = self.peers.entry(peer_id).or_default();
                 state.connections = 0;
                 state.disconnected = true;
+                state.disconnected_at = Some(std::time::Instant::now());
                 tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
                 self.refresh_gauges();
             }
@@ -131,6 +133,21 @@ impl EventLoop {
                 if step.last {
                     self.lookups.remove(&id);
                 }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Withdraw(request_response::Event::Message {
+                message: request_response::Message::Response { request_id, .. },
+                ..
+            })) => self.withdrawal_done(request_id),
+            SwarmEvent::Behaviour(BehaviourEvent::Withdraw(
+                request_response::Event::OutboundFailure {
+                    request_id,
+                    peer,
+                    error,
+                    ..
+                },
+            )) => {
+                tracing::debug!(%peer, %error, "a withdrawal did not reach a peer");
+                self.withdrawal_done(request_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Withdraw(request_response::Event::Message {
                 peer,

@@ -62,6 +62,8 @@ struct PeerState {
     connections: u32,
     /// All its connections closed: left out of lookups until it reconnects.
     disconnected: bool,
+    /// When that happened; the entry is forgotten once records naming it have expired.
+    disconnected_at: Option<std::time::Instant>,
     /// Addresses it listens on (dialled, or from identify), to restore it in the routing table.
     addrs: Vec<Multiaddr>,
 }
@@ -76,6 +78,11 @@ pub(crate) struct EventLoop {
     to_announce: VecDeque<String>,
     /// Announcement queries running.
     announcing: HashSet<QueryId>,
+    /// Withdrawals waiting for their requests to peers to finish, with whom to tell.
+    withdrawals: Vec<(
+        HashSet<libp2p::request_response::OutboundRequestId>,
+        oneshot::Sender<()>,
+    )>,
     peers: HashMap<PeerId, PeerState>,
     advertised: HashSet<String>,
     /// Addresses this node listens on (to never dial itself).
@@ -106,6 +113,7 @@ impl EventLoop {
             lookups: HashMap::new(),
             to_announce: VecDeque::new(),
             announcing: HashSet::new(),
+            withdrawals: Vec::new(),
             peers: HashMap::new(),
             advertised: HashSet::new(),
             own,
@@ -169,6 +177,10 @@ impl EventLoop {
         for id in abandoned {
             self.finish_lookup(id);
         }
+        // Peers gone for longer than a record lives cannot be named by any record: forget them.
+        let ttl = self.config.provider_ttl;
+        self.peers
+            .retain(|_, p| p.disconnected_at.is_none_or(|at| at.elapsed() < ttl));
         self.refresh_gauges();
     }
 
