@@ -21,7 +21,7 @@ use crate::error::RegistryError;
 use crate::fetch;
 use crate::metrics::Source;
 use crate::peers::PEER_HEADER;
-use crate::range::{self, RangeRequest};
+use crate::range;
 use crate::state::AppState;
 
 /// The header that carries an image's digest.
@@ -192,10 +192,7 @@ async fn manifest(
                     .inc_by(m.bytes.len() as u64);
                 Body::from(m.bytes)
             };
-            let resp = builder
-                .body(body)
-                .map_err(|e| RegistryError::StoreUnavailable(format!("building response: {e}")))?;
-            return Ok((resp, Source::Peer));
+            return Ok((respond(builder, body)?, Source::Peer));
         }
     }
     Err(local_problem.unwrap_or_else(|| {
@@ -217,13 +214,7 @@ async fn blob(
         .and_then(|v| v.to_str().ok());
     let local_problem = match state.store.size(digest).await {
         Ok(Some(size)) => {
-            let (range, partial) = match range_header.map(|h| range::parse(h, size)) {
-                None | Some(RangeRequest::Full) => (ByteRange::full(size), false),
-                Some(RangeRequest::Partial(r)) => (r, true),
-                Some(RangeRequest::Unsatisfiable) => {
-                    return Err(RegistryError::RangeNotSatisfiable { size });
-                }
-            };
+            let (range, partial) = range::select(range_header, size)?;
             let desc = Descriptor {
                 media_type: manifest::OCTET_STREAM.to_owned(),
                 digest: digest.clone(),
@@ -326,6 +317,11 @@ async fn send_local(
             Body::from_stream(counted)
         }
     };
+    respond(builder, body)
+}
+
+/// Finishes a response head from [`content_head`] with its body.
+pub fn respond(builder: Builder, body: Body) -> Result<Response, RegistryError> {
     builder
         .body(body)
         .map_err(|e| RegistryError::StoreUnavailable(format!("building response: {e}")))

@@ -13,7 +13,8 @@ use http::{HeaderValue, StatusCode};
 use mirrorlet_oci::Peer;
 use mirrorlet_oci::glob::Glob;
 
-use crate::metrics::Metrics;
+use crate::metrics::{LookupLabels, Metrics};
+use crate::state::AppState;
 
 /// The header an agent sets on requests to another agent. A request carrying it is
 /// answered from local content only, so agents never forward in loops.
@@ -99,12 +100,16 @@ impl FailedPeers {
 }
 
 /// The peers a lookup found, handed out one at a time, skipping failed ones. Keeps
-/// reading the lookup (with the idle timeout) when it runs out.
+/// reading the lookup (with the idle timeout) when it runs out, and records how long the
+/// lookup took to find its first peer (or to give up).
 pub struct Candidates {
     lookup: Option<BoxStream<'static, Peer>>,
     queue: VecDeque<Peer>,
     tried: Vec<Peer>,
     idle: Duration,
+    metrics: Metrics,
+    /// When the lookup started; `None` once its latency is recorded.
+    started: Option<Instant>,
 }
 
 impl std::fmt::Debug for Candidates {
@@ -118,24 +123,39 @@ impl std::fmt::Debug for Candidates {
 
 impl Candidates {
     /// Starts from a lookup stream.
-    pub fn new(lookup: BoxStream<'static, Peer>, idle: Duration) -> Self {
+    pub fn new(lookup: BoxStream<'static, Peer>, idle: Duration, metrics: Metrics) -> Self {
         Self {
             lookup: Some(lookup),
             queue: VecDeque::new(),
             tried: Vec::new(),
             idle,
+            metrics,
+            started: Some(Instant::now()),
         }
     }
 
+    fn observe(&mut self, found: bool) {
+        let Some(started) = self.started.take() else {
+            return;
+        };
+        let outcome = if found { "found" } else { "not-found" };
+        let lookup_us = started.elapsed().as_micros() as u64;
+        tracing::debug!(outcome, lookup_us, "lookup");
+        self.metrics
+            .lookups
+            .get_or_create(&LookupLabels { outcome })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
     /// The next peer to try, waiting at most the idle timeout for the lookup to find one.
-    pub async fn next(&mut self, failed: &FailedPeers, metrics: &Metrics) -> Option<Peer> {
+    pub async fn next(&mut self, failed: &FailedPeers) -> Option<Peer> {
         loop {
             while let Some(p) = self.queue.pop_front() {
                 if self.tried.contains(&p) {
                     continue;
                 }
                 if failed.is_failed(&p) {
-                    metrics.peers_skipped.inc();
+                    self.metrics.peers_skipped.inc();
                     continue;
                 }
                 self.tried.push(p.clone());
@@ -149,8 +169,10 @@ impl Candidates {
                     while let Some(Some(more)) = lookup.next().now_or_never() {
                         self.queue.push_back(more);
                     }
+                    self.observe(true);
                 }
                 Ok(None) | Err(_) => {
+                    self.observe(false);
                     self.lookup = None;
                     return None;
                 }
@@ -164,22 +186,18 @@ impl Candidates {
     }
 }
 
-/// What one attempt at a peer gave.
-pub type Attempt = (Peer, Result<reqwest::Response, String>);
-
 /// Sends `build(peer)` to peers from `candidates` until one answers with an acceptable
 /// status: one at a time, but when the current one is slower than the hedge delay to
 /// answer, another is raced against it. Peers that fail are marked. Returns the first
 /// good response, or `None` when the attempts or candidates run out.
 pub async fn open(
+    state: &AppState,
     candidates: &mut Candidates,
-    config: &PeerConfig,
-    failed: &FailedPeers,
-    metrics: &Metrics,
     attempts: &mut usize,
     build: &impl Fn(&Peer) -> reqwest::RequestBuilder,
     accept: &impl Fn(StatusCode) -> bool,
 ) -> Option<(Peer, reqwest::Response)> {
+    let (config, failed, metrics) = (&state.peers, &state.failed_peers, &state.metrics);
     let mut inflight = FuturesUnordered::new();
     let start = |peer: Peer| {
         let req = build(&peer).header(PEER_HEADER, HeaderValue::from_static("1"));
@@ -200,7 +218,7 @@ pub async fn open(
             if *attempts >= config.max_attempts {
                 return None;
             }
-            let peer = candidates.next(failed, metrics).await?;
+            let peer = candidates.next(failed).await?;
             *attempts += 1;
             inflight.push(start(peer));
         }
@@ -223,7 +241,7 @@ pub async fn open(
                 }
             },
             () = tokio::time::sleep(config.hedge_delay), if can_hedge && inflight.len() == 1 => {
-                if let Some(peer) = candidates.next(failed, metrics).await {
+                if let Some(peer) = candidates.next(failed).await {
                     *attempts += 1;
                     metrics.hedges.inc();
                     tracing::debug!(peer = %peer.addr, "first peer is slow; racing another");

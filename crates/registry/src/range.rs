@@ -14,6 +14,21 @@ pub enum RangeRequest {
     Unsatisfiable,
 }
 
+/// What to serve of a blob of `size` bytes for an optional `Range` header: the range and
+/// whether it is partial (206), or the 416 error.
+pub fn select(
+    header: Option<&str>,
+    size: u64,
+) -> Result<(ByteRange, bool), crate::error::RegistryError> {
+    match header.map(|h| parse(h, size)) {
+        None | Some(RangeRequest::Full) => Ok((ByteRange::full(size), false)),
+        Some(RangeRequest::Partial(r)) => Ok((r, true)),
+        Some(RangeRequest::Unsatisfiable) => {
+            Err(crate::error::RegistryError::RangeNotSatisfiable { size })
+        }
+    }
+}
+
 /// Interprets a `Range` header value against a blob of `size` bytes.
 pub fn parse(header: &str, size: u64) -> RangeRequest {
     let Some(spec) = header.trim().strip_prefix("bytes=") else {

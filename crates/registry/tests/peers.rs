@@ -7,11 +7,14 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
+use axum::response::IntoResponse;
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use mirrorlet_oci::manifest::DOCKER_MANIFEST;
 use mirrorlet_oci::{Descriptor, Digest, MemoryNetwork, MemoryRouter, MemoryStore, Peer, Router};
+use mirrorlet_registry::mirror::{content_head, respond};
+use mirrorlet_registry::range;
 use mirrorlet_registry::server::{self, Limits};
 use mirrorlet_registry::{AppState, Metrics, PEER_HEADER, PeerConfig};
 use reqwest::StatusCode;
@@ -397,32 +400,16 @@ async fn a_large_corrupt_blob_is_never_sent_and_another_peer_serves_it() {
 
 /// Serves `bytes` honouring `Range: bytes=N-`, like an agent.
 fn ranged(bytes: Bytes, req: &Request) -> Response {
-    let from = req
-        .headers()
-        .get("range")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("bytes=")?
-                .strip_suffix('-')?
-                .parse::<usize>()
-                .ok()
-        });
-    match from {
-        Some(n) if n >= bytes.len() => Response::builder()
-            .status(416)
-            .header("content-range", format!("bytes */{}", bytes.len()))
-            .body(Body::empty())
-            .expect("response"),
-        Some(n) => Response::builder()
-            .status(206)
-            .header("content-length", bytes.len() - n)
-            .header(
-                "content-range",
-                format!("bytes {n}-{}/{}", bytes.len() - 1, bytes.len()),
-            )
-            .body(Body::from(bytes.slice(n..)))
-            .expect("response"),
-        None => ok_body(bytes),
+    let digest = Digest::sha256_of(&bytes);
+    let header = req.headers().get("range").and_then(|v| v.to_str().ok());
+    let size = bytes.len() as u64;
+    match range::select(header, size) {
+        Ok((r, partial)) => respond(
+            content_head("application/octet-stream", &digest, size, r, partial),
+            Body::from(bytes.slice(r.start as usize..r.end as usize)),
+        )
+        .expect("response"),
+        Err(e) => e.into_response(),
     }
 }
 

@@ -13,10 +13,14 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::response::Response;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use libp2p::identity::Keypair;
+use mirrorlet_oci::manifest::OCTET_STREAM;
 use mirrorlet_oci::{Digest, Router};
+use mirrorlet_registry::mirror::{content_head, respond};
+use mirrorlet_registry::range;
 use mirrorlet_routing::{P2pConfig, P2pMetrics, P2pRouter};
 use tokio_util::sync::CancellationToken;
 
@@ -78,35 +82,20 @@ async fn main() -> Result<()> {
 async fn serve(State(blobs): State<Blobs>, req: Request) -> Response {
     let digest = req.uri().path().rsplit('/').next().unwrap_or_default();
     let Some(bytes) = blobs.get(digest).cloned() else {
-        return Response::builder()
-            .status(404)
-            .body(Body::empty())
-            .unwrap_or_default();
+        return StatusCode::NOT_FOUND.into_response();
     };
-    let from = req
-        .headers()
-        .get("range")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("bytes=")?
-                .strip_suffix('-')?
-                .parse::<usize>()
-                .ok()
-        })
-        .filter(|n| *n < bytes.len());
-    let builder = Response::builder().header("docker-content-digest", digest);
-    let resp = match from {
-        Some(n) => builder
-            .status(206)
-            .header("content-length", bytes.len() - n)
-            .header(
-                "content-range",
-                format!("bytes {n}-{}/{}", bytes.len() - 1, bytes.len()),
-            )
-            .body(Body::from(bytes.slice(n..))),
-        None => builder
-            .header("content-length", bytes.len())
-            .body(Body::from(bytes)),
+    let Ok(digest) = Digest::parse(digest) else {
+        return StatusCode::NOT_FOUND.into_response();
     };
-    resp.unwrap_or_default()
+    // Served as an agent serves a blob, ranges and all.
+    let header = req.headers().get("range").and_then(|v| v.to_str().ok());
+    let size = bytes.len() as u64;
+    match range::select(header, size) {
+        Ok((r, partial)) => respond(
+            content_head(OCTET_STREAM, &digest, size, r, partial),
+            Body::from(bytes.slice(r.start as usize..r.end as usize)),
+        )
+        .unwrap_or_else(IntoResponse::into_response),
+        Err(e) => e.into_response(),
+    }
 }

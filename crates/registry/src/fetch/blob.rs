@@ -1,7 +1,6 @@
 //! Blobs from peers: fetched whole (in memory or a spool file), verified, then served.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Body;
 use axum::response::Response;
@@ -14,12 +13,12 @@ use mirrorlet_oci::manifest;
 use mirrorlet_oci::{ByteRange, Digest, Peer, filestream};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::{candidates, observe_lookup, read_limited};
+use super::{candidates, read_limited};
 use crate::error::RegistryError;
 use crate::metrics::{ReasonLabels, Source};
-use crate::mirror::content_head;
+use crate::mirror::{content_head, respond};
 use crate::peers::{self, Candidates};
-use crate::range::{self, RangeRequest};
+use crate::range;
 use crate::state::AppState;
 
 /// A blob taken from peers and verified against its digest. It holds its slot (memory or
@@ -78,7 +77,6 @@ pub async fn blob(
     range_header: Option<&str>,
     head: bool,
 ) -> Result<Option<Response>, RegistryError> {
-    let started = Instant::now();
     let url = |p: &Peer| format!("http://{}{path_and_query}", p.addr);
     let mut fetch = Fetch {
         state: state.clone(),
@@ -90,15 +88,10 @@ pub async fn blob(
     };
     let verified = if head {
         // The size is all a HEAD needs; no bytes are taken, so none need verifying.
-        let mut observed = false;
         let size = loop {
             let opened = fetch
                 .open(|p| state.http.head(url(p)), |s| s == StatusCode::OK)
                 .await;
-            if !observed {
-                observe_lookup(state, started, !fetch.candidates.tried().is_empty());
-                observed = true;
-            }
             let Some((peer, resp)) = opened else {
                 return Ok(None);
             };
@@ -118,29 +111,21 @@ pub async fn blob(
             ByteRange::full(size),
             false,
         );
-        return head
-            .body(Body::empty())
-            .map(Some)
-            .map_err(|e| RegistryError::StoreUnavailable(format!("building response: {e}")));
+        return respond(head, Body::empty()).map(Some);
     } else {
-        fetch.run(started).await
+        fetch.run().await
     };
     let Some(verified) = verified else {
         return Ok(None);
     };
     let size = verified.size();
-    let (range, partial) = match range_header.map(|h| range::parse(h, size)) {
-        None | Some(RangeRequest::Full) => (ByteRange::full(size), false),
-        Some(RangeRequest::Partial(r)) => (r, true),
-        Some(RangeRequest::Unsatisfiable) => {
-            return Err(RegistryError::RangeNotSatisfiable { size });
-        }
-    };
+    let (range, partial) = range::select(range_header, size)?;
     let body = verified.body(range, state.metrics.bytes_from(Source::Peer));
-    content_head(manifest::OCTET_STREAM, digest, size, range, partial)
-        .body(body)
-        .map(Some)
-        .map_err(|e| RegistryError::StoreUnavailable(format!("building response: {e}")))
+    respond(
+        content_head(manifest::OCTET_STREAM, digest, size, range, partial),
+        body,
+    )
+    .map(Some)
 }
 
 /// Batches queued between the network and the spool worker.
@@ -205,12 +190,9 @@ impl Fetch {
         accept: impl Fn(StatusCode) -> bool,
     ) -> Option<(Peer, reqwest::Response)> {
         loop {
-            let state = &self.state;
             let opened = peers::open(
+                &self.state,
                 &mut self.candidates,
-                &state.peers,
-                &state.failed_peers,
-                &state.metrics,
                 &mut self.attempts,
                 &build,
                 &accept,
@@ -226,8 +208,7 @@ impl Fetch {
     }
 
     /// Takes the whole blob from peers until a copy verifies, or no peer is left.
-    async fn run(&mut self, started: Instant) -> Option<Verified> {
-        let mut observed = false;
+    async fn run(&mut self) -> Option<Verified> {
         let mut copies = 0;
         loop {
             let http = self.state.http.clone();
@@ -238,10 +219,6 @@ impl Fetch {
                     |s| s == StatusCode::OK,
                 )
                 .await;
-            if !observed {
-                observe_lookup(&self.state, started, !self.candidates.tried().is_empty());
-                observed = true;
-            }
             let (peer, resp) = opened?;
             let Some(size) = content_length(&resp) else {
                 self.state.failed_peers.mark(

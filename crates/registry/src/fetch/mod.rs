@@ -5,8 +5,6 @@
 //! `Range: bytes=<received>-`; a copy that does not match is discarded, the peers that
 //! supplied it are avoided, and another peer (or, failing all, upstream) is used.
 
-use std::time::Instant;
-
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::{StatusCode, header};
@@ -17,24 +15,16 @@ mod blob;
 
 pub use blob::blob;
 
-use crate::metrics::LookupLabels;
 use crate::peers::{self, Candidates};
 use crate::state::AppState;
 
-/// Starts a lookup for `key` and records its latency when the first peer is found.
+/// Starts a lookup for `key`.
 pub(crate) fn candidates(state: &AppState, key: &str) -> Candidates {
-    Candidates::new(state.router.lookup(key), state.peers.lookup_timeout)
-}
-
-pub(crate) fn observe_lookup(state: &AppState, started: Instant, found: bool) {
-    let outcome = if found { "found" } else { "not-found" };
-    let lookup_us = started.elapsed().as_micros() as u64;
-    tracing::debug!(outcome, lookup_us, "lookup");
-    state
-        .metrics
-        .lookups
-        .get_or_create(&LookupLabels { outcome })
-        .observe(started.elapsed().as_secs_f64());
+    Candidates::new(
+        state.router.lookup(key),
+        state.peers.lookup_timeout,
+        state.metrics.clone(),
+    )
 }
 
 /// Reads a whole body of at most `limit` bytes, with the read timeout between chunks.
@@ -80,16 +70,12 @@ pub async fn manifest(
     expect: Option<&Digest>,
     accept: &str,
 ) -> Option<PeerManifest> {
-    let started = Instant::now();
     let mut cands = candidates(state, key);
     let mut attempts = 0;
-    let mut observed = false;
     loop {
         let opened = peers::open(
+            state,
             &mut cands,
-            &state.peers,
-            &state.failed_peers,
-            &state.metrics,
             &mut attempts,
             &|p: &Peer| {
                 state
@@ -100,10 +86,6 @@ pub async fn manifest(
             &|s| s == StatusCode::OK,
         )
         .await;
-        if !observed {
-            observe_lookup(state, started, !cands.tried().is_empty());
-            observed = true;
-        }
         let (peer, resp) = opened?;
         let claimed = resp
             .headers()
