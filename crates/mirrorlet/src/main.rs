@@ -3,7 +3,6 @@
 
 mod cli;
 mod hosts;
-mod inventory;
 mod run;
 mod telemetry;
 

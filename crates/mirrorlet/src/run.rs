@@ -13,7 +13,7 @@ use mirrorlet_oci::{MemoryNetwork, MemoryRouter, Peer, Router, Store};
 use mirrorlet_registry::ratelimit::RateLimiter;
 use mirrorlet_registry::server::{self, Limits};
 use mirrorlet_registry::{AppState, Metrics, PeerConfig};
-use mirrorlet_routing::advertiser::{self, AdvertiserConfig};
+use mirrorlet_routing::advertiser::{self, AdvertiserConfig, InventoryMetrics};
 use mirrorlet_routing::{P2pConfig, P2pMetrics, P2pRouter, identity};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cli::{P2pArgs, RunArgs};
-use crate::inventory::{self, InventoryMetrics};
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -118,22 +117,18 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         state.peer_upload_limit = Some(RateLimiter::new(p2p.peer_upload_limit));
     }
 
-    tasks.spawn(inventory::run(
+    // Without p2p the router is a network of one: advertising into it costs nothing, and
+    // the advertiser still keeps the inventory gauges.
+    let config = AdvertiserConfig {
+        tag_excludes: tag_excludes(p2p),
+    };
+    let advertising = tokio::spawn(advertiser::run(
         store.clone(),
+        router.clone(),
+        config,
         inventory_metrics,
         shutdown.clone(),
     ));
-    let advertising = p2p.enabled.then(|| {
-        let config = AdvertiserConfig {
-            tag_excludes: tag_excludes(p2p),
-        };
-        tokio::spawn(advertiser::run(
-            store.clone(),
-            router.clone(),
-            config,
-            shutdown.clone(),
-        ))
-    });
     let limits = Limits {
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         header_read_timeout: args.header_read_timeout,
@@ -162,9 +157,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     shutdown.cancel();
     tasks.close();
     let drained = tokio::time::timeout(args.shutdown_grace, async {
-        if let Some(a) = advertising {
-            let _ = a.await;
-        }
+        let _ = advertising.await;
         if !server_failed {
             let _ = (&mut server).await;
         }

@@ -4,13 +4,18 @@
 //! store, before its image is complete); every resync diffs the whole inventory against
 //! what is advertised; on shutdown everything is withdrawn. Republishing before records
 //! expire is done by Kademlia itself (see [`crate::config::DEFAULT_REPUBLISH`]).
+//!
+//! Following the store, it also knows what the node holds, and keeps the inventory gauges
+//! (images, blobs, tags) current without listing the store again.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 use mirrorlet_oci::glob::{Glob, any_match};
-use mirrorlet_oci::{Digest, Router, RouterError, Store, StoreEvent};
+use mirrorlet_oci::{Digest, ImageContent, Router, RouterError, Store, StoreEvent};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 /// Keys per advertise or withdraw call.
@@ -23,18 +28,52 @@ pub struct AdvertiserConfig {
     pub tag_excludes: Vec<Glob>,
 }
 
+/// Gauges of what the node holds.
+#[derive(Debug, Clone, Default)]
+pub struct InventoryMetrics {
+    images: Gauge,
+    blobs: Gauge,
+    tags: Gauge,
+}
+
+impl InventoryMetrics {
+    /// Creates the gauges and registers them under `mirrorlet_store_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let me = Self::default();
+        registry.register(
+            "mirrorlet_store_images",
+            "Images in the containerd namespace",
+            me.images.clone(),
+        );
+        registry.register(
+            "mirrorlet_store_blobs",
+            "Distinct digests of images this node can serve",
+            me.blobs.clone(),
+        );
+        registry.register(
+            "mirrorlet_store_tags",
+            "Tags this node can resolve",
+            me.tags.clone(),
+        );
+        me
+    }
+}
+
 /// Follows `store` and keeps `router` in step until `shutdown`, then withdraws everything.
 pub async fn run(
     store: Arc<dyn Store>,
     router: Arc<dyn Router>,
     config: AdvertiserConfig,
+    metrics: InventoryMetrics,
     shutdown: CancellationToken,
 ) {
     let mut adv = Advertiser {
         store,
         router,
         config,
+        metrics,
         advertised: HashSet::new(),
+        images: HashMap::new(),
     };
     let mut events = adv.store.watch();
     loop {
@@ -61,7 +100,10 @@ struct Advertiser {
     store: Arc<dyn Store>,
     router: Arc<dyn Router>,
     config: AdvertiserConfig,
+    metrics: InventoryMetrics,
     advertised: HashSet<String>,
+    /// The images the node holds, with their present content (for the gauges).
+    images: HashMap<String, ImageContent>,
 }
 
 impl Advertiser {
@@ -73,6 +115,8 @@ impl Advertiser {
                     let mut keys: Vec<String> =
                         image.digests.iter().map(ToString::to_string).collect();
                     keys.extend(self.tag_key(image.tag.as_ref().map(ToString::to_string)));
+                    self.images.insert(name, image);
+                    self.refresh_gauges();
                     self.advertise_new(keys).await;
                 }
                 Ok(None) => {}
@@ -81,6 +125,8 @@ impl Advertiser {
                 }
             },
             StoreEvent::ImageDeleted(name) => {
+                self.images.remove(&name);
+                self.refresh_gauges();
                 // The content stays until garbage collection, which the store reports.
                 if self.advertised.remove(&name) {
                     self.withdraw(vec![name]).await;
@@ -88,12 +134,29 @@ impl Advertiser {
             }
             StoreEvent::ContentAdded(digest) => self.advertise_new(vec![digest.to_string()]).await,
             StoreEvent::ContentDeleted(digest) => {
+                for image in self.images.values_mut() {
+                    image.digests.retain(|d| *d != digest);
+                }
+                self.refresh_gauges();
                 let key = digest.to_string();
                 if self.advertised.remove(&key) {
                     self.withdraw(vec![key]).await;
                 }
             }
         }
+    }
+
+    fn refresh_gauges(&self) {
+        let blobs: BTreeSet<&Digest> = self.images.values().flat_map(|i| &i.digests).collect();
+        let tags = self
+            .images
+            .values()
+            .filter(|i| i.tag.as_ref().is_some_and(|t| t.tag().is_some()))
+            .count();
+        let set = |g: &Gauge, n: usize| g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        set(&self.metrics.images, self.images.len());
+        set(&self.metrics.blobs, blobs.len());
+        set(&self.metrics.tags, tags);
     }
 
     fn tag_key(&self, tag: Option<String>) -> Option<String> {
@@ -117,6 +180,12 @@ impl Advertiser {
             desired.extend(self.tag_key(Some(tag)));
         }
         let new: Vec<String> = desired.difference(&self.advertised).cloned().collect();
+        self.images = inventory
+            .images
+            .iter()
+            .map(|i| (i.name.clone(), i.clone()))
+            .collect();
+        self.refresh_gauges();
         let mut gone = Vec::new();
         for key in self.advertised.difference(&desired) {
             // Content that is present but not (yet) in an image, e.g. layers of a pull in

@@ -47,13 +47,30 @@ async fn follows_the_store_and_withdraws_on_shutdown() {
     let config = AdvertiserConfig {
         tag_excludes: vec![Glob::new("*:latest")],
     };
-    let task = tokio::spawn(run(store.clone(), mine.clone(), config, shutdown.clone()));
+    let metrics = InventoryMetrics::default();
+    let task = tokio::spawn(run(
+        store.clone(),
+        mine.clone(),
+        config,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
 
     // Everything at start, except excluded tags.
     eventually(&other, "example.com/app:v1", true).await;
     eventually(&other, manifest.digest.as_str(), true).await;
     eventually(&other, layer.digest.as_str(), true).await;
     assert!(!found(&other, "example.com/app:latest").await);
+
+    // The inventory gauges follow the store: two images, both tagged, two digests.
+    assert_eq!(
+        (
+            metrics.images.get(),
+            metrics.tags.get(),
+            metrics.blobs.get()
+        ),
+        (2, 2, 2)
+    );
 
     // A blob is advertised as soon as it lands, before any image refers to it.
     let early = store.put_blob(vec![2u8; 500]);
