@@ -132,10 +132,14 @@ impl ContainerdStore {
             &target,
             |d| present.contains(d),
             |d| async move {
-                let size = self.content.size(&d).await?.unwrap_or(0);
-                let bytes = self.content.read_all(&d, size).await?;
+                // The size comes from the parent's descriptor; content that does not match
+                // it is simply not walked further.
+                let bytes = match self.content.read_all(&d.digest, d.size).await {
+                    Err(StoreError::RangeOutOfBounds { .. }) => None,
+                    other => other?,
+                };
                 if let Some(m) = bytes.as_deref().and_then(Manifest::sniff) {
-                    self.media_types.put(d.clone(), m.media_type);
+                    self.media_types.put(d.digest, m.media_type);
                 }
                 Ok::<_, StoreError>(bytes)
             },

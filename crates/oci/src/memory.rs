@@ -102,7 +102,7 @@ impl MemoryStore {
         let walked = walk::present_digests(
             &target,
             |d| self.read().blobs.contains_key(d),
-            |d| async move { Ok::<_, Infallible>(self.blob(&d).map(|b| b.to_vec())) },
+            |d| async move { Ok::<_, Infallible>(self.blob(&d.digest).map(|b| b.to_vec())) },
         )
         .await;
         let digests = match walked {

@@ -12,7 +12,8 @@ const MAX_NODES: usize = 100_000;
 
 /// Walks the tree under `target`, keeping only descriptors for which `present` is true, and
 /// returns their digests, `target` first. `read_manifest` returns a manifest's bytes (or
-/// `None` if it cannot be read); it is called only for present manifest-typed descriptors.
+/// `None` if it cannot be read); it is called only for present manifest-typed descriptors,
+/// with the descriptor (so the reader knows the size without asking the store).
 pub async fn present_digests<P, R, Fut, E>(
     target: &Descriptor,
     present: P,
@@ -20,7 +21,7 @@ pub async fn present_digests<P, R, Fut, E>(
 ) -> Result<Vec<Digest>, E>
 where
     P: Fn(&Digest) -> bool,
-    R: FnMut(Digest) -> Fut,
+    R: FnMut(Descriptor) -> Fut,
     Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
 {
     let mut out = Vec::new();
@@ -37,7 +38,7 @@ where
         if !maybe_manifest || desc.size > manifest::MAX_MANIFEST_SIZE {
             continue;
         }
-        if let Some(m) = read_manifest(desc.digest.clone())
+        if let Some(m) = read_manifest(desc.clone())
             .await?
             .as_deref()
             .and_then(Manifest::sniff)
