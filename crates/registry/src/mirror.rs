@@ -295,26 +295,30 @@ async fn send_local(
             .await
             .map_err(store_error)?;
         let local = state.metrics.bytes_from(Source::Local);
+        let to_peers = ask
+            .from_peer
+            .then(|| state.metrics.peer_served_bytes.clone());
         let counted = stream.inspect_ok(move |chunk| {
             local.inc_by(chunk.len() as u64);
+            if let Some(c) = &to_peers {
+                c.inc_by(chunk.len() as u64);
+            }
         });
-        if ask.from_peer {
-            let to_peers = state.metrics.peer_served_bytes.clone();
-            let state = state.clone();
-            Body::from_stream(counted.then(move |chunk| {
-                let (state, to_peers) = (state.clone(), to_peers.clone());
-                async move {
-                    if let Ok(c) = &chunk {
-                        if let Some(limit) = &state.peer_upload_limit {
+        match (&state.peer_upload_limit, ask.from_peer) {
+            // Serving another agent under a bandwidth cap: pace each chunk.
+            (Some(_), true) => {
+                let state = state.clone();
+                Body::from_stream(counted.then(move |chunk| {
+                    let state = state.clone();
+                    async move {
+                        if let (Ok(c), Some(limit)) = (&chunk, &state.peer_upload_limit) {
                             limit.acquire(c.len() as u64).await;
                         }
-                        to_peers.inc_by(c.len() as u64);
+                        chunk
                     }
-                    chunk
-                }
-            }))
-        } else {
-            Body::from_stream(counted)
+                }))
+            }
+            _ => Body::from_stream(counted),
         }
     };
     respond(builder, body)
