@@ -15,6 +15,16 @@ use super::addr::{ip_of, socket_of};
 use crate::behaviour::{BehaviourEvent, KAD_PROTOCOL, WithdrawResponse, http_port_of};
 
 impl EventLoop {
+    /// Records where a peer listens and puts it in the routing table (kept so that
+    /// [`EventLoop::heal_routing_table`] can restore it).
+    fn learn_address(&mut self, peer: PeerId, addr: libp2p::Multiaddr) {
+        let state = self.peers.entry(peer).or_default();
+        if !state.addrs.contains(&addr) {
+            state.addrs.push(addr.clone());
+        }
+        self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+    }
+
     pub(super) fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -35,24 +45,15 @@ impl EventLoop {
                 };
                 let state = self.peers.entry(peer_id).or_default();
                 state.connections = num_established.get();
-                state.disconnected = false;
                 state.disconnected_at = None;
                 if let Some(ip) = ip_of(remote) {
                     state.ip = Some(ip);
                 }
-                if let ConnectedPoint::Dialer { address, .. } = &endpoint
-                    && !state.addrs.contains(address)
-                {
-                    state.addrs.push(address.clone());
-                }
                 if num_established.get() == 1 {
                     tracing::info!(peer = %peer_id, addr = %remote, "peer connected");
-                    if let ConnectedPoint::Dialer { address, .. } = &endpoint {
-                        self.swarm
-                            .behaviour_mut()
-                            .kad
-                            .add_address(&peer_id, address.clone());
-                    }
+                }
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                    self.learn_address(peer_id, address.clone());
                 }
                 self.refresh_gauges();
             }
@@ -64,7 +65,6 @@ impl EventLoop {
             } => {
                 let state = self.peers.entry(peer_id).or_default();
                 state.connections = 0;
-                state.disconnected = true;
                 state.disconnected_at = Some(std::time::Instant::now());
                 tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
                 self.refresh_gauges();
@@ -90,7 +90,7 @@ impl EventLoop {
                         .is_some_and(|ip| !ip.is_unspecified() && (local_peer || !ip.is_loopback()))
                     {
                         // Kademlia does not learn inbound peers' listen addresses by itself.
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                        self.learn_address(peer_id, addr);
                     }
                 }
             }
@@ -188,7 +188,11 @@ impl EventLoop {
             if p == local {
                 continue;
             }
-            if self.peers.get(&p).is_some_and(|s| s.disconnected) {
+            if self
+                .peers
+                .get(&p)
+                .is_some_and(|s| s.disconnected_at.is_some())
+            {
                 self.metrics.providers_skipped_disconnected.inc();
                 continue;
             }

@@ -60,9 +60,8 @@ struct PeerState {
     http_port: Option<u16>,
     /// Open connections.
     connections: u32,
-    /// All its connections closed: left out of lookups until it reconnects.
-    disconnected: bool,
-    /// When that happened; the entry is forgotten once records naming it have expired.
+    /// When all its connections closed: it is left out of lookups until it reconnects,
+    /// and forgotten once records naming it have expired.
     disconnected_at: Option<std::time::Instant>,
     /// Addresses it listens on (dialled, or from identify), to restore it in the routing table.
     addrs: Vec<Multiaddr>,
