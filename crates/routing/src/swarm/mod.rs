@@ -203,8 +203,9 @@ impl EventLoop {
             .set(i64::try_from(table).unwrap_or(i64::MAX));
     }
 
-    /// Dials the static bootstrap peers, resolves the DNS name (in the background), and
-    /// refreshes the routing table if it has entries.
+    /// Dials the static bootstrap peers and resolves the DNS name (in the background, then
+    /// [`EventLoop::dial_addrs`]). Called when the node has no connections; once connected,
+    /// Kademlia's own periodic bootstrap refreshes the routing table.
     pub(super) fn bootstrap(&mut self) {
         for addr in self.config.bootstrap.clone() {
             if !self.is_own(&addr)
@@ -223,9 +224,6 @@ impl EventLoop {
                     Err(e) => tracing::debug!(%name, error = %e, "bootstrap DNS lookup failed"),
                 }
             });
-        }
-        if self.connected_peers() > 0 {
-            let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
     }
 
