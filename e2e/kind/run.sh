@@ -148,6 +148,21 @@ after=$(kubectl get pod "$(pod_on "$N1")" -o jsonpath='{.status.containerStatuse
 [[ $before == "$after" ]] || fail "node_local e: the agent restarted"
 pass "node_local e"
 
+# Starts node 2's pull of the big image in the background (PID in $PULL) and sets $serving
+# to the node (1 or 3) that has served it 32 MiB since; empty if none did within 30 s.
+pull_big_on_node2_and_catch_server() {
+  local b1 b3 s1 s3
+  b1=$(metric "$N1" mirrorlet_registry_peer_served_bytes_total); b3=$(metric "$N3" mirrorlet_registry_peer_served_bytes_total)
+  docker exec "$N2" crictl pull "$REG/e2e/big:v1" >/dev/null & PULL=$!
+  serving=""
+  for _ in $(seq 300); do
+    s1=$(metric "$N1" mirrorlet_registry_peer_served_bytes_total); s3=$(metric "$N3" mirrorlet_registry_peer_served_bytes_total)
+    if awk -v a="$s1" -v b="$b1" 'BEGIN{exit !(a-b > 33554432)}'; then serving=$N1; return; fi
+    if awk -v a="$s3" -v b="$b3" 'BEGIN{exit !(a-b > 33554432)}'; then serving=$N3; return; fi
+    sleep 0.1
+  done
+}
+
 echo "== peer-to-peer scenarios (e2e/tests/p2p.rs)"
 # a: node 1 pulls from upstream; upstream stops; node 2 pulls by tag, node 3 by digest.
 DIGEST=$(curl -fsI -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$PUSH/v2/e2e/p2p-app/manifests/v1" | tr -d '\r' | awk -F': ' 'tolower($1)=="docker-content-digest"{print $2}')
@@ -170,15 +185,7 @@ grep -qiE "connection refused|not found|no such host" "$WORK/err" || fail "p2p b
 pass "p2p b"
 
 # d: the agent serving node 2 a 256 MiB blob is killed midway; node 3 also holds it.
-b1=$(metric "$N1" mirrorlet_registry_peer_served_bytes_total); b3=$(metric "$N3" mirrorlet_registry_peer_served_bytes_total)
-docker exec "$N2" crictl pull "$REG/e2e/big:v1" >/dev/null & PULL=$!
-serving=""
-for _ in $(seq 300); do
-  s1=$(metric "$N1" mirrorlet_registry_peer_served_bytes_total); s3=$(metric "$N3" mirrorlet_registry_peer_served_bytes_total)
-  if awk -v a="$s1" -v b="$b1" 'BEGIN{exit !(a-b > 33554432)}'; then serving=$N1; break; fi
-  if awk -v a="$s3" -v b="$b3" 'BEGIN{exit !(a-b > 33554432)}'; then serving=$N3; break; fi
-  sleep 0.1
-done
+pull_big_on_node2_and_catch_server
 [[ -n $serving ]] || fail "p2p d: node 2 never streamed from a peer"
 kubectl delete pod "$(pod_on "$serving")" --grace-period=0 --force >/dev/null 2>&1
 wait $PULL || fail "p2p d: node 2's pull failed"
@@ -189,15 +196,7 @@ pass "p2p d"
 # f: a serving node's link is cut mid-pull; the pull completes from the others.
 docker exec "$N2" crictl rmi "$REG/e2e/big:v1" >/dev/null
 sleep 3
-b1=$(metric "$N1" mirrorlet_registry_peer_served_bytes_total); b3=$(metric "$N3" mirrorlet_registry_peer_served_bytes_total)
-docker exec "$N2" crictl pull "$REG/e2e/big:v1" >/dev/null & PULL=$!
-serving=""
-for _ in $(seq 300); do
-  s1=$(metric "$N1" mirrorlet_registry_peer_served_bytes_total); s3=$(metric "$N3" mirrorlet_registry_peer_served_bytes_total)
-  if awk -v a="$s1" -v b="$b1" 'BEGIN{exit !(a-b > 33554432)}'; then serving=$N1; break; fi
-  if awk -v a="$s3" -v b="$b3" 'BEGIN{exit !(a-b > 33554432)}'; then serving=$N3; break; fi
-  sleep 0.1
-done
+pull_big_on_node2_and_catch_server
 [[ -n $serving ]] || fail "p2p f: node 2 never streamed from a peer"
 docker network disconnect kind "$serving"
 wait $PULL || fail "p2p f: node 2's pull failed"

@@ -272,11 +272,16 @@ async fn c_a_removed_image_is_withdrawn() {
 }
 
 /// Starts node 2's pull of the big image in the background, waits until one of the peers
-/// holding it has served `threshold` bytes to it, and returns that peer's index.
+/// holding it has served `threshold` bytes to it, and returns that peer's index and what
+/// each holder had served before the pull.
 async fn pull_and_catch_server(
     c: &Cluster,
     holders: [usize; 2],
-) -> (tokio::task::JoinHandle<anyhow::Result<String>>, usize) {
+) -> (
+    tokio::task::JoinHandle<anyhow::Result<String>>,
+    usize,
+    [f64; 2],
+) {
     let mut before = [0.0; 2];
     for (b, i) in before.iter_mut().zip(holders) {
         *b = c
@@ -298,7 +303,7 @@ async fn pull_and_catch_server(
                 .await
                 .unwrap_or(0.0);
             if served - b >= threshold {
-                return (pull, i);
+                return (pull, i, before);
             }
         }
         assert!(
@@ -338,10 +343,14 @@ async fn d_the_serving_agent_killed_mid_blob_and_the_pull_completes_from_another
     )
     .await;
     big_image_on_nodes_1_and_3(&mut c).await;
-    let (pull, serving) = pull_and_catch_server(&c, [1, 3]).await;
+    let (pull, serving, before) = pull_and_catch_server(&c, [1, 3]).await;
     c.node_mut(serving).kill_agent();
     pull.await.expect("join").expect("node 2's pull completes");
-    let other = if serving == 1 { 3 } else { 1 };
+    let (other, other_before) = if serving == 1 {
+        (3, before[1])
+    } else {
+        (1, before[0])
+    };
     let resumed = c
         .node(2)
         .metric("mirrorlet_peer_resumes_total", &[])
@@ -356,7 +365,8 @@ async fn d_the_serving_agent_killed_mid_blob_and_the_pull_completes_from_another
         .metric("mirrorlet_registry_peer_served_bytes_total", &[])
         .await
         .expect("metrics");
-    assert!(rest > 0.0, "node {other} served the rest");
+    // Counted from the start of node 2's pull: node 1 had already served node 3.
+    assert!(rest - other_before > 0.0, "node {other} served the rest");
 }
 
 #[tokio::test]
@@ -368,7 +378,7 @@ async fn f_a_peers_link_cut_mid_pull_and_the_pull_completes_from_others() {
     )
     .await;
     big_image_on_nodes_1_and_3(&mut c).await;
-    let (pull, serving) = pull_and_catch_server(&c, [1, 3]).await;
+    let (pull, serving, _) = pull_and_catch_server(&c, [1, 3]).await;
     c.node(serving).host.link_down().expect("cut the link");
     pull.await.expect("join").expect("node 2's pull completes");
     c.node(serving).host.link_up().expect("restore the link");

@@ -100,8 +100,7 @@ pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next)
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_owned();
+        .unwrap_or("-");
     let query = ns.as_deref().unwrap_or("");
     let ms = elapsed.as_secs_f64() * 1000.0;
     if status >= 500 {
