@@ -10,34 +10,16 @@ use axum::extract::Request;
 use axum::response::IntoResponse;
 use axum::response::Response;
 use bytes::Bytes;
-use futures_util::FutureExt;
 use mirrorlet_oci::manifest::DOCKER_MANIFEST;
 use mirrorlet_oci::{Descriptor, Digest, MemoryNetwork, MemoryRouter, MemoryStore, Peer, Router};
 use mirrorlet_registry::mirror::{content_head, respond};
 use mirrorlet_registry::range;
-use mirrorlet_registry::server::{self, Limits};
-use mirrorlet_registry::{AppState, Metrics, PEER_HEADER, PeerConfig};
+use mirrorlet_registry::{PEER_HEADER, PeerConfig};
 use reqwest::StatusCode;
-use tokio_util::sync::CancellationToken;
 
-struct Node {
-    base: String,
-    addr: SocketAddr,
-    registry: Arc<prometheus_client::registry::Registry>,
-    _shutdown: tokio_util::sync::DropGuard,
-}
+mod support;
 
-impl Node {
-    async fn metric(&self, name: &str) -> f64 {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("encode");
-        text.lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum::<f64>()
-            + 0.0
-    }
-}
+use support::TestNode as Node;
 
 async fn bind() -> (tokio::net::TcpListener, SocketAddr) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -54,42 +36,7 @@ async fn node(
     store: Arc<MemoryStore>,
     peers: PeerConfig,
 ) -> (Node, Arc<MemoryRouter>) {
-    let (listener, addr) = bind().await;
-    let router = Arc::new(MemoryRouter::new(
-        net.clone(),
-        Peer {
-            id: id.into(),
-            addr,
-        },
-    ));
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = Metrics::register(&mut registry);
-    let registry = Arc::new(registry);
-    let state = AppState::new(
-        store,
-        router.clone(),
-        peers,
-        metrics,
-        registry.clone(),
-        Arc::new(|| async { Ok(()) }.boxed()),
-    )
-    .expect("state");
-    let shutdown = CancellationToken::new();
-    tokio::spawn(server::serve(
-        listener,
-        mirrorlet_registry::app(Arc::new(state)),
-        Limits::default(),
-        shutdown.clone(),
-    ));
-    (
-        Node {
-            base: format!("http://{addr}"),
-            addr,
-            registry,
-            _shutdown: shutdown.drop_guard(),
-        },
-        router,
-    )
+    Node::start(net, id, store, peers).await
 }
 
 /// A fake peer: any request is answered by `handler`; advertises `keys` as `id`.
@@ -236,17 +183,9 @@ async fn a_node_serves_what_only_its_peer_has() {
         .expect("head");
     assert_eq!(r.headers()["content-length"], "300000");
 
-    assert!(
-        b.metric("mirrorlet_registry_served_bytes_total{source=\"peer\"}")
-            .await
-            >= 300_000.0
-    );
-    assert!(a.metric("mirrorlet_registry_peer_served_bytes_total").await >= 300_000.0);
-    assert!(
-        b.metric("mirrorlet_lookup_duration_seconds_count{outcome=\"found\"}")
-            .await
-            >= 1.0
-    );
+    assert!(b.metric("mirrorlet_registry_served_bytes_total{source=\"peer\"}") >= 300_000.0);
+    assert!(a.metric("mirrorlet_registry_peer_served_bytes_total") >= 300_000.0);
+    assert!(b.metric("mirrorlet_lookup_duration_seconds_count{outcome=\"found\"}") >= 1.0);
 
     // Excluded tags (`:latest` by default) are never resolved through peers.
     let r = http
@@ -273,11 +212,7 @@ async fn a_node_serves_what_only_its_peer_has() {
         .await
         .expect("get");
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    assert!(
-        b.metric("mirrorlet_lookup_duration_seconds_count{outcome=\"not-found\"}")
-            .await
-            >= 1.0
-    );
+    assert!(b.metric("mirrorlet_lookup_duration_seconds_count{outcome=\"not-found\"}") >= 1.0);
     let _ = a.addr;
 }
 
@@ -323,10 +258,7 @@ async fn corrupt_small_blobs_are_never_delivered_and_the_peer_is_avoided() {
         StatusCode::NOT_FOUND,
         "the only peer lied: fall through to upstream"
     );
-    assert_eq!(
-        b.metric("mirrorlet_peer_digest_mismatches_total").await,
-        1.0
-    );
+    assert_eq!(b.metric("mirrorlet_peer_digest_mismatches_total"), 1.0);
 
     // An honest peer appears: the corrupt one is skipped, the honest one serves.
     let store_c = Arc::new(MemoryStore::new());
@@ -340,7 +272,7 @@ async fn corrupt_small_blobs_are_never_delivered_and_the_peer_is_avoided() {
         .expect("get");
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.expect("body"), img.layer_bytes);
-    assert!(b.metric("mirrorlet_peers_skipped_total").await >= 1.0);
+    assert!(b.metric("mirrorlet_peers_skipped_total") >= 1.0);
 }
 
 #[tokio::test]
@@ -368,10 +300,7 @@ async fn a_large_corrupt_blob_is_never_sent_and_another_peer_serves_it() {
         StatusCode::NOT_FOUND,
         "no verified copy: fall through, not a single byte sent"
     );
-    assert_eq!(
-        b.metric("mirrorlet_peer_digest_mismatches_total").await,
-        1.0
-    );
+    assert_eq!(b.metric("mirrorlet_peer_digest_mismatches_total"), 1.0);
 
     // With an honest peer too, the same request is served correctly in one go.
     let good = img.layer_bytes.clone();
@@ -392,7 +321,7 @@ async fn a_large_corrupt_blob_is_never_sent_and_another_peer_serves_it() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.expect("body"), img.layer_bytes);
     assert_eq!(
-        b2.metric("mirrorlet_peer_digest_mismatches_total").await,
+        b2.metric("mirrorlet_peer_digest_mismatches_total"),
         1.0,
         "b2 met the corrupt peer first"
     );
@@ -457,7 +386,7 @@ async fn resume_case(stall: bool) {
     assert_eq!(r.status(), StatusCode::OK);
     let body = r.bytes().await.expect("one uninterrupted body");
     assert_eq!(Digest::sha256_of(&body), img.layer.digest);
-    assert_eq!(n.metric("mirrorlet_peer_resumes_total").await, 1.0);
+    assert_eq!(n.metric("mirrorlet_peer_resumes_total"), 1.0);
 }
 
 #[tokio::test]
@@ -498,7 +427,7 @@ async fn a_slow_peer_gets_a_second_one_raced_against_it() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.expect("body"), img.layer_bytes);
     assert_eq!(
-        n.metric("mirrorlet_peer_hedges_total").await,
+        n.metric("mirrorlet_peer_hedges_total"),
         1.0,
         "a second peer was raced against the slow one"
     );
@@ -527,11 +456,7 @@ async fn a_peer_that_accepts_but_never_answers_does_not_hold_the_client() {
         StatusCode::NOT_FOUND,
         "gave up on the silent peer and fell through"
     );
-    assert!(
-        n.metric("mirrorlet_peer_failures_total{reason=\"unreachable\"}")
-            .await
-            >= 1.0
-    );
+    assert!(n.metric("mirrorlet_peer_failures_total{reason=\"unreachable\"}") >= 1.0);
 }
 
 #[tokio::test]

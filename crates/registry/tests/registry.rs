@@ -3,63 +3,26 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use futures_util::stream::BoxStream;
 use mirrorlet_oci::manifest::{DOCKER_MANIFEST, OCI_INDEX};
 use mirrorlet_oci::{
     BlobStream, ByteRange, Descriptor, Digest, ImageContent, ImageName, Inventory, MemoryNetwork,
-    MemoryRouter, MemoryStore, Peer, Store, StoreError, StoreEvent,
+    MemoryStore, Store, StoreError, StoreEvent,
 };
-use mirrorlet_registry::server::{self, Limits};
-use mirrorlet_registry::{AppState, Metrics, PeerConfig};
+use mirrorlet_registry::PeerConfig;
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
-struct Server {
-    base: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
+mod support;
 
-async fn start(store: Arc<dyn Store>) -> Server {
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = Metrics::register(&mut registry);
-    // No peers: a lone node.
-    let router = Arc::new(MemoryRouter::new(
-        Arc::new(MemoryNetwork::default()),
-        Peer {
-            id: "me".into(),
-            addr: ([127, 0, 0, 1], 1).into(),
-        },
-    ));
-    let state = Arc::new(
-        AppState::new(
-            store,
-            router,
-            PeerConfig::default(),
-            metrics,
-            Arc::new(registry),
-            Arc::new(|| async { Ok(()) }.boxed()),
-        )
-        .expect("state"),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+use support::TestNode;
+
+/// A lone node (no peers) serving `store`.
+async fn start(store: Arc<dyn Store>) -> TestNode {
+    let net = Arc::new(MemoryNetwork::default());
+    TestNode::start(&net, "me", store, PeerConfig::default())
         .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server::serve(
-        listener,
-        mirrorlet_registry::app(state),
-        Limits::default(),
-        shutdown.clone(),
-    ));
-    Server {
-        base,
-        shutdown,
-        task,
-    }
+        .0
 }
 
 struct Fixture {
@@ -446,7 +409,7 @@ async fn large_blob_streams_whole_and_shutdown_drains() {
     let store = Arc::new(MemoryStore::new());
     let big = Bytes::from(vec![7u8; 64 * 1024 * 1024]);
     let desc = store.put_blob(big.clone());
-    let srv = start(store).await;
+    let mut srv = start(store).await;
     let http = reqwest::Client::new();
     let r = http
         .get(format!("{}/v2/a/blobs/{}", srv.base, desc.digest))
@@ -461,7 +424,8 @@ async fn large_blob_streams_whole_and_shutdown_drains() {
         .expect("body completes after shutdown began");
     assert_eq!(body.len(), big.len());
     assert_eq!(Digest::sha256_of(&body), desc.digest);
-    tokio::time::timeout(std::time::Duration::from_secs(10), srv.task)
+    let task = srv.task.take().expect("server task");
+    tokio::time::timeout(std::time::Duration::from_secs(10), task)
         .await
         .expect("server stops once drained")
         .expect("server task");
