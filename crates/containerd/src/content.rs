@@ -135,7 +135,7 @@ impl Content {
             .size(digest)
             .await?
             .ok_or_else(|| StoreError::NotFound(digest.clone()))?;
-        check_range(digest, range, size)?;
+        range.check(digest, size)?;
         if range.is_empty() {
             return Ok(stream::empty().boxed());
         }
@@ -157,18 +157,6 @@ impl Content {
             .map_err(|s| io::Error::other(format!("containerd read: {}", s.message())))
             .boxed())
     }
-}
-
-fn check_range(digest: &Digest, range: ByteRange, size: u64) -> Result<(), StoreError> {
-    if range.start > range.end || range.end > size {
-        return Err(StoreError::RangeOutOfBounds {
-            digest: digest.clone(),
-            start: range.start,
-            end: range.end,
-            size,
-        });
-    }
-    Ok(())
 }
 
 /// Opens a blob file and streams `range` of it.
@@ -196,6 +184,6 @@ async fn open_file(
             });
         }
     };
-    check_range(digest, range, size)?;
+    range.check(digest, size)?;
     Ok(filestream::stream(file, range))
 }

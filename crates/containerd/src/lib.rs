@@ -91,6 +91,21 @@ impl ContainerdStore {
         ImagesClient::new(self.channel.clone()).max_decoding_message_size(64 * 1024 * 1024)
     }
 
+    /// The image record named `name`, if there is one.
+    async fn get_image(&self, name: &str) -> Result<Option<Image>, StoreError> {
+        let req = request(
+            &self.namespace,
+            GetImageRequest {
+                name: name.to_owned(),
+            },
+        );
+        match self.images().get(req).await {
+            Ok(r) => Ok(r.into_inner().image),
+            Err(s) if is_not_found(&s) => Ok(None),
+            Err(s) => Err(unavailable("image get", &s)),
+        }
+    }
+
     /// The media type of content of `size` bytes: a manifest type read from the content,
     /// or octet-stream. Cached.
     async fn media_type(&self, digest: &Digest, size: u64) -> Result<String, StoreError> {
@@ -157,18 +172,11 @@ impl ContainerdStore {
 #[async_trait::async_trait]
 impl Store for ContainerdStore {
     async fn resolve(&self, name: &ImageName) -> Result<Option<Descriptor>, StoreError> {
-        let req = request(
-            &self.namespace,
-            GetImageRequest {
-                name: name.to_string(),
-            },
-        );
-        let image = match self.images().get(req).await {
-            Ok(r) => r.into_inner().image,
-            Err(s) if is_not_found(&s) => return Ok(None),
-            Err(s) => return Err(unavailable("image get", &s)),
-        };
-        let Some(target) = image.and_then(|i| i.target) else {
+        let Some(target) = self
+            .get_image(&name.to_string())
+            .await?
+            .and_then(|i| i.target)
+        else {
             return Ok(None);
         };
         let Ok(digest) = Digest::parse(&target.digest) else {
@@ -230,18 +238,9 @@ impl Store for ContainerdStore {
     }
 
     async fn image(&self, name: &str) -> Result<Option<ImageContent>, StoreError> {
-        let req = request(
-            &self.namespace,
-            GetImageRequest {
-                name: name.to_owned(),
-            },
-        );
-        let image = match self.images().get(req).await {
-            Ok(r) => r.into_inner().image,
-            Err(s) if is_not_found(&s) => return Ok(None),
-            Err(s) => return Err(unavailable("image get", &s)),
+        let Some(image) = self.get_image(name).await? else {
+            return Ok(None);
         };
-        let Some(image) = image else { return Ok(None) };
         let present = self.content.list().await?;
         self.content_of(image, &present).await
     }

@@ -147,14 +147,7 @@ impl Store for MemoryStore {
             .blob(digest)
             .ok_or_else(|| StoreError::NotFound(digest.clone()))?;
         let size = data.len() as u64;
-        if range.start > range.end || range.end > size {
-            return Err(StoreError::RangeOutOfBounds {
-                digest: digest.clone(),
-                start: range.start,
-                end: range.end,
-                size,
-            });
-        }
+        range.check(digest, size)?;
         // Bounds were checked against the blob's length, so these fit in usize.
         let slice = data.slice(range.start as usize..range.end as usize);
         let chunks: Vec<_> = (0..slice.len())

@@ -42,6 +42,19 @@ impl ByteRange {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Checks that the range lies within `digest`'s blob of `size` bytes.
+    pub fn check(&self, digest: &Digest, size: u64) -> Result<(), StoreError> {
+        if self.start > self.end || self.end > size {
+            return Err(StoreError::RangeOutOfBounds {
+                digest: digest.clone(),
+                start: self.start,
+                end: self.end,
+                size,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Why a store operation failed.
