@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use containerd_client::services::v1::content_client::ContentClient;
-use containerd_client::services::v1::{InfoRequest, ListContentRequest, ReadContentRequest};
+use containerd_client::services::v1::{
+    AbortRequest, InfoRequest, ListContentRequest, ListStatusesRequest, ReadContentRequest,
+};
 use containerd_client::tonic::transport::Channel;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use mirrorlet_oci::{BlobStream, ByteRange, Digest, StoreError, filestream};
@@ -89,6 +91,40 @@ impl Content {
             );
         }
         Ok(out)
+    }
+
+    /// Aborts the unfinished downloads (ingests) of `digest`: those whose expected digest it
+    /// is, or whose reference names it (a pull's references end in the digest, e.g.
+    /// `layer-sha256:...`). Returns how many were aborted.
+    pub(crate) async fn abort_ingests(&self, digest: &Digest) -> Result<usize, StoreError> {
+        let req = request(&self.namespace, ListStatusesRequest { filters: vec![] });
+        let statuses = self
+            .client
+            .clone()
+            .list_statuses(req)
+            .await
+            .map_err(|s| unavailable("content list statuses", &s))?
+            .into_inner()
+            .statuses;
+        let mut aborted = 0;
+        for status in statuses {
+            if status.expected != digest.as_str() && !status.r#ref.ends_with(digest.as_str()) {
+                continue;
+            }
+            let req = request(
+                &self.namespace,
+                AbortRequest {
+                    r#ref: status.r#ref.clone(),
+                },
+            );
+            match self.client.clone().abort(req).await {
+                Ok(_) => aborted += 1,
+                // Finished or aborted meanwhile: nothing left to remove.
+                Err(s) if is_not_found(&s) => {}
+                Err(s) => return Err(unavailable("content abort", &s)),
+            }
+        }
+        Ok(aborted)
     }
 
     /// Reads a whole small blob (a manifest); `None` if absent.

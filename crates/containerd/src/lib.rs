@@ -23,7 +23,7 @@ use futures_util::stream::BoxStream;
 use mirrorlet_oci::manifest::{self, Manifest};
 use mirrorlet_oci::{
     BlobStream, ByteRange, Descriptor, Digest, ImageContent, ImageName, Inventory, Store,
-    StoreError, StoreEvent, walk,
+    StoreError, StoreEvent, TagTarget, walk,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -171,12 +171,15 @@ impl ContainerdStore {
 
 #[async_trait::async_trait]
 impl Store for ContainerdStore {
-    async fn resolve(&self, name: &ImageName) -> Result<Option<Descriptor>, StoreError> {
-        let Some(target) = self
-            .get_image(&name.to_string())
-            .await?
-            .and_then(|i| i.target)
-        else {
+    async fn resolve(&self, name: &ImageName) -> Result<Option<TagTarget>, StoreError> {
+        let Some(image) = self.get_image(&name.to_string()).await? else {
+            return Ok(None);
+        };
+        let updated = image
+            .updated_at
+            .or(image.created_at)
+            .and_then(|t| std::time::SystemTime::try_from(t).ok());
+        let Some(target) = image.target else {
             return Ok(None);
         };
         let Ok(digest) = Digest::parse(&target.digest) else {
@@ -191,10 +194,13 @@ impl Store for ContainerdStore {
         } else {
             self.media_type(&digest, size).await?
         };
-        Ok(Some(Descriptor {
-            media_type,
-            digest,
-            size,
+        Ok(Some(TagTarget {
+            descriptor: Descriptor {
+                media_type,
+                digest,
+                size,
+            },
+            updated,
         }))
     }
 
@@ -256,6 +262,10 @@ impl Store for ContainerdStore {
             tx,
         ));
         ReceiverStream::new(rx).boxed()
+    }
+
+    async fn abort_ingests(&self, digest: &Digest) -> Result<usize, StoreError> {
+        self.content.abort_ingests(digest).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

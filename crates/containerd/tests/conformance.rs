@@ -130,6 +130,32 @@ impl Loader for GrpcLoader {
         {}
     }
 
+    async fn begin_ingest(&self, reference: &str, digest: &Digest, partial: Bytes) {
+        // Written without a commit: containerd keeps it as an active ingest, as a pull
+        // that was interrupted leaves it.
+        let msg = WriteContentRequest {
+            action: WriteAction::Write as i32,
+            r#ref: reference.to_owned(),
+            total: 0,
+            expected: digest.to_string(),
+            offset: 0,
+            data: partial.to_vec(),
+            labels: HashMap::new(),
+        };
+        let mut client = ContentClient::new(self.channel.clone());
+        let mut responses = client
+            .write(self.req(futures_util::stream::iter([msg])))
+            .await
+            .expect("content write")
+            .into_inner();
+        while responses
+            .message()
+            .await
+            .expect("content write response")
+            .is_some()
+        {}
+    }
+
     async fn put_image(&self, name: &str, target: &Descriptor) {
         let image = Image {
             name: name.to_owned(),

@@ -10,9 +10,11 @@ use futures_util::stream::BoxStream;
 
 use crate::digest::Digest;
 use crate::manifest::{DOCKER_MANIFEST, Descriptor, OCI_INDEX, OCI_MANIFEST, OCTET_STREAM};
-use crate::reference::ImageName;
+use crate::name::{Registry, Repository};
+use crate::reference::{ImageName, Reference, Tag};
 use crate::routing::{Peer, Router};
 use crate::store::{ByteRange, Store, StoreError, StoreEvent};
+use crate::upstream::{Upstream, UpstreamError};
 
 /// How long to wait for an expected watch event.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -28,6 +30,9 @@ pub trait Loader: Send + Sync {
     async fn delete_image(&self, name: &str);
     /// Deletes a blob.
     async fn delete_blob(&self, digest: &Digest);
+    /// Starts a download of `digest` under `reference` and leaves it unfinished after
+    /// writing `partial`, as an interrupted pull would.
+    async fn begin_ingest(&self, reference: &str, digest: &Digest, partial: Bytes);
 }
 
 /// The test images: an OCI index over an OCI manifest, a Docker manifest and a manifest that
@@ -144,6 +149,16 @@ impl Fixture {
         ]
     }
 
+    /// What an upstream registry under test holds in its repository
+    /// ([`upstream_location`]): every stored blob and manifest with its media type, and
+    /// [`UPSTREAM_TAG`] pointing at the index.
+    pub fn upstream_content(&self) -> Vec<(String, Bytes)> {
+        self.stored()
+            .iter()
+            .map(|(d, data)| (d.media_type.clone(), data.clone()))
+            .collect()
+    }
+
     /// Loads every stored blob and the two tagged images.
     pub async fn load(&self, loader: &dyn Loader) {
         for (d, data) in self.stored() {
@@ -194,16 +209,24 @@ pub async fn check_store(store: &dyn Store, loader: &dyn Loader) {
     fx.load(loader).await;
     store.ping().await.expect("ping");
 
-    // Tags resolve to the image's target descriptor.
+    // Tags resolve to the image's target descriptor, with when the tag was set.
     let by_tag = |s: &str| ImageName::parse(s).expect("fixture name");
-    assert_eq!(
-        store.resolve(&by_tag(INDEX_IMAGE)).await.expect("resolve"),
-        Some(fx.index.0.clone())
-    );
-    assert_eq!(
-        store.resolve(&by_tag(DOCKER_IMAGE)).await.expect("resolve"),
-        Some(fx.docker_manifest.0.clone())
-    );
+    for (name, want) in [
+        (INDEX_IMAGE, &fx.index.0),
+        (DOCKER_IMAGE, &fx.docker_manifest.0),
+    ] {
+        let got = store
+            .resolve(&by_tag(name))
+            .await
+            .expect("resolve")
+            .expect("tag resolves");
+        assert_eq!(&got.descriptor, want);
+        let age = got
+            .updated
+            .and_then(|t| t.elapsed().ok())
+            .expect("the tag's update time is known and not in the future");
+        assert!(age < Duration::from_secs(600), "set just now: {age:?}");
+    }
     assert_eq!(
         store
             .resolve(&by_tag("example.com/conformance/app:nope"))
@@ -342,6 +365,40 @@ pub async fn check_store(store: &dyn Store, loader: &dyn Loader) {
         .expect("image")
         .expect("present");
     assert!(!app.digests.contains(&fx.big_layer.0.digest));
+
+    // An unfinished download of a digest is aborted, and only that one. (References are
+    // named as containerd's pulls name them: the kind, then the digest.)
+    let partial = fx.big_layer.1.slice(..1000);
+    let big_ref = format!("layer-{}", fx.big_layer.0.digest);
+    let other_ref = format!("manifest-{}", fx.absent_manifest.digest);
+    loader
+        .begin_ingest(&big_ref, &fx.big_layer.0.digest, partial.clone())
+        .await;
+    loader
+        .begin_ingest(&other_ref, &fx.absent_manifest.digest, partial)
+        .await;
+    assert_eq!(
+        store
+            .abort_ingests(&fx.big_layer.0.digest)
+            .await
+            .expect("abort"),
+        1
+    );
+    assert_eq!(
+        store
+            .abort_ingests(&fx.big_layer.0.digest)
+            .await
+            .expect("abort again"),
+        0,
+        "nothing left to abort"
+    );
+    assert_eq!(
+        store
+            .abort_ingests(&fx.absent_manifest.digest)
+            .await
+            .expect("abort the other"),
+        1
+    );
 }
 
 /// Collects what a lookup yields within `limit` (or until the stream ends).
@@ -415,4 +472,146 @@ pub async fn check_router(a: &dyn Router, b: &dyn Router, a_peer: &Peer) {
         p.iter().any(|x| x.addr == a_peer.addr)
     })
     .await;
+
+    // Each is the other's member, with the address its registry listens on; never itself.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let of_a = a.members().await.expect("members");
+        let of_b = b.members().await.expect("members");
+        assert!(of_a.iter().all(|p| p.id != a.local_id()), "{of_a:?}");
+        assert!(of_b.iter().all(|p| p.id != b.local_id()), "{of_b:?}");
+        let b_knows_a = of_b
+            .iter()
+            .any(|p| p.id == a.local_id() && p.addr == a_peer.addr);
+        let a_knows_b = of_a.iter().any(|p| p.id == b.local_id());
+        if b_knows_a && a_knows_b {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "members: a knows {of_a:?}, b knows {of_b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The registry of the upstream conformance fixture.
+pub const UPSTREAM_REGISTRY: &str = "example.com";
+/// The repository of the upstream conformance fixture.
+pub const UPSTREAM_REPOSITORY: &str = "conformance/app";
+/// The tag that points at the fixture's index upstream.
+pub const UPSTREAM_TAG: &str = "v1";
+
+/// Where an upstream under test holds the fixture ([`Fixture::upstream_content`]).
+pub fn upstream_location() -> (Registry, Repository) {
+    let registry = Registry::parse(UPSTREAM_REGISTRY).expect("valid registry");
+    let repository = Repository::parse(UPSTREAM_REPOSITORY).expect("valid repository");
+    (registry, repository)
+}
+
+const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+async fn read_body(mut body: crate::store::BlobStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(chunk) = body.next().await {
+        out.extend_from_slice(&chunk.expect("body chunk"));
+    }
+    out
+}
+
+/// Checks an upstream that holds the fixture at [`upstream_location`] and allows no other
+/// registry: manifests by tag and digest (`HEAD` and `GET`), blobs whole and from an
+/// offset, and the errors for what is not there or not allowed.
+///
+/// Panics (as a test does) on the first failed check.
+pub async fn check_upstream(upstream: &dyn Upstream, fx: &Fixture) {
+    let (registry, repo) = upstream_location();
+    let tag = Reference::Tag(Tag::parse(UPSTREAM_TAG).expect("tag"));
+    let by_digest = |d: &Descriptor| Reference::Digest(d.digest.clone());
+    assert!(upstream.allows(&registry));
+    let other = Registry::parse("elsewhere.example").expect("registry");
+    assert!(!upstream.allows(&other));
+    assert!(matches!(
+        upstream
+            .head_manifest(&other, &repo, &tag, ACCEPT_ALL)
+            .await,
+        Err(UpstreamError::NotAllowed(_))
+    ));
+
+    // HEAD and GET by tag and by digest.
+    let head = upstream
+        .head_manifest(&registry, &repo, &tag, ACCEPT_ALL)
+        .await
+        .expect("HEAD by tag");
+    assert_eq!(head, fx.index.0);
+    for (d, bytes) in [&fx.index, &fx.oci_manifest, &fx.docker_manifest] {
+        let head = upstream
+            .head_manifest(&registry, &repo, &by_digest(d), ACCEPT_ALL)
+            .await
+            .expect("HEAD by digest");
+        assert_eq!(&head, d);
+        let (got, body) = upstream
+            .get_manifest(&registry, &repo, &by_digest(d), ACCEPT_ALL)
+            .await
+            .expect("GET by digest");
+        assert_eq!((&got, &body), (d, bytes));
+    }
+    let (got, body) = upstream
+        .get_manifest(&registry, &repo, &tag, ACCEPT_ALL)
+        .await
+        .expect("GET by tag");
+    assert_eq!((&got, &body), (&fx.index.0, &fx.index.1));
+    let nope = Reference::Tag(Tag::parse("nope").expect("tag"));
+    for result in [
+        upstream
+            .head_manifest(&registry, &repo, &nope, ACCEPT_ALL)
+            .await,
+        upstream
+            .get_manifest(&registry, &repo, &nope, ACCEPT_ALL)
+            .await
+            .map(|(d, _)| d),
+        upstream
+            .head_manifest(
+                &registry,
+                &repo,
+                &by_digest(&fx.absent_manifest),
+                ACCEPT_ALL,
+            )
+            .await,
+    ] {
+        assert!(
+            matches!(result, Err(UpstreamError::NotFound(_))),
+            "{result:?}"
+        );
+    }
+
+    // Blobs, whole and from an offset.
+    let (big, bytes) = &fx.big_layer;
+    let whole = upstream
+        .get_blob(&registry, &repo, &big.digest, 0)
+        .await
+        .expect("GET blob");
+    assert_eq!((whole.size, whole.offset), (big.size, 0));
+    assert_eq!(read_body(whole.body).await, bytes.as_ref());
+    let tail = upstream
+        .get_blob(&registry, &repo, &big.digest, 250_000)
+        .await
+        .expect("GET blob from an offset");
+    assert_eq!((tail.size, tail.offset), (big.size, 250_000));
+    assert_eq!(read_body(tail.body).await, &bytes[250_000..]);
+    let missing = upstream
+        .get_blob(&registry, &repo, &fx.absent_manifest.digest, 0)
+        .await;
+    assert!(
+        matches!(missing, Err(UpstreamError::NotFound(_))),
+        "{missing:?}"
+    );
+    let elsewhere = Repository::parse("conformance/other").expect("repository");
+    let missing = upstream
+        .get_blob(&registry, &elsewhere, &big.digest, 0)
+        .await;
+    assert!(
+        matches!(missing, Err(UpstreamError::NotFound(_))),
+        "{missing:?}"
+    );
 }

@@ -7,13 +7,16 @@
 pub mod digest;
 pub mod filestream;
 pub mod glob;
+pub mod layered;
 pub mod manifest;
 pub mod memory;
 pub mod name;
 pub mod path;
 pub mod reference;
+pub mod rendezvous;
 pub mod routing;
 pub mod store;
+pub mod upstream;
 pub mod walk;
 
 #[cfg(feature = "test-util")]
@@ -25,7 +28,10 @@ pub use memory::MemoryStore;
 pub use name::{Registry, Repository};
 pub use reference::{ImageName, Reference, Tag};
 pub use routing::{MemoryNetwork, MemoryRouter, Peer, Router, RouterError, RouterStatus};
-pub use store::{BlobStream, ByteRange, ImageContent, Inventory, Store, StoreError, StoreEvent};
+pub use store::{
+    BlobStream, ByteRange, ImageContent, Inventory, Store, StoreError, StoreEvent, TagTarget,
+};
+pub use upstream::{MemoryUpstream, Upstream, UpstreamBlob, UpstreamError};
 
 #[cfg(all(test, feature = "test-util"))]
 mod tests {
@@ -52,6 +58,9 @@ mod tests {
         async fn delete_blob(&self, digest: &Digest) {
             self.0.delete_blob(digest);
         }
+        async fn begin_ingest(&self, reference: &str, digest: &Digest, _partial: Bytes) {
+            self.0.begin_ingest(reference, digest);
+        }
     }
 
     #[tokio::test]
@@ -64,6 +73,23 @@ mod tests {
         let a = crate::MemoryRouter::new(net.clone(), peer(1));
         let b = crate::MemoryRouter::new(net, peer(2));
         conformance::check_router(&a, &b, &peer(1)).await;
+    }
+
+    #[tokio::test]
+    async fn memory_upstream_conforms() {
+        let fx = conformance::Fixture::new();
+        let (registry, repository) = conformance::upstream_location();
+        let up = crate::MemoryUpstream::new([registry.clone()]);
+        for (media_type, data) in fx.upstream_content() {
+            up.put(&registry, &repository, &media_type, data);
+        }
+        up.tag(
+            &registry,
+            &repository,
+            conformance::UPSTREAM_TAG,
+            &fx.index.0.digest,
+        );
+        conformance::check_upstream(&up, &fx).await;
     }
 
     #[tokio::test]

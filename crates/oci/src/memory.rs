@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::{PoisonError, RwLock};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -13,7 +14,9 @@ use tokio_stream::wrappers::BroadcastStream;
 use crate::digest::Digest;
 use crate::manifest::{Descriptor, Manifest, OCTET_STREAM};
 use crate::reference::ImageName;
-use crate::store::{BlobStream, ByteRange, ImageContent, Inventory, Store, StoreError, StoreEvent};
+use crate::store::{
+    BlobStream, ByteRange, ImageContent, Inventory, Store, StoreError, StoreEvent, TagTarget,
+};
 use crate::walk;
 
 /// Chunk size of streams served from memory.
@@ -21,8 +24,11 @@ const CHUNK: usize = 64 * 1024;
 
 #[derive(Default)]
 struct Inner {
-    images: BTreeMap<String, Descriptor>,
+    /// Images with their targets and when they were last set.
+    images: BTreeMap<String, (Descriptor, SystemTime)>,
     blobs: HashMap<Digest, Bytes>,
+    /// Unfinished downloads: reference -> the digest being written.
+    ingests: BTreeMap<String, Digest>,
 }
 
 /// A content store held in memory. Mutations publish the same events containerd would.
@@ -68,8 +74,28 @@ impl MemoryStore {
 
     /// Creates or retargets an image.
     pub fn put_image(&self, name: &str, target: Descriptor) {
-        self.write().images.insert(name.to_owned(), target);
+        self.put_image_at(name, target, SystemTime::now());
+    }
+
+    /// Creates or retargets an image, recording it as set at `updated`.
+    pub fn put_image_at(&self, name: &str, target: Descriptor, updated: SystemTime) {
+        self.write()
+            .images
+            .insert(name.to_owned(), (target, updated));
         let _ = self.events.send(StoreEvent::ImageChanged(name.to_owned()));
+    }
+
+    /// Records an unfinished download of `digest` under `reference`, as a client's pull in
+    /// progress would leave one.
+    pub fn begin_ingest(&self, reference: &str, digest: &Digest) {
+        self.write()
+            .ingests
+            .insert(reference.to_owned(), digest.clone());
+    }
+
+    /// The references of the unfinished downloads.
+    pub fn ingests(&self) -> Vec<String> {
+        self.read().ingests.keys().cloned().collect()
     }
 
     /// Deletes an image (its blobs stay, as in containerd until garbage collection).
@@ -130,8 +156,16 @@ fn describe(digest: &Digest, data: &Bytes) -> Descriptor {
 
 #[async_trait::async_trait]
 impl Store for MemoryStore {
-    async fn resolve(&self, name: &ImageName) -> Result<Option<Descriptor>, StoreError> {
-        Ok(self.read().images.get(&name.to_string()).cloned())
+    async fn resolve(&self, name: &ImageName) -> Result<Option<TagTarget>, StoreError> {
+        let inner = self.read();
+        Ok(inner
+            .images
+            .get(&name.to_string())
+            .filter(|(target, _)| inner.blobs.contains_key(&target.digest))
+            .map(|(target, updated)| TagTarget {
+                descriptor: target.clone(),
+                updated: Some(*updated),
+            }))
     }
 
     async fn descriptor(&self, digest: &Digest) -> Result<Option<Descriptor>, StoreError> {
@@ -160,14 +194,14 @@ impl Store for MemoryStore {
     async fn list(&self) -> Result<Inventory, StoreError> {
         let images: Vec<_> = self.read().images.clone().into_iter().collect();
         let mut out = Inventory::default();
-        for (name, target) in images {
+        for (name, (target, _)) in images {
             out.images.push(self.content_of(&name, target).await);
         }
         Ok(out)
     }
 
     async fn image(&self, name: &str) -> Result<Option<ImageContent>, StoreError> {
-        let target = self.read().images.get(name).cloned();
+        let target = self.read().images.get(name).map(|(t, _)| t.clone());
         match target {
             Some(t) => Ok(Some(self.content_of(name, t).await)),
             None => Ok(None),
@@ -184,5 +218,12 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn abort_ingests(&self, digest: &Digest) -> Result<usize, StoreError> {
+        let mut inner = self.write();
+        let before = inner.ingests.len();
+        inner.ingests.retain(|_, d| d != digest);
+        Ok(before - inner.ingests.len())
     }
 }

@@ -62,12 +62,21 @@ pub trait Router: Send + Sync + 'static {
 
     /// Connected peers and advertised keys.
     async fn status(&self) -> Result<RouterStatus, RouterError>;
+
+    /// This node's identity, as its peers know it.
+    fn local_id(&self) -> String;
+
+    /// The other agents this node is connected to now, with their registry addresses:
+    /// the membership over which one node is chosen to fetch something for the whole
+    /// cluster. Never this node.
+    async fn members(&self) -> Result<Vec<Peer>, RouterError>;
 }
 
 /// A shared in-memory "network" that [`MemoryRouter`]s announce into, for tests.
 #[derive(Debug, Default)]
 pub struct MemoryNetwork {
     providers: Mutex<HashMap<String, BTreeSet<Peer>>>,
+    members: Mutex<BTreeSet<Peer>>,
 }
 
 /// A [`Router`] over a [`MemoryNetwork`].
@@ -78,9 +87,27 @@ pub struct MemoryRouter {
 }
 
 impl MemoryRouter {
-    /// A router for the node `me` on `network`.
+    /// A router for the node `me` on `network` (which it joins as a member).
     pub fn new(network: Arc<MemoryNetwork>, me: Peer) -> Self {
+        network
+            .members
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(me.clone());
         Self { network, me }
+    }
+
+    /// Leaves the network, as a node whose connections dropped: it is no longer a member,
+    /// and lookups no longer find it.
+    pub fn leave(&self) {
+        self.network
+            .members
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.me);
+        for set in self.providers().values_mut() {
+            set.remove(&self.me);
+        }
     }
 
     fn providers(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeSet<Peer>>> {
@@ -132,5 +159,21 @@ impl Router for MemoryRouter {
             connected_peers: peers.len(),
             advertised_keys: advertised,
         })
+    }
+
+    fn local_id(&self) -> String {
+        self.me.id.clone()
+    }
+
+    async fn members(&self) -> Result<Vec<Peer>, RouterError> {
+        Ok(self
+            .network
+            .members
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|p| **p != self.me)
+            .cloned()
+            .collect())
     }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
@@ -109,14 +110,17 @@ pub struct ImageContent {
 pub struct Inventory {
     /// Every image with its present content.
     pub images: Vec<ImageContent>,
+    /// Content held apart from any image (the pull-through cache's blobs and manifests).
+    pub blobs: Vec<Digest>,
 }
 
 impl Inventory {
-    /// Every distinct digest across all images.
+    /// Every distinct digest, across all images and the loose content.
     pub fn digests(&self) -> BTreeSet<Digest> {
         self.images
             .iter()
             .flat_map(|i| i.digests.iter().cloned())
+            .chain(self.blobs.iter().cloned())
             .collect()
     }
 
@@ -132,6 +136,16 @@ impl Inventory {
             })
             .collect()
     }
+}
+
+/// What a tag resolves to in a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagTarget {
+    /// The tag's target.
+    pub descriptor: Descriptor,
+    /// When the store last set the tag to this target (containerd's image `updated_at`),
+    /// if it records that: how old this node's knowledge of the tag is, at most.
+    pub updated: Option<SystemTime>,
 }
 
 /// A change in the store, as seen by [`Store::watch`].
@@ -154,8 +168,9 @@ pub enum StoreEvent {
 /// Implementations must be cheap to share (`Arc`) and safe to call concurrently.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Resolves a tagged image name to its target descriptor; `None` if the store has no such image.
-    async fn resolve(&self, name: &ImageName) -> Result<Option<Descriptor>, StoreError>;
+    /// Resolves a tagged image name to its target; `None` if the store has no such image
+    /// or its target is not present.
+    async fn resolve(&self, name: &ImageName) -> Result<Option<TagTarget>, StoreError>;
 
     /// Describes a digest: its size and, for manifests and indexes, the media type read
     /// from the content. `None` if the content is not present.
@@ -181,4 +196,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the store can be reached now.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Aborts every unfinished download (ingest) of `digest` in the store, so that the next
+    /// attempt starts from nothing instead of resuming bytes already written. Called when
+    /// bytes sent to the store's client turned out not to match their digest. Returns how
+    /// many were aborted.
+    async fn abort_ingests(&self, digest: &Digest) -> Result<usize, StoreError>;
 }

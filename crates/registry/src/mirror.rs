@@ -145,7 +145,11 @@ async fn manifest(
     let state = ask.state;
     let name = ImageName::new(registry.clone(), repository.clone(), reference.clone());
     let found = match &reference {
-        Reference::Tag(_) => state.store.resolve(&name).await,
+        Reference::Tag(_) => state
+            .store
+            .resolve(&name)
+            .await
+            .map(|t| t.map(|t| t.descriptor)),
         Reference::Digest(d) => state
             .store
             .descriptor(d)

@@ -7,7 +7,7 @@ use futures_util::stream::BoxStream;
 use mirrorlet_oci::manifest::{DOCKER_MANIFEST, OCI_INDEX};
 use mirrorlet_oci::{
     BlobStream, ByteRange, Descriptor, Digest, ImageContent, ImageName, Inventory, MemoryNetwork,
-    MemoryStore, Store, StoreError, StoreEvent,
+    MemoryStore, Store, StoreError, StoreEvent, TagTarget,
 };
 use mirrorlet_registry::PeerConfig;
 use reqwest::StatusCode;
@@ -354,7 +354,7 @@ struct DownStore;
 
 #[async_trait::async_trait]
 impl Store for DownStore {
-    async fn resolve(&self, _: &ImageName) -> Result<Option<Descriptor>, StoreError> {
+    async fn resolve(&self, _: &ImageName) -> Result<Option<TagTarget>, StoreError> {
         Err(StoreError::Unavailable("down".into()))
     }
     async fn descriptor(&self, _: &Digest) -> Result<Option<Descriptor>, StoreError> {
@@ -376,6 +376,9 @@ impl Store for DownStore {
         Box::pin(futures_util::stream::pending())
     }
     async fn ping(&self) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+    async fn abort_ingests(&self, _: &Digest) -> Result<usize, StoreError> {
         Err(StoreError::Unavailable("down".into()))
     }
 }

@@ -134,6 +134,11 @@ impl Advertiser {
             }
             StoreEvent::ContentAdded(digest) => self.advertise_new(vec![digest.to_string()]).await,
             StoreEvent::ContentDeleted(digest) => {
+                // Still held elsewhere in the store (the pull-through cache keeps a copy
+                // containerd collected, or the other way round): keep it advertised.
+                if matches!(self.store.size(&digest).await, Ok(Some(_))) {
+                    return;
+                }
                 for image in self.images.values_mut() {
                     image.digests.retain(|d| *d != digest);
                 }

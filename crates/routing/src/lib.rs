@@ -147,4 +147,12 @@ impl Router for P2pRouter {
     async fn status(&self) -> Result<RouterStatus, RouterError> {
         self.call(|reply| Command::Status { reply }).await
     }
+
+    fn local_id(&self) -> String {
+        self.peer_id.to_string()
+    }
+
+    async fn members(&self) -> Result<Vec<Peer>, RouterError> {
+        self.call(|reply| Command::Members { reply }).await
+    }
 }

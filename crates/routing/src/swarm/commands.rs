@@ -94,6 +94,9 @@ impl EventLoop {
                     .get_providers(RecordKey::new(&key));
                 self.lookups.insert(id, tx);
             }
+            Command::Members { reply } => {
+                let _ = reply.send(self.members());
+            }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }

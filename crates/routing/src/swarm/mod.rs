@@ -50,6 +50,9 @@ pub(crate) enum Command {
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
+    Members {
+        reply: oneshot::Sender<Vec<Peer>>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -157,6 +160,21 @@ impl EventLoop {
 
     pub(super) fn connected_peers(&self) -> usize {
         self.peers.values().filter(|p| p.connections > 0).count()
+    }
+
+    /// Connected peers that identified as mirrorlet agents (they told their registry port),
+    /// with their registry addresses.
+    pub(super) fn members(&self) -> Vec<Peer> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.connections > 0)
+            .filter_map(|(id, p)| {
+                Some(Peer {
+                    id: id.to_string(),
+                    addr: SocketAddr::new(p.ip?, p.http_port?),
+                })
+            })
+            .collect()
     }
 
     /// Runs every `rebootstrap`: re-bootstraps when alone, drops abandoned lookups,

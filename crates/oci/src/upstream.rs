@@ -1,0 +1,407 @@
+//! The upstream interface: how the registry reaches the registries images come from, to
+//! pull content through for the whole cluster. The HTTP implementation (auth, redirects,
+//! rate limits) lives in `mirrorlet-upstream`; [`MemoryUpstream`] is its in-memory twin.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream;
+
+use crate::digest::Digest;
+use crate::manifest::{self, Descriptor};
+use crate::name::{Registry, Repository};
+use crate::reference::Reference;
+use crate::store::BlobStream;
+
+/// Why the upstream registry did not deliver.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// The agent may not pull from this registry (it is not on its list).
+    #[error("pulling through from {0} is not enabled")]
+    NotAllowed(Registry),
+    /// The registry says there is no such repository, tag or content.
+    #[error("not found upstream: {0}")]
+    NotFound(String),
+    /// The registry wants credentials the agent does not have, or refused them (401/403).
+    #[error("access denied upstream: {0}")]
+    Denied(String),
+    /// The registry is rate limiting (429), or was recently and is not being asked.
+    #[error("{registry} is rate limiting; not asking it for another {retry_after:?}")]
+    RateLimited {
+        /// The registry.
+        registry: Registry,
+        /// How long until it may be asked again.
+        retry_after: Duration,
+    },
+    /// Unreachable, timed out, or a server error (5xx).
+    #[error("upstream unavailable: {0}")]
+    Unavailable(String),
+    /// An answer that cannot be used: a bad header, a body too large, the wrong range.
+    #[error("unusable answer from upstream: {0}")]
+    Invalid(String),
+}
+
+impl UpstreamError {
+    /// Whether the registry is down or limiting, as opposed to answering "no": then what
+    /// the cluster already knows (a tag's last digest) may stand in for it.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::RateLimited { .. })
+    }
+}
+
+/// A blob body from upstream.
+pub struct UpstreamBlob {
+    /// The blob's total size.
+    pub size: u64,
+    /// Where the body starts in the blob (the offset asked for).
+    pub offset: u64,
+    /// The bytes from `offset` to the end. An error item means the transfer broke (a
+    /// stall, a reset, a short body); the caller may ask again from where it got to.
+    pub body: BlobStream,
+}
+
+impl std::fmt::Debug for UpstreamBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBlob")
+            .field("size", &self.size)
+            .field("offset", &self.offset)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Pull access to upstream registries.
+#[async_trait::async_trait]
+pub trait Upstream: Send + Sync + 'static {
+    /// Whether the agent may pull through from `registry`. For any other registry every
+    /// call fails with [`UpstreamError::NotAllowed`] without contacting anything.
+    fn allows(&self, registry: &Registry) -> bool;
+
+    /// `HEAD` of a manifest by tag or digest: its digest, media type and size. (Docker Hub
+    /// does not count a `HEAD` as a pull.)
+    async fn head_manifest(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        reference: &Reference,
+        accept: &str,
+    ) -> Result<Descriptor, UpstreamError>;
+
+    /// `GET` of a manifest by tag or digest, at most 4 MiB. The descriptor's digest is
+    /// computed from the bytes received (the caller checks it against what it asked for).
+    async fn get_manifest(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        reference: &Reference,
+        accept: &str,
+    ) -> Result<(Descriptor, Bytes), UpstreamError>;
+
+    /// `GET` of a blob from `offset` to its end. The bytes are not verified here.
+    async fn get_blob(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<UpstreamBlob, UpstreamError>;
+}
+
+/// What a request to a [`MemoryUpstream`] asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequestKind {
+    /// `HEAD` of a manifest.
+    Head,
+    /// `GET` of a manifest.
+    Manifest,
+    /// `GET` of a blob.
+    Blob,
+}
+
+/// One request a [`MemoryUpstream`] answered (or refused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamRequest {
+    /// What was asked.
+    pub kind: RequestKind,
+    /// The registry.
+    pub registry: Registry,
+    /// The repository.
+    pub repository: Repository,
+    /// The tag or digest.
+    pub reference: String,
+    /// Where a blob was asked from.
+    pub offset: u64,
+}
+
+/// A fault a [`MemoryUpstream`] injects into one blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// One byte in the middle is flipped (and the manifest or blob no longer matches).
+    Corrupt,
+    /// The body comes in `chunk`-byte pieces with `delay` before each.
+    Slow {
+        /// Bytes per piece.
+        chunk: usize,
+        /// Wait before each piece.
+        delay: Duration,
+    },
+    /// The body breaks (an error item) once it reaches this offset; asking again from
+    /// there works.
+    BreakAt(u64),
+}
+
+#[derive(Debug, Default)]
+struct Repo {
+    tags: HashMap<String, Digest>,
+    content: HashMap<Digest, (String, Bytes)>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    repos: HashMap<(Registry, Repository), Repo>,
+    requests: Vec<UpstreamRequest>,
+    outage: Option<UpstreamError>,
+    faults: HashMap<Digest, Fault>,
+}
+
+/// An [`Upstream`] held in memory, for tests: content per repository, a log of requests,
+/// and switches for outages and faults.
+#[derive(Debug)]
+pub struct MemoryUpstream {
+    allowed: BTreeSet<Registry>,
+    inner: Mutex<Inner>,
+}
+
+/// Chunk size of blob bodies served from memory.
+const CHUNK: usize = 64 * 1024;
+
+impl MemoryUpstream {
+    /// An empty upstream that pulls through from `allowed`.
+    pub fn new(allowed: impl IntoIterator<Item = Registry>) -> Self {
+        Self {
+            allowed: allowed.into_iter().collect(),
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stores content (a blob, or a manifest with its media type) in a repository and
+    /// returns its descriptor.
+    pub fn put(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        media_type: &str,
+        data: impl Into<Bytes>,
+    ) -> Descriptor {
+        let data = data.into();
+        let desc = Descriptor {
+            media_type: media_type.to_owned(),
+            digest: Digest::sha256_of(&data),
+            size: data.len() as u64,
+        };
+        self.lock()
+            .repos
+            .entry((registry.clone(), repository.clone()))
+            .or_default()
+            .content
+            .insert(desc.digest.clone(), (media_type.to_owned(), data));
+        desc
+    }
+
+    /// Points `tag` at `digest` (moving it if it pointed elsewhere).
+    pub fn tag(&self, registry: &Registry, repository: &Repository, tag: &str, digest: &Digest) {
+        self.lock()
+            .repos
+            .entry((registry.clone(), repository.clone()))
+            .or_default()
+            .tags
+            .insert(tag.to_owned(), digest.clone());
+    }
+
+    /// Makes every call fail with `error` (`None` ends the outage).
+    pub fn set_outage(&self, error: Option<UpstreamError>) {
+        self.lock().outage = error;
+    }
+
+    /// Injects `fault` into the content `digest` (`None` removes it).
+    pub fn set_fault(&self, digest: &Digest, fault: Option<Fault>) {
+        let mut inner = self.lock();
+        match fault {
+            Some(f) => inner.faults.insert(digest.clone(), f),
+            None => inner.faults.remove(digest),
+        };
+    }
+
+    /// Every request so far, in order.
+    pub fn requests(&self) -> Vec<UpstreamRequest> {
+        self.lock().requests.clone()
+    }
+
+    /// How many requests of `kind` were made.
+    pub fn count(&self, kind: RequestKind) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.kind == kind)
+            .count()
+    }
+
+    /// Logs the request and finds the content it names.
+    fn find(
+        &self,
+        kind: RequestKind,
+        registry: &Registry,
+        repository: &Repository,
+        reference: &Reference,
+        offset: u64,
+    ) -> Result<(Descriptor, Bytes, Option<Fault>), UpstreamError> {
+        if !self.allows(registry) {
+            return Err(UpstreamError::NotAllowed(registry.clone()));
+        }
+        let mut inner = self.lock();
+        inner.requests.push(UpstreamRequest {
+            kind,
+            registry: registry.clone(),
+            repository: repository.clone(),
+            reference: reference.to_string(),
+            offset,
+        });
+        if let Some(e) = &inner.outage {
+            return Err(e.clone());
+        }
+        let missing = || UpstreamError::NotFound(format!("{registry}/{repository}:{reference}"));
+        let repo = inner
+            .repos
+            .get(&(registry.clone(), repository.clone()))
+            .ok_or_else(missing)?;
+        let digest = match reference {
+            Reference::Tag(t) => repo.tags.get(t.as_str()).ok_or_else(missing)?,
+            Reference::Digest(d) => d,
+        };
+        let (media_type, data) = repo.content.get(digest).ok_or_else(missing)?;
+        // The manifests endpoints serve manifests only; the blobs endpoint serves anything.
+        if kind != RequestKind::Blob && !manifest::is_manifest_type(media_type) {
+            return Err(missing());
+        }
+        let desc = Descriptor {
+            media_type: media_type.clone(),
+            digest: digest.clone(),
+            size: data.len() as u64,
+        };
+        let fault = inner.faults.get(digest).cloned();
+        Ok((desc, data.clone(), fault))
+    }
+}
+
+fn corrupted(data: &Bytes) -> Bytes {
+    let mut v = data.to_vec();
+    if let Some(b) = v.get_mut(data.len() / 2) {
+        *b ^= 0xff;
+    }
+    Bytes::from(v)
+}
+
+fn body(data: Bytes, offset: u64, fault: Option<Fault>) -> BlobStream {
+    let data = match fault {
+        Some(Fault::Corrupt) => corrupted(&data),
+        _ => data,
+    };
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(data.len());
+    let chunk = match fault {
+        Some(Fault::Slow { chunk, .. }) => chunk.max(1),
+        _ => CHUNK,
+    };
+    let pieces: Vec<(usize, usize)> = (start..data.len())
+        .step_by(chunk)
+        .map(|at| (at, data.len().min(at + chunk)))
+        .collect();
+    stream::iter(pieces)
+        .then(move |(a, b)| {
+            let (data, fault) = (data.clone(), fault.clone());
+            async move {
+                match fault {
+                    Some(Fault::Slow { delay, .. }) => tokio::time::sleep(delay).await,
+                    Some(Fault::BreakAt(at)) if (a as u64) <= at && at < b as u64 => {
+                        return Err(std::io::Error::other("connection reset (injected)"));
+                    }
+                    _ => {}
+                }
+                Ok(data.slice(a..b))
+            }
+        })
+        .scan(false, |broken, item| {
+            // Nothing more after a break, as on a reset connection.
+            if *broken {
+                return futures_util::future::ready(None);
+            }
+            *broken = item.is_err();
+            futures_util::future::ready(Some(item))
+        })
+        .boxed()
+}
+
+#[async_trait::async_trait]
+impl Upstream for MemoryUpstream {
+    fn allows(&self, registry: &Registry) -> bool {
+        self.allowed.contains(registry)
+    }
+
+    async fn head_manifest(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        reference: &Reference,
+        _accept: &str,
+    ) -> Result<Descriptor, UpstreamError> {
+        self.find(RequestKind::Head, registry, repository, reference, 0)
+            .map(|(d, _, _)| d)
+    }
+
+    async fn get_manifest(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        reference: &Reference,
+        _accept: &str,
+    ) -> Result<(Descriptor, Bytes), UpstreamError> {
+        let (desc, data, fault) =
+            self.find(RequestKind::Manifest, registry, repository, reference, 0)?;
+        let data = match fault {
+            Some(Fault::Corrupt) => corrupted(&data),
+            _ => data,
+        };
+        let digest = Digest::sha256_of(&data);
+        Ok((Descriptor { digest, ..desc }, data))
+    }
+
+    async fn get_blob(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<UpstreamBlob, UpstreamError> {
+        let reference = Reference::Digest(digest.clone());
+        let (desc, data, fault) =
+            self.find(RequestKind::Blob, registry, repository, &reference, offset)?;
+        if offset > 0 && offset >= desc.size {
+            return Err(UpstreamError::Invalid(format!(
+                "range from {offset} lies outside a blob of {} bytes",
+                desc.size
+            )));
+        }
+        Ok(UpstreamBlob {
+            size: desc.size,
+            offset,
+            body: body(data, offset, fault),
+        })
+    }
+}
