@@ -19,13 +19,16 @@ pub fn weight(member: &str, key: &str) -> u64 {
 
 /// `members` ranked for `key`, owner first, then the backups in order. `id` gives a
 /// member's identity; ties (practically impossible) are broken by the id.
-pub fn rank<T>(key: &str, members: Vec<T>, id: impl Fn(&T) -> &str) -> Vec<T> {
-    let mut weighed: Vec<(u64, T)> = members
+pub fn rank<T>(key: &str, members: Vec<T>, id: impl Fn(&T) -> String) -> Vec<T> {
+    let mut weighed: Vec<(u64, String, T)> = members
         .into_iter()
-        .map(|m| (weight(id(&m), key), m))
+        .map(|m| {
+            let i = id(&m);
+            (weight(&i, key), i, m)
+        })
         .collect();
-    weighed.sort_by(|(wa, a), (wb, b)| wb.cmp(wa).then_with(|| id(a).cmp(id(b))));
-    weighed.into_iter().map(|(_, m)| m).collect()
+    weighed.sort_by(|(wa, ia, _), (wb, ib, _)| wb.cmp(wa).then_with(|| ia.cmp(ib)));
+    weighed.into_iter().map(|(_, _, m)| m).collect()
 }
 
 #[cfg(test)]
@@ -45,8 +48,8 @@ mod tests {
         reversed.reverse();
         for k in 0..50 {
             let key = format!("sha256:{k}");
-            let a = rank(&key, members.clone(), |s| s.as_str());
-            let b = rank(&key, reversed.clone(), |s| s.as_str());
+            let a = rank(&key, members.clone(), String::clone);
+            let b = rank(&key, reversed.clone(), String::clone);
             assert_eq!(a, b);
         }
     }
@@ -56,7 +59,7 @@ mod tests {
         let members = ids(5);
         let mut owned: HashMap<String, usize> = HashMap::new();
         for k in 0..1000 {
-            let owner = rank(&format!("sha256:{k}"), members.clone(), |s| s.as_str()).remove(0);
+            let owner = rank(&format!("sha256:{k}"), members.clone(), String::clone).remove(0);
             *owned.entry(owner).or_default() += 1;
         }
         assert_eq!(owned.len(), 5);
@@ -70,8 +73,8 @@ mod tests {
         let rest: Vec<String> = members.iter().filter(|m| **m != gone).cloned().collect();
         for k in 0..500 {
             let key = format!("k{k}");
-            let before = rank(&key, members.clone(), |s| s.as_str());
-            let after = rank(&key, rest.clone(), |s| s.as_str());
+            let before = rank(&key, members.clone(), String::clone);
+            let after = rank(&key, rest.clone(), String::clone);
             if before[0] != gone {
                 assert_eq!(before[0], after[0], "{key}");
             } else {

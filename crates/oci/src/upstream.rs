@@ -224,6 +224,17 @@ impl MemoryUpstream {
             .insert(tag.to_owned(), digest.clone());
     }
 
+    /// Deletes `tag`.
+    pub fn untag(&self, registry: &Registry, repository: &Repository, tag: &str) {
+        if let Some(repo) = self
+            .lock()
+            .repos
+            .get_mut(&(registry.clone(), repository.clone()))
+        {
+            repo.tags.remove(tag);
+        }
+    }
+
     /// Makes every call fail with `error` (`None` ends the outage).
     pub fn set_outage(&self, error: Option<UpstreamError>) {
         self.lock().outage = error;

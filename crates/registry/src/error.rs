@@ -40,6 +40,9 @@ pub enum RegistryError {
     /// A path that is no registry endpoint.
     #[error("{0}")]
     NotFound(String),
+    /// To another agent: this node already streams the blob to as many peers as it may.
+    #[error("already streaming this blob to {0} peers; ask another node that is downloading it")]
+    Busy(usize),
 }
 
 impl RegistryError {
@@ -58,6 +61,7 @@ impl RegistryError {
                 (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID")
             }
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+            Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "TOOMANYREQUESTS"),
         }
     }
 }
@@ -98,6 +102,9 @@ impl IntoResponse for RegistryError {
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                     headers.insert(header::CONTENT_RANGE, v);
                 }
+            }
+            Self::Busy(_) => {
+                headers.insert(crate::cluster::BUSY_HEADER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

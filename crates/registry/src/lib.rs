@@ -1,21 +1,30 @@
-//! The OCI distribution (pull) registry containerd uses as a mirror through `hosts.toml`.
+//! The OCI distribution (pull) registry containerd uses as a mirror through `hosts.toml`,
+//! and the cluster's pull-through cache.
 //!
 //! A request is answered from the node's own content store, else from a peer found
-//! through the router, else with a 404 and an OCI error body, which makes containerd go
-//! on to its next host (the upstream registry). This crate knows neither containerd nor
-//! libp2p: it meets them through the [`Store`](mirrorlet_oci::Store) and
-//! [`Router`](mirrorlet_oci::Router) traits.
+//! through the router, else, for registries the agent pulls through, from the one fetch
+//! of it the cluster makes (its owner, chosen by rendezvous hashing, fetches it upstream
+//! and everyone streams from it), else with a 404 and an OCI error body, which makes
+//! containerd go on to its next host (the upstream registry). This crate knows neither
+//! containerd, libp2p nor HTTP-client details of registries: it meets them through the
+//! [`Store`](mirrorlet_oci::Store), [`Router`](mirrorlet_oci::Router) and
+//! [`Upstream`](mirrorlet_oci::Upstream) traits.
 
+pub mod cache;
+pub mod cluster;
 pub mod error;
 pub mod fetch;
 pub mod metrics;
 pub mod mirror;
 pub mod ops;
 pub mod peers;
+pub mod pullthrough;
 pub mod range;
 pub mod ratelimit;
 pub mod server;
+pub mod singleflight;
 pub mod state;
+pub mod transfer;
 
 use std::sync::Arc;
 
@@ -25,7 +34,7 @@ use axum::routing::get;
 pub use error::RegistryError;
 pub use metrics::{Metrics, Source};
 pub use peers::{PEER_HEADER, PeerConfig};
-pub use state::{AppState, ReadyCheck};
+pub use state::{AppState, PullThroughConfig, ReadyCheck};
 
 /// Builds the HTTP application: `/v2/...` pull endpoints plus `/livez`, `/readyz` and `/metrics`.
 pub fn app(state: Arc<AppState>) -> Router {

@@ -1,5 +1,6 @@
 //! The registry's Prometheus metrics: requests by route, status and source, bytes served
-//! by source, request durations, and how peers were found and used.
+//! by source, request durations, how peers were found and used, and the pull-through
+//! cache's fetches.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -14,6 +15,8 @@ pub enum Source {
     Local,
     /// Another node's agent.
     Peer,
+    /// The upstream registry, fetched by this node (for the cluster).
+    Upstream,
     /// Not found here nor at peers: the 404 sends containerd to the upstream registry.
     UpstreamFallthrough,
     /// No content involved (`/v2/`, errors in the request itself).
@@ -26,6 +29,7 @@ impl Source {
         match self {
             Self::Local => "local",
             Self::Peer => "peer",
+            Self::Upstream => "upstream",
             Self::UpstreamFallthrough => "upstream-fallthrough",
             Self::None => "none",
         }
@@ -70,6 +74,17 @@ pub struct LookupLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of pull-through fetches.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    /// `blob`, `manifest` or `tag`.
+    pub kind: &'static str,
+    /// How this node took part: `fetched` (from upstream, for the cluster), `followed` (a
+    /// peer's fetch), `from-holders` (a peer holding it), `joined` (a fetch already under
+    /// way here), `revalidated` (a tag checked upstream), `failed`.
+    pub role: &'static str,
+}
+
 /// Labels of peer failures.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -100,6 +115,18 @@ pub struct Metrics {
     pub resumes: Counter,
     /// Second peers raced against a slow first one.
     pub hedges: Counter,
+    /// Pull-through fetches by kind and role.
+    pub fetches: Family<FetchLabels, Counter>,
+    /// Tags answered with the last digest the cluster knew while upstream was down.
+    pub stale_tags: Counter,
+    /// Content from upstream that did not match its digest (discarded, never kept).
+    pub upstream_digest_mismatches: Counter,
+    /// containerd downloads aborted after bytes that failed verification reached them.
+    pub ingests_aborted: Counter,
+    /// Peers' answers that they already stream a blob to as many peers as they may.
+    pub busy_answers: Counter,
+    /// Peer requests this node refused because it streams the blob to enough peers.
+    pub busy_refusals: Counter,
 }
 
 impl Metrics {
@@ -120,6 +147,12 @@ impl Metrics {
             digest_mismatches: Counter::default(),
             resumes: Counter::default(),
             hedges: Counter::default(),
+            fetches: Family::default(),
+            stale_tags: Counter::default(),
+            upstream_digest_mismatches: Counter::default(),
+            ingests_aborted: Counter::default(),
+            busy_answers: Counter::default(),
+            busy_refusals: Counter::default(),
         };
         registry.register(
             "mirrorlet_registry_requests",
@@ -170,6 +203,36 @@ impl Metrics {
             "mirrorlet_peer_hedges",
             "Second peers raced against a slow first one",
             me.hedges.clone(),
+        );
+        registry.register(
+            "mirrorlet_pullthrough_fetches",
+            "Pull-through fetches by kind (blob, manifest, tag) and how this node took part",
+            me.fetches.clone(),
+        );
+        registry.register(
+            "mirrorlet_stale_tags_served",
+            "Tags answered with the last digest the cluster knew while upstream was unavailable",
+            me.stale_tags.clone(),
+        );
+        registry.register(
+            "mirrorlet_upstream_digest_mismatches",
+            "Content from upstream that did not match its digest (discarded)",
+            me.upstream_digest_mismatches.clone(),
+        );
+        registry.register(
+            "mirrorlet_ingests_aborted",
+            "containerd downloads aborted after unverified bytes that failed verification reached them",
+            me.ingests_aborted.clone(),
+        );
+        registry.register(
+            "mirrorlet_peer_busy_answers",
+            "Answers from peers that already stream a blob to as many peers as they may",
+            me.busy_answers.clone(),
+        );
+        registry.register(
+            "mirrorlet_peer_busy_refusals",
+            "Peer requests refused because this node streams the blob to enough peers",
+            me.busy_refusals.clone(),
         );
         me
     }

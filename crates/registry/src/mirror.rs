@@ -1,9 +1,16 @@
 //! The pull endpoints: `/v2/`, manifests by tag or digest, and blobs (with `Range`), for the
-//! registry named by containerd's `?ns=` parameter (Docker Hub when absent). Content comes
-//! from the node itself, else from a peer (unless the request is itself from a peer),
-//! else the answer is a 404 that sends containerd upstream.
+//! registry named by containerd's `?ns=` parameter (Docker Hub when absent).
+//!
+//! For a client of this node: content comes from the node itself, else from peers, else,
+//! for registries the agent pulls through, from the cluster's one fetch of it (see
+//! [`crate::transfer`] and [`crate::pullthrough`]); else the answer is a 404 that sends
+//! containerd upstream. Tags of pull-through registries are resolved by their owner
+//! (fresh within the revalidation window). Another agent is answered from what this node
+//! holds or is downloading; asked as an owner ([`CLUSTER_HEADER`]), it fetches for the
+//! cluster.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -15,14 +22,20 @@ use http::{HeaderValue, Method, StatusCode, header};
 use mirrorlet_oci::glob::any_match;
 use mirrorlet_oci::manifest::{self, Descriptor};
 use mirrorlet_oci::path::Route;
-use mirrorlet_oci::{ByteRange, Digest, ImageName, Reference, Registry, Repository, StoreError};
+use mirrorlet_oci::{
+    BlobStream, ByteRange, Digest, ImageName, Reference, Registry, Repository, StoreError,
+};
 
+use crate::cluster::{self, CLUSTER_HEADER, TAG_CONFIRMED_HEADER};
 use crate::error::RegistryError;
 use crate::fetch;
-use crate::metrics::Source;
+use crate::metrics::{FetchLabels, Source};
 use crate::peers::PEER_HEADER;
+use crate::pullthrough::{self, tags};
 use crate::range;
 use crate::state::AppState;
+use crate::transfer::fill::Job;
+use crate::transfer::{Origin, Outcome, Transfer};
 
 /// The header that carries an image's digest.
 pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
@@ -79,18 +92,43 @@ fn route_label(path: &str) -> &'static str {
     }
 }
 
+/// Who is asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Requester {
+    /// containerd or another client of this node.
+    Client,
+    /// Another agent: answered from what this node holds or is downloading.
+    Peer,
+    /// Another agent asking this node, as the owner, to fetch for the cluster.
+    Cluster,
+}
+
 /// One request's particulars.
 struct Ask<'a> {
     state: &'a Arc<AppState>,
     parts: &'a Parts,
     head: bool,
-    /// From another agent: answer from local content only.
-    from_peer: bool,
+    requester: Requester,
 }
 
 impl Ask<'_> {
-    fn may_use_peers(&self) -> bool {
-        self.state.peers.enabled && !self.from_peer
+    fn accept(&self) -> &str {
+        self.parts
+            .headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(ACCEPT_ALL_MANIFESTS)
+    }
+
+    fn range(&self) -> Option<&str> {
+        self.parts
+            .headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+    }
+
+    fn is_agent(&self) -> bool {
+        self.requester != Requester::Client
     }
 }
 
@@ -103,11 +141,19 @@ async fn dispatch(
         return Err(RegistryError::MethodNotAllowed(method.to_string()));
     }
     let registry = namespace(parts.uri.query())?;
+    let requester = match (
+        parts.headers.contains_key(PEER_HEADER),
+        parts.headers.contains_key(CLUSTER_HEADER),
+    ) {
+        (false, _) => Requester::Client,
+        (true, false) => Requester::Peer,
+        (true, true) => Requester::Cluster,
+    };
     let ask = Ask {
         state,
         parts,
         head: method == Method::HEAD,
-        from_peer: parts.headers.contains_key(PEER_HEADER),
+        requester,
     };
     match Route::parse(parts.uri.path(), &registry)? {
         Route::Base => Ok((
@@ -116,8 +162,12 @@ async fn dispatch(
         )),
         Route::Manifest {
             repository,
+            reference: Reference::Digest(digest),
+        } => manifest_by_digest(&ask, &registry, &repository, &digest).await,
+        Route::Manifest {
+            repository,
             reference,
-        } => manifest(&ask, registry, repository, reference).await,
+        } => tag(&ask, ImageName::new(registry, repository, reference)).await,
         Route::Blob { repository, digest } => blob(&ask, &registry, &repository, &digest).await,
     }
 }
@@ -136,72 +186,193 @@ fn namespace(query: Option<&str>) -> Result<Registry, RegistryError> {
     }
 }
 
-async fn manifest(
+async fn manifest_by_digest(
     ask: &Ask<'_>,
-    registry: Registry,
-    repository: Repository,
-    reference: Reference,
+    registry: &Registry,
+    repository: &Repository,
+    digest: &Digest,
 ) -> Result<(Response, Source), RegistryError> {
     let state = ask.state;
-    let name = ImageName::new(registry.clone(), repository.clone(), reference.clone());
-    let found = match &reference {
-        Reference::Tag(_) => state
-            .store
-            .resolve(&name)
-            .await
-            .map(|t| t.map(|t| t.descriptor)),
-        Reference::Digest(d) => state
-            .store
-            .descriptor(d)
-            .await
-            .map(|o| o.filter(|desc| manifest::is_manifest_type(&desc.media_type))),
-    };
-    let local_problem = match found {
+    let local = state
+        .store
+        .descriptor(digest)
+        .await
+        .map(|o| o.filter(|desc| manifest::is_manifest_type(&desc.media_type)));
+    let local_problem = match local {
         Ok(Some(desc)) => {
-            let resp = send_local(ask, &desc, ByteRange::full(desc.size), false).await?;
+            let resp = send_local(ask, &desc, ByteRange::full(desc.size), false, None).await?;
             return Ok((resp, Source::Local));
         }
         Ok(None) => None,
         Err(e) => Some(store_error(e)),
     };
-    let (key, expect) = match &reference {
-        Reference::Tag(_) => (name.to_string(), None),
-        Reference::Digest(d) => (d.to_string(), Some(d)),
+    if ask.requester != Requester::Peer {
+        let for_cluster = ask.requester == Requester::Cluster;
+        if let Some(m) = pullthrough::manifest(
+            state,
+            registry,
+            repository,
+            digest,
+            ask.accept(),
+            for_cluster,
+        )
+        .await
+        {
+            let resp = send_manifest(ask, &m.descriptor, m.bytes, m.source, None)?;
+            return Ok((resp, m.source));
+        }
+    }
+    Err(local_problem
+        .unwrap_or_else(|| RegistryError::ManifestUnknown(format!("{digest} is not on this node"))))
+}
+
+/// A manifest by tag.
+async fn tag(ask: &Ask<'_>, name: ImageName) -> Result<(Response, Source), RegistryError> {
+    let state = ask.state;
+    let pulls_through = state.upstream.allows(&name.registry);
+    match ask.requester {
+        Requester::Cluster if pulls_through => tag_as_owner(ask, &name).await,
+        Requester::Peer | Requester::Cluster => local_tag(ask, &name).await,
+        Requester::Client if pulls_through => tag_for_client(ask, &name).await,
+        Requester::Client => held_tag(ask, &name).await,
+    }
+}
+
+/// A tag as another agent asks for it: what this node knows and holds, with when it was
+/// confirmed upstream.
+async fn local_tag(ask: &Ask<'_>, name: &ImageName) -> Result<(Response, Source), RegistryError> {
+    match tags::local(ask.state, name).await {
+        Some(e) => {
+            let range = ByteRange::full(e.descriptor.size);
+            let resp = send_local(ask, &e.descriptor, range, false, Some(e.confirmed)).await?;
+            Ok((resp, Source::Local))
+        }
+        None => Err(RegistryError::ManifestUnknown(format!(
+            "{name} is not on this node"
+        ))),
+    }
+}
+
+/// A tag of a registry the agent does not pull through: the node's own, else a peer's
+/// (unless excluded, as moving tags must come from their registry), else 404.
+async fn held_tag(ask: &Ask<'_>, name: &ImageName) -> Result<(Response, Source), RegistryError> {
+    let state = ask.state;
+    let local_problem = match state.store.resolve(name).await {
+        Ok(Some(t)) => {
+            let range = ByteRange::full(t.descriptor.size);
+            let resp = send_local(ask, &t.descriptor, range, false, None).await?;
+            return Ok((resp, Source::Local));
+        }
+        Ok(None) => None,
+        Err(e) => Some(store_error(e)),
     };
-    let excluded_tag =
-        matches!(reference, Reference::Tag(_)) && any_match(&state.peers.tag_excludes, &key);
-    if ask.may_use_peers() && !excluded_tag {
-        let path = format!("/v2/{repository}/manifests/{reference}?ns={registry}");
-        let accept = ask
-            .parts
-            .headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(ACCEPT_ALL_MANIFESTS);
-        if let Some(m) = fetch::manifest(state, &key, &path, expect, accept).await {
-            tracing::debug!(peer = %m.peer.addr, %key, "manifest from peer");
-            let builder = content_head(
-                &m.descriptor.media_type,
-                &m.descriptor.digest,
-                m.descriptor.size,
-                ByteRange::full(m.descriptor.size),
-                false,
-            );
-            let body = if ask.head {
-                Body::empty()
-            } else {
-                state
-                    .metrics
-                    .bytes_from(Source::Peer)
-                    .inc_by(m.bytes.len() as u64);
-                Body::from(m.bytes)
-            };
-            return Ok((respond(builder, body)?, Source::Peer));
+    let key = name.to_string();
+    if state.peers.enabled && !any_match(&state.peers.tag_excludes, &key) {
+        let path = format!(
+            "/v2/{}/manifests/{}?ns={}",
+            name.repository, name.reference, name.registry
+        );
+        if let Some(m) = fetch::manifest(state, &key, &path, None, ask.accept()).await {
+            tracing::debug!(peer = %m.peer.addr, %key, "tag from a peer");
+            let resp = send_manifest(ask, &m.descriptor, m.bytes, Source::Peer, None)?;
+            return Ok((resp, Source::Peer));
         }
     }
     Err(local_problem.unwrap_or_else(|| {
-        RegistryError::ManifestUnknown(format!("{reference} is not on this node"))
+        RegistryError::ManifestUnknown(format!("{} is not on this node", name.reference))
     }))
+}
+
+/// A tag of a pull-through registry for a client of this node: asked of its owner, so
+/// that upstream is asked at most once per window for the whole cluster.
+async fn tag_for_client(
+    ask: &Ask<'_>,
+    name: &ImageName,
+) -> Result<(Response, Source), RegistryError> {
+    let state = ask.state;
+    let key = name.to_string();
+    let path = format!(
+        "/v2/{}/manifests/{}?ns={}",
+        name.repository, name.reference, name.registry
+    );
+    for peer in cluster::ahead_of_me(state, &key, cluster::OWNER_PEERS).await {
+        match pullthrough::ask_owner(state, &peer, &path, ask.accept(), ask.head).await {
+            Ok(Some((headers, bytes))) => {
+                let confirmed = pullthrough::confirmed_of(&headers);
+                let answer = if ask.head {
+                    pullthrough::described(&headers).map(|d| (d, None))
+                } else {
+                    pullthrough::verified(&headers, bytes, None).map(|(d, b)| (d, Some(b)))
+                };
+                let (Some((descriptor, body)), Some(confirmed)) = (answer, confirmed) else {
+                    state.failed_peers.mark(
+                        &peer,
+                        state.peers.failure_backoff,
+                        "answered a tag it could not vouch for",
+                    );
+                    continue;
+                };
+                let entry = tags::TagEntry {
+                    descriptor: descriptor.clone(),
+                    confirmed,
+                };
+                state.tags.put(&key, entry);
+                let resp = match body {
+                    Some(b) => {
+                        state.cache.put_manifest(&descriptor, b.clone());
+                        send_manifest(ask, &descriptor, b, Source::Peer, Some(confirmed))?
+                    }
+                    None => manifest_head(&descriptor, Some(confirmed))?,
+                };
+                return Ok((resp, Source::Peer));
+            }
+            Ok(None) => {
+                return Err(RegistryError::ManifestUnknown(format!(
+                    "{key}: its owner {} found no such tag (or may not see it)",
+                    peer.addr
+                )));
+            }
+            Err(()) => {}
+        }
+    }
+    tag_as_owner(ask, name).await
+}
+
+/// A tag resolved by this node as its owner.
+async fn tag_as_owner(
+    ask: &Ask<'_>,
+    name: &ImageName,
+) -> Result<(Response, Source), RegistryError> {
+    let state = ask.state;
+    let resolved = tags::resolve(state, name, ask.accept())
+        .await
+        .map_err(RegistryError::ManifestUnknown)?;
+    let desc = &resolved.entry.descriptor;
+    let confirmed = Some(resolved.entry.confirmed);
+    if ask.head {
+        return Ok((manifest_head(desc, confirmed)?, resolved.source));
+    }
+    if let Ok(Some(_)) = state.store.size(&desc.digest).await {
+        let resp = send_local(ask, desc, ByteRange::full(desc.size), false, confirmed).await?;
+        return Ok((resp, Source::Local));
+    }
+    let m = pullthrough::manifest(
+        state,
+        &name.registry,
+        &name.repository,
+        &desc.digest,
+        ask.accept(),
+        false,
+    )
+    .await
+    .ok_or_else(|| {
+        RegistryError::ManifestUnknown(format!(
+            "{name} points at {}, which no node can deliver now",
+            desc.digest
+        ))
+    })?;
+    let resp = send_manifest(ask, &m.descriptor, m.bytes, m.source, confirmed)?;
+    Ok((resp, m.source))
 }
 
 async fn blob(
@@ -211,33 +382,226 @@ async fn blob(
     digest: &Digest,
 ) -> Result<(Response, Source), RegistryError> {
     let state = ask.state;
-    let range_header = ask
-        .parts
-        .headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok());
     let local_problem = match state.store.size(digest).await {
         Ok(Some(size)) => {
-            let (range, partial) = range::select(range_header, size)?;
+            let (range, partial) = range::select(ask.range(), size)?;
             let desc = Descriptor {
                 media_type: manifest::OCTET_STREAM.to_owned(),
                 digest: digest.clone(),
                 size,
             };
-            let resp = send_local(ask, &desc, range, partial).await?;
+            let resp = send_local(ask, &desc, range, partial, None).await?;
             return Ok((resp, Source::Local));
         }
         Ok(None) => None,
         Err(e) => Some(store_error(e)),
     };
-    if ask.may_use_peers() {
-        let path = format!("/v2/{repository}/blobs/{digest}?ns={registry}");
-        if let Some(resp) = fetch::blob(state, digest, &path, range_header, ask.head).await? {
-            return Ok((resp, Source::Peer));
+    let missing = || {
+        local_problem
+            .unwrap_or_else(|| RegistryError::BlobUnknown(format!("{digest} is not on this node")))
+    };
+    let pulls_through = state.upstream.allows(registry);
+    let transfer = match ask.requester {
+        Requester::Peer => state.transfers.get(digest),
+        Requester::Cluster if pulls_through => Some(start(ask, registry, repository, digest, true)),
+        Requester::Cluster => None,
+        Requester::Client if ask.head => {
+            return head_blob(ask, registry, repository, digest)
+                .await?
+                .ok_or_else(missing);
         }
+        Requester::Client if state.peers.enabled || pulls_through => {
+            Some(start(ask, registry, repository, digest, false))
+        }
+        Requester::Client => None,
+    };
+    let Some(transfer) = transfer else {
+        return Err(missing());
+    };
+    if ask.is_agent() {
+        serve_peer(ask, &transfer).await
+    } else {
+        serve_client(ask, &transfer).await
     }
-    Err(local_problem
-        .unwrap_or_else(|| RegistryError::BlobUnknown(format!("{digest} is not on this node"))))
+}
+
+/// The transfer of `digest` under way here, or a new one.
+fn start(
+    ask: &Ask<'_>,
+    registry: &Registry,
+    repository: &Repository,
+    digest: &Digest,
+    for_cluster: bool,
+) -> Arc<Transfer> {
+    let state = ask.state;
+    let (transfer, new) = state.transfers.get_or_create(digest);
+    if new {
+        Job {
+            state: state.clone(),
+            transfer: transfer.clone(),
+            registry: registry.clone(),
+            repository: repository.clone(),
+            for_cluster,
+        }
+        .spawn();
+    } else {
+        state
+            .metrics
+            .fetches
+            .get_or_create(&FetchLabels {
+                kind: "blob",
+                role: "joined",
+            })
+            .inc();
+    }
+    transfer
+}
+
+/// `HEAD` of a blob this node does not hold: its size from a transfer under way, else
+/// from a peer that holds it. Nothing is fetched for a `HEAD`.
+async fn head_blob(
+    ask: &Ask<'_>,
+    registry: &Registry,
+    repository: &Repository,
+    digest: &Digest,
+) -> Result<Option<(Response, Source)>, RegistryError> {
+    let state = ask.state;
+    let size = match state.transfers.get(digest).and_then(|t| t.progress().size) {
+        Some(s) => Some((s, Source::Local)),
+        None if state.peers.enabled => {
+            let path = format!("/v2/{repository}/blobs/{digest}?ns={registry}");
+            fetch::head(state, digest, &path)
+                .await
+                .map(|s| (s, Source::Peer))
+        }
+        None => None,
+    };
+    let Some((size, source)) = size else {
+        return Ok(None);
+    };
+    let head = content_head(
+        manifest::OCTET_STREAM,
+        digest,
+        size,
+        ByteRange::full(size),
+        false,
+    );
+    Ok(Some((respond(head, Body::empty())?, source)))
+}
+
+fn origin_source(t: &Transfer) -> Source {
+    match t.progress().origin {
+        Some(Origin::Upstream) => Source::Upstream,
+        _ => Source::Peer,
+    }
+}
+
+/// A client of this node reads a transfer: after it verified, when it comes from peers
+/// that hold the blob whole (so a bad copy is replaced before anything is sent, and a
+/// failure is a 404 that sends containerd upstream); as it arrives otherwise, with the
+/// last byte held back until the blob verified.
+async fn serve_client(
+    ask: &Ask<'_>,
+    transfer: &Arc<Transfer>,
+) -> Result<(Response, Source), RegistryError> {
+    let not_fetched = |o: Outcome| {
+        let why = match o {
+            Outcome::Failed { why, .. } => why.to_string(),
+            _ => "not fetched".to_owned(),
+        };
+        RegistryError::BlobUnknown(format!("{}: {why}", transfer.digest))
+    };
+    let mut size = transfer.size().await.map_err(not_fetched)?;
+    if transfer.hold_all() {
+        let outcome = transfer.outcome().await;
+        if outcome != Outcome::Verified {
+            return Err(not_fetched(outcome));
+        }
+        // The copy that verified may not be the first one begun (which may have lied).
+        size = transfer.progress().size.unwrap_or(size);
+    }
+    let source = origin_source(transfer);
+    let (range, partial) = range::select(ask.range(), size)?;
+    let head = content_head(
+        manifest::OCTET_STREAM,
+        &transfer.digest,
+        size,
+        range,
+        partial,
+    );
+    let generation = transfer.progress().generation;
+    let counter = ask.state.metrics.bytes_from(source);
+    let sent = Arc::new(AtomicBool::new(false));
+    let (state, t) = (ask.state.clone(), transfer.clone());
+    let body = transfer.read(range, 1).map(move |item| {
+        match &item {
+            Ok(chunk) => {
+                counter.inc_by(chunk.len() as u64);
+                sent.store(true, Ordering::Relaxed);
+            }
+            Err(e) if sent.load(Ordering::Relaxed) => {
+                let p = t.progress();
+                let poisoned = matches!(p.outcome, Outcome::Failed { corrupt: true, .. })
+                    || p.generation != generation;
+                if poisoned {
+                    abort_ingests(state.clone(), t.digest.clone(), e.to_string());
+                }
+            }
+            Err(_) => {}
+        }
+        item
+    });
+    Ok((respond(head, Body::from_stream(body))?, source))
+}
+
+/// Bytes that failed verification reached containerd: abort its partial download of the
+/// blob, so that its retry starts from nothing instead of resuming them.
+fn abort_ingests(state: Arc<AppState>, digest: Digest, why: String) {
+    tokio::spawn(async move {
+        match state.store.abort_ingests(&digest).await {
+            Ok(n) => {
+                state.metrics.ingests_aborted.inc_by(n as u64);
+                tracing::warn!(%digest, aborted = n, why = %why, "cut a download that failed verification and aborted containerd's partial copy, so its retry starts clean");
+            }
+            Err(e) => {
+                tracing::error!(%digest, error = %e, "could not abort containerd's partial download of a blob that failed verification")
+            }
+        }
+    });
+}
+
+/// Another agent reads a transfer under way here (at most the configured number at once).
+async fn serve_peer(
+    ask: &Ask<'_>,
+    transfer: &Arc<Transfer>,
+) -> Result<(Response, Source), RegistryError> {
+    let state = ask.state;
+    let cap = state.pull.max_peer_streams;
+    let Some(guard) = transfer.admit_peer(cap) else {
+        state.metrics.busy_refusals.inc();
+        return Err(RegistryError::Busy(cap));
+    };
+    let size = transfer.size().await.map_err(|_| {
+        RegistryError::BlobUnknown(format!("{} could not be fetched", transfer.digest))
+    })?;
+    let source = origin_source(transfer);
+    let (range, partial) = range::select(ask.range(), size)?;
+    let head = content_head(
+        manifest::OCTET_STREAM,
+        &transfer.digest,
+        size,
+        range,
+        partial,
+    );
+    if ask.head {
+        return Ok((respond(head, Body::empty())?, source));
+    }
+    let stream = transfer.read(range, 1).map(move |item| {
+        let _held = &guard;
+        item
+    });
+    let body = outgoing(ask, stream.boxed(), source);
+    Ok((respond(head, body)?, source))
 }
 
 fn store_error(e: StoreError) -> RegistryError {
@@ -280,52 +644,110 @@ pub fn content_head(
     builder
 }
 
+fn with_confirmed(builder: Builder, confirmed: Option<std::time::SystemTime>) -> Builder {
+    match confirmed {
+        Some(at) => builder.header(TAG_CONFIRMED_HEADER, pullthrough::confirmed_header(at)),
+        None => builder,
+    }
+}
+
+/// The head of a manifest answer without its body.
+fn manifest_head(
+    desc: &Descriptor,
+    confirmed: Option<std::time::SystemTime>,
+) -> Result<Response, RegistryError> {
+    let head = content_head(
+        &desc.media_type,
+        &desc.digest,
+        desc.size,
+        ByteRange::full(desc.size),
+        false,
+    );
+    respond(with_confirmed(head, confirmed), Body::empty())
+}
+
+/// A manifest held in memory (verified), as a response.
+fn send_manifest(
+    ask: &Ask<'_>,
+    desc: &Descriptor,
+    bytes: bytes::Bytes,
+    source: Source,
+    confirmed: Option<std::time::SystemTime>,
+) -> Result<Response, RegistryError> {
+    if ask.head {
+        return manifest_head(desc, confirmed);
+    }
+    ask.state
+        .metrics
+        .bytes_from(source)
+        .inc_by(bytes.len() as u64);
+    let head = content_head(
+        &desc.media_type,
+        &desc.digest,
+        desc.size,
+        ByteRange::full(desc.size),
+        false,
+    );
+    respond(with_confirmed(head, confirmed), Body::from(bytes))
+}
+
 /// Builds the response for local content and, for GET, streams `range` of it from the
-/// store (paced by the upload limit when the requester is another agent).
+/// store.
 async fn send_local(
     ask: &Ask<'_>,
     desc: &Descriptor,
     range: ByteRange,
     partial: bool,
+    confirmed: Option<std::time::SystemTime>,
 ) -> Result<Response, RegistryError> {
-    let state = ask.state;
-    let builder = content_head(&desc.media_type, &desc.digest, desc.size, range, partial);
+    let head = with_confirmed(
+        content_head(&desc.media_type, &desc.digest, desc.size, range, partial),
+        confirmed,
+    );
     let body = if ask.head {
         Body::empty()
     } else {
-        let stream = state
+        let stream = ask
+            .state
             .store
             .open(&desc.digest, range)
             .await
             .map_err(store_error)?;
-        let local = state.metrics.bytes_from(Source::Local);
-        let to_peers = ask
-            .from_peer
-            .then(|| state.metrics.peer_served_bytes.clone());
-        let counted = stream.inspect_ok(move |chunk| {
-            local.inc_by(chunk.len() as u64);
-            if let Some(c) = &to_peers {
-                c.inc_by(chunk.len() as u64);
-            }
-        });
-        match (&state.peer_upload_limit, ask.from_peer) {
-            // Serving another agent under a bandwidth cap: pace each chunk.
-            (Some(_), true) => {
-                let state = state.clone();
-                Body::from_stream(counted.then(move |chunk| {
-                    let state = state.clone();
-                    async move {
-                        if let (Ok(c), Some(limit)) = (&chunk, &state.peer_upload_limit) {
-                            limit.acquire(c.len() as u64).await;
-                        }
-                        chunk
-                    }
-                }))
-            }
-            _ => Body::from_stream(counted),
-        }
+        outgoing(ask, stream, Source::Local)
     };
-    respond(builder, body)
+    respond(head, body)
+}
+
+/// A body going out: bytes counted by source (and as served to peers when an agent asks),
+/// paced by the upload limit for agents.
+fn outgoing(ask: &Ask<'_>, stream: BlobStream, source: Source) -> Body {
+    let state = ask.state;
+    let counter = state.metrics.bytes_from(source);
+    let to_peers = ask
+        .is_agent()
+        .then(|| state.metrics.peer_served_bytes.clone());
+    let counted = stream.inspect_ok(move |chunk| {
+        counter.inc_by(chunk.len() as u64);
+        if let Some(c) = &to_peers {
+            c.inc_by(chunk.len() as u64);
+        }
+    });
+    match (&state.peer_upload_limit, ask.is_agent()) {
+        // Serving another agent under a bandwidth cap: pace each chunk.
+        (Some(_), true) => {
+            let state = state.clone();
+            Body::from_stream(counted.then(move |chunk| {
+                let state = state.clone();
+                async move {
+                    if let (Ok(c), Some(limit)) = (&chunk, &state.peer_upload_limit) {
+                        limit.acquire(c.len() as u64).await;
+                    }
+                    chunk
+                }
+            }))
+        }
+        _ => Body::from_stream(counted),
+    }
 }
 
 /// Finishes a response head from [`content_head`] with its body.

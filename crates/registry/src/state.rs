@@ -1,32 +1,75 @@
 //! What the registry's handlers share.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use mirrorlet_oci::{Router, Store};
+use mirrorlet_oci::layered::Layered;
+use mirrorlet_oci::{Digest, MemoryUpstream, Router, Store, Upstream};
 use tokio::sync::Semaphore;
 
+use crate::cache::Cache;
 use crate::metrics::Metrics;
 use crate::peers::{FailedPeers, PeerConfig};
+use crate::pullthrough::Fetched;
+use crate::pullthrough::tags::Tags;
 use crate::ratelimit::RateLimiter;
+use crate::singleflight::SingleFlight;
+use crate::transfer::Transfers;
 
 /// Answers whether the agent is ready: `Err` carries the reason it is not.
 pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
-/// Blob fetches from peers that may buffer a whole (small) blob at once; with the verify
+/// Blob transfers that keep a whole (small) blob in memory at once; with the verify
 /// buffer this bounds that memory.
 pub const BUFFER_SLOTS: usize = 16;
-/// Blob fetches from peers spooling to disk at once.
+/// Blob transfers spooling to disk at once.
 pub const SPOOL_SLOTS: usize = 16;
+
+/// How the registry pulls through from upstream for the cluster.
+#[derive(Debug, Clone)]
+pub struct PullThroughConfig {
+    /// A tag's resolution stands this long before its owner asks upstream again.
+    pub tag_revalidate: Duration,
+    /// While upstream is unavailable, tags confirmed at most this long ago are served.
+    pub stale_tag_max_age: Duration,
+    /// Peers this node streams one blob it is downloading to at most; more are sent to
+    /// other nodes that are downloading it.
+    pub max_peer_streams: usize,
+    /// How long an owner may take to answer (it may first have to reach upstream).
+    pub owner_timeout: Duration,
+    /// When an owner is busy, how long to wait before looking for other downloaders again.
+    pub busy_wait: Duration,
+    /// How many times to wait for a busy owner before fetching directly.
+    pub busy_rounds: usize,
+}
+
+impl Default for PullThroughConfig {
+    fn default() -> Self {
+        Self {
+            tag_revalidate: Duration::from_secs(30),
+            stale_tag_max_age: Duration::from_secs(24 * 3600),
+            max_peer_streams: 4,
+            owner_timeout: Duration::from_secs(15),
+            busy_wait: Duration::from_millis(200),
+            busy_rounds: 5,
+        }
+    }
+}
 
 /// State shared by every request.
 pub struct AppState {
-    /// Where local content is read.
+    /// Where local content is read: the node's store, then the pull-through cache.
     pub store: Arc<dyn Store>,
     /// Where peers are found.
     pub router: Arc<dyn Router>,
+    /// Where content comes from when no node has it (pull-through; allows no registry
+    /// unless configured).
+    pub upstream: Arc<dyn Upstream>,
     /// How peers are used.
     pub peers: PeerConfig,
+    /// How the cluster pulls through.
+    pub pull: PullThroughConfig,
     /// Peers that failed recently.
     pub failed_peers: FailedPeers,
     /// The HTTP client for peers (no proxy, short connect timeout).
@@ -37,6 +80,14 @@ pub struct AppState {
     pub spool_slots: Arc<Semaphore>,
     /// Caps the bandwidth this node spends serving other agents, if set.
     pub peer_upload_limit: Option<RateLimiter>,
+    /// Blobs being fetched, one transfer per digest.
+    pub transfers: Transfers,
+    /// What was fetched for the cluster and verified (part of [`AppState::store`]).
+    pub cache: Arc<Cache>,
+    /// Tags resolved or learnt, and their revalidations in flight.
+    pub tags: Tags,
+    /// Manifest fetches in flight.
+    pub manifests: SingleFlight<Digest, Option<Fetched>>,
     /// Request and byte metrics.
     pub metrics: Metrics,
     /// The metrics registry rendered at `/metrics`.
@@ -46,7 +97,9 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State with the given parts and a peer HTTP client built from `peers`.
+    /// State over the node's `store` (the pull-through cache is layered under it), with a
+    /// peer HTTP client built from `peers`. Pull-through is off until
+    /// [`AppState::with_upstream`].
     pub fn new(
         store: Arc<dyn Store>,
         router: Arc<dyn Router>,
@@ -59,22 +112,43 @@ impl AppState {
             .no_proxy()
             .connect_timeout(peers.connect_timeout)
             .read_timeout(peers.read_timeout)
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .build()?;
+        let cache = Arc::new(Cache::default());
         Ok(Self {
-            store,
+            store: Arc::new(Layered::new(store, cache.clone())),
             router,
+            upstream: Arc::new(MemoryUpstream::new([])),
             peers,
+            pull: PullThroughConfig::default(),
             failed_peers: FailedPeers::default(),
             http,
             buffer_slots: Arc::new(Semaphore::new(BUFFER_SLOTS)),
             spool_slots: Arc::new(Semaphore::new(SPOOL_SLOTS)),
             peer_upload_limit: None,
+            transfers: Transfers::default(),
+            cache,
+            tags: Tags::default(),
+            manifests: SingleFlight::default(),
             metrics,
             metrics_registry,
             ready,
         })
+    }
+
+    /// Pulls through from `upstream` (for the registries it allows), as `pull` says,
+    /// keeping at most `cache_bytes` of fetched blobs on disk.
+    pub fn with_upstream(
+        mut self,
+        upstream: Arc<dyn Upstream>,
+        pull: PullThroughConfig,
+        cache_bytes: u64,
+    ) -> Self {
+        self.upstream = upstream;
+        self.pull = pull;
+        self.cache.set_disk_budget(cache_bytes);
+        self
     }
 }
 
@@ -82,6 +156,7 @@ impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
             .field("peers", &self.peers)
+            .field("pull", &self.pull)
             .finish_non_exhaustive()
     }
 }

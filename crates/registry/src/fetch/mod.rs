@@ -1,9 +1,6 @@
-//! Taking content from peers. Nothing from a peer reaches the client before it has been
-//! verified against its digest: manifests and small blobs are checked in memory, larger
-//! blobs are streamed through bounded buffers into a spool file while their digest is
-//! computed. A stream that breaks or stalls is continued at another peer with
-//! `Range: bytes=<received>-`; a copy that does not match is discarded, the peers that
-//! supplied it are avoided, and another peer (or, failing all, upstream) is used.
+//! Asking peers that hold content: manifests (by digest, or a tag's), verified in memory
+//! before anything is served, and the size of a blob for a `HEAD`. Blob bodies come
+//! through [`crate::transfer`].
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -13,7 +10,7 @@ use mirrorlet_oci::{Digest, Peer};
 
 mod blob;
 
-pub use blob::blob;
+pub use blob::head;
 
 use crate::peers::{self, Candidates};
 use crate::state::AppState;
@@ -59,6 +56,8 @@ pub struct PeerManifest {
     pub bytes: Bytes,
     /// Who served it.
     pub peer: Peer,
+    /// For a tag: when the peer says its digest was last confirmed upstream.
+    pub confirmed: Option<std::time::SystemTime>,
 }
 
 /// Fetches a manifest by tag or digest from peers. `key` is what was looked up (the tag as
@@ -92,6 +91,7 @@ pub async fn manifest(
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| Digest::parse(v).ok());
+        let confirmed = crate::pullthrough::confirmed_of(resp.headers());
         let bytes = match read_limited(state, resp, manifest::MAX_MANIFEST_SIZE).await {
             Ok(b) => b,
             Err(e) => {
@@ -114,6 +114,7 @@ pub async fn manifest(
                     },
                     bytes,
                     peer,
+                    confirmed,
                 });
             }
             _ => {

@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures_util::FutureExt;
-use mirrorlet_oci::{MemoryNetwork, MemoryRouter, Peer, Store};
+use mirrorlet_oci::{MemoryNetwork, MemoryRouter, Peer, Store, Upstream};
 use mirrorlet_registry::server::{self, Limits};
-use mirrorlet_registry::{AppState, Metrics, PeerConfig};
+use mirrorlet_registry::{AppState, Metrics, PeerConfig, PullThroughConfig};
 use tokio_util::sync::CancellationToken;
 
 /// A registry serving on 127.0.0.1, its router on an in-memory network. Dropping it stops
@@ -24,6 +24,8 @@ pub(crate) struct TestNode {
     pub shutdown: CancellationToken,
     /// The server task.
     pub task: Option<tokio::task::JoinHandle<()>>,
+    /// Its shared state.
+    pub state: Arc<AppState>,
 }
 
 impl Drop for TestNode {
@@ -39,6 +41,17 @@ impl TestNode {
         id: &str,
         store: Arc<dyn Store>,
         peers: PeerConfig,
+    ) -> (Self, Arc<MemoryRouter>) {
+        Self::start_with(net, id, store, peers, None).await
+    }
+
+    /// Starts a node that also pulls through from `upstream`, as `pull` says.
+    pub(crate) async fn start_with(
+        net: &Arc<MemoryNetwork>,
+        id: &str,
+        store: Arc<dyn Store>,
+        peers: PeerConfig,
+        upstream: Option<(Arc<dyn Upstream>, PullThroughConfig)>,
     ) -> (Self, Arc<MemoryRouter>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -63,10 +76,14 @@ impl TestNode {
             Arc::new(|| async { Ok(()) }.boxed()),
         )
         .expect("state");
+        let state = Arc::new(match upstream {
+            Some((u, pull)) => state.with_upstream(u, pull, 1 << 30),
+            None => state,
+        });
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::serve(
             listener,
-            mirrorlet_registry::app(Arc::new(state)),
+            mirrorlet_registry::app(state.clone()),
             Limits::default(),
             shutdown.clone(),
         ));
@@ -76,6 +93,7 @@ impl TestNode {
             registry,
             shutdown,
             task: Some(task),
+            state,
         };
         (node, router)
     }

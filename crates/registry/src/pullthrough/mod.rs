@@ -1,0 +1,319 @@
+//! Manifests and tags for the cluster. A manifest by digest the node lacks comes from a
+//! peer that holds it, else from its owner (which fetches it upstream once for everyone),
+//! else from upstream directly; concurrent requests share one fetch. Tags: see [`tags`].
+
+pub mod tags;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use mirrorlet_oci::manifest::{self, Descriptor};
+use mirrorlet_oci::{Digest, Reference, Registry, Repository, UpstreamError};
+
+use crate::cluster::{self, CLUSTER_HEADER, TAG_CONFIRMED_HEADER};
+use crate::fetch;
+use crate::metrics::{FetchLabels, Source};
+use crate::peers::PEER_HEADER;
+use crate::state::AppState;
+
+/// A verified manifest and where it came from.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// Its descriptor.
+    pub descriptor: Descriptor,
+    /// Its bytes.
+    pub bytes: Bytes,
+    /// Where it came from.
+    pub source: Source,
+}
+
+/// The manifest `digest` of `repository` at `registry`, for a client of this node
+/// (`for_cluster` false: peers, then owners, then upstream) or for a peer that asked this
+/// node as its owner (`for_cluster`: upstream). `None` if nobody can deliver it.
+pub async fn manifest(
+    state: &Arc<AppState>,
+    registry: &Registry,
+    repository: &Repository,
+    digest: &Digest,
+    accept: &str,
+    for_cluster: bool,
+) -> Option<Fetched> {
+    let work = {
+        let (state, registry, repository, digest, accept) = (
+            state.clone(),
+            registry.clone(),
+            repository.clone(),
+            digest.clone(),
+            accept.to_owned(),
+        );
+        move || {
+            async move {
+                fetch_manifest(
+                    &state,
+                    &registry,
+                    &repository,
+                    &digest,
+                    &accept,
+                    for_cluster,
+                )
+                .await
+            }
+            .boxed()
+        }
+    };
+    let (found, joined) = state.manifests.run(digest.clone(), work).await;
+    if joined {
+        state
+            .metrics
+            .fetches
+            .get_or_create(&FetchLabels {
+                kind: "manifest",
+                role: "joined",
+            })
+            .inc();
+    }
+    found
+}
+
+async fn fetch_manifest(
+    state: &Arc<AppState>,
+    registry: &Registry,
+    repository: &Repository,
+    digest: &Digest,
+    accept: &str,
+    for_cluster: bool,
+) -> Option<Fetched> {
+    let path = format!("/v2/{repository}/manifests/{digest}?ns={registry}");
+    let use_peers = state.peers.enabled && !for_cluster;
+    if use_peers
+        && let Some(m) = fetch::manifest(state, digest.as_str(), &path, Some(digest), accept).await
+    {
+        tracing::debug!(peer = %m.peer.addr, %digest, "manifest from a peer");
+        return Some(keep(
+            state,
+            m.descriptor,
+            m.bytes,
+            Source::Peer,
+            "from-holders",
+        ));
+    }
+    if !state.upstream.allows(registry) {
+        return None;
+    }
+    if use_peers {
+        for peer in cluster::ahead_of_me(state, digest.as_str(), cluster::OWNER_PEERS).await {
+            match ask_owner(state, &peer, &path, accept, false).await {
+                Ok(Some((resp_headers, bytes))) => {
+                    let Some(m) = verified(&resp_headers, bytes, Some(digest)) else {
+                        state.metrics.digest_mismatches.inc();
+                        state.failed_peers.mark(
+                            &peer,
+                            state.peers.corrupt_backoff,
+                            "served a manifest that does not match its digest",
+                        );
+                        continue;
+                    };
+                    return Some(keep(state, m.0, m.1, Source::Peer, "followed"));
+                }
+                Ok(None) => return None,
+                Err(()) => {}
+            }
+        }
+    }
+    let reference = Reference::Digest(digest.clone());
+    match state
+        .upstream
+        .get_manifest(registry, repository, &reference, accept)
+        .await
+    {
+        Ok((desc, bytes)) if desc.digest == *digest => {
+            Some(keep(state, desc, bytes, Source::Upstream, "fetched"))
+        }
+        Ok((desc, _)) => {
+            state.metrics.upstream_digest_mismatches.inc();
+            tracing::error!(%registry, %repository, asked = %digest, got = %desc.digest, "upstream sent a manifest that does not match its digest; discarded");
+            None
+        }
+        Err(e) => {
+            log_upstream_error(registry, repository, &e);
+            None
+        }
+    }
+}
+
+/// Keeps a verified manifest in the cache (so the node serves and advertises it) and
+/// counts how it came.
+fn keep(
+    state: &AppState,
+    descriptor: Descriptor,
+    bytes: Bytes,
+    source: Source,
+    role: &'static str,
+) -> Fetched {
+    state.cache.put_manifest(&descriptor, bytes.clone());
+    state
+        .metrics
+        .fetches
+        .get_or_create(&FetchLabels {
+            kind: "manifest",
+            role,
+        })
+        .inc();
+    Fetched {
+        descriptor,
+        bytes,
+        source,
+    }
+}
+
+/// Asks `peer`, as an owner, for a manifest at `path` (`head`: its description only).
+/// `Ok(None)`: it could not get it (upstream has no such thing); `Err`: it failed (and is
+/// marked).
+pub(crate) async fn ask_owner(
+    state: &AppState,
+    peer: &mirrorlet_oci::Peer,
+    path: &str,
+    accept: &str,
+    head: bool,
+) -> Result<Option<(HeaderMap, Bytes)>, ()> {
+    let url = format!("http://{}{path}", peer.addr);
+    let req = if head {
+        state.http.head(url)
+    } else {
+        state.http.get(url)
+    }
+    .header(PEER_HEADER, HeaderValue::from_static("1"))
+    .header(CLUSTER_HEADER, HeaderValue::from_static("cluster"))
+    .header(header::ACCEPT, accept);
+    let limit = state.pull.owner_timeout;
+    let resp = match tokio::time::timeout(limit, req.send()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            state
+                .failed_peers
+                .mark(peer, state.peers.failure_backoff, &e.to_string());
+            return Err(());
+        }
+        Err(_) => {
+            let why = format!("no response within {limit:?}");
+            state
+                .failed_peers
+                .mark(peer, state.peers.failure_backoff, &why);
+            return Err(());
+        }
+    };
+    match resp.status() {
+        StatusCode::OK => {
+            let headers = resp.headers().clone();
+            if head {
+                return Ok(Some((headers, Bytes::new())));
+            }
+            match fetch::read_limited(state, resp, manifest::MAX_MANIFEST_SIZE).await {
+                Ok(b) => Ok(Some((headers, b))),
+                Err(e) => {
+                    state
+                        .failed_peers
+                        .mark(peer, state.peers.failure_backoff, &e);
+                    Err(())
+                }
+            }
+        }
+        StatusCode::NOT_FOUND => Ok(None),
+        s => {
+            state
+                .failed_peers
+                .mark(peer, state.peers.failure_backoff, &format!("answered {s}"));
+            Err(())
+        }
+    }
+}
+
+/// The manifest in `bytes` if it is one and matches `expect` (or, without one, the digest
+/// its headers claim).
+pub(crate) fn verified(
+    headers: &HeaderMap,
+    bytes: Bytes,
+    expect: Option<&Digest>,
+) -> Option<(Descriptor, Bytes)> {
+    let claimed = headers
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok());
+    let want = expect.cloned().or(claimed)?;
+    let actual = Digest::sha256_of(&bytes);
+    let m = manifest::Manifest::sniff(&bytes)?;
+    (actual == want).then(|| {
+        (
+            Descriptor {
+                media_type: m.media_type,
+                digest: actual,
+                size: bytes.len() as u64,
+            },
+            bytes,
+        )
+    })
+}
+
+/// The description in a manifest `HEAD` answer.
+pub(crate) fn described(headers: &HeaderMap) -> Option<Descriptor> {
+    let digest = headers
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok())?;
+    let size = headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    let media_type = headers
+        .get(header::CONTENT_TYPE)?
+        .to_str()
+        .ok()
+        .filter(|t| manifest::is_manifest_type(t))?
+        .to_owned();
+    Some(Descriptor {
+        media_type,
+        digest,
+        size,
+    })
+}
+
+/// The confirmation time an agent put on a tag answer.
+pub(crate) fn confirmed_of(headers: &HeaderMap) -> Option<SystemTime> {
+    let secs: u64 = headers
+        .get(TAG_CONFIRMED_HEADER)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+}
+
+/// The header value for a confirmation time.
+pub(crate) fn confirmed_header(at: SystemTime) -> HeaderValue {
+    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    HeaderValue::from(secs)
+}
+
+/// Logs why upstream did not deliver, at a level that matches: a refusal of the
+/// configured credentials is a warning someone must act on.
+pub(crate) fn log_upstream_error(registry: &Registry, repository: &Repository, e: &UpstreamError) {
+    match e {
+        UpstreamError::Denied(why) => {
+            tracing::warn!(%registry, %repository, why = %why, "upstream refused the pull; containerd will try with the pod's own credentials")
+        }
+        UpstreamError::NotFound(_) | UpstreamError::NotAllowed(_) => {
+            tracing::debug!(%registry, %repository, error = %e, "not available upstream")
+        }
+        UpstreamError::RateLimited { .. } => {
+            tracing::debug!(%registry, %repository, error = %e, "upstream rate limited")
+        }
+        UpstreamError::Unavailable(_) | UpstreamError::Invalid(_) => {
+            tracing::warn!(%registry, %repository, error = %e, "upstream did not deliver")
+        }
+    }
+}

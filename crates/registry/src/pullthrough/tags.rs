@@ -1,0 +1,238 @@
+//! Tags: fresh while upstream is up, served from the cluster when it is not.
+//!
+//! A tag's owner (rendezvous hashing of `registry/repo:tag`) resolves it with a `HEAD`
+//! upstream (Docker Hub does not count those) at most once per revalidation window, for
+//! the whole cluster; every other node asks the owner. So a moved tag, `latest` included,
+//! is seen everywhere within the window, and rolling out an image the cluster already holds
+//! costs no counted pull.
+//!
+//! When upstream is unreachable, failing or rate limiting, the last digest the cluster
+//! knows for the tag is served (with a warning and a metric) if it was confirmed within
+//! the staleness limit: from this node's memory, its containerd, or a peer's. Every
+//! answer carries when the digest was confirmed upstream, so a stale answer passed on
+//! never looks fresh. When upstream says the tag does not exist or refuses access, nothing
+//! is served for it: a deleted or private tag stays gone.
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use futures_util::FutureExt;
+use lru::LruCache;
+use mirrorlet_oci::manifest::Descriptor;
+use mirrorlet_oci::{ImageName, UpstreamError};
+
+use crate::fetch;
+use crate::metrics::{FetchLabels, Source};
+use crate::singleflight::SingleFlight;
+use crate::state::AppState;
+
+/// Tags remembered.
+const REMEMBERED: usize = 10_000;
+
+/// What a node knows of a tag: its target and when that was confirmed upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagEntry {
+    /// The manifest the tag points at.
+    pub descriptor: Descriptor,
+    /// When upstream last said so.
+    pub confirmed: SystemTime,
+}
+
+impl TagEntry {
+    /// How long ago it was confirmed.
+    pub fn age(&self) -> Duration {
+        SystemTime::now()
+            .duration_since(self.confirmed)
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+/// Tags this node resolved or was told about, and the revalidations in flight.
+#[derive(Debug)]
+pub struct Tags {
+    entries: Mutex<LruCache<String, TagEntry>>,
+    flights: SingleFlight<String, Result<Descriptor, UpstreamError>>,
+}
+
+impl Default for Tags {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::new(LruCache::new(
+                NonZeroUsize::new(REMEMBERED).unwrap_or(NonZeroUsize::MIN),
+            )),
+            flights: SingleFlight::default(),
+        }
+    }
+}
+
+impl Tags {
+    /// What is known of `key` (`registry/repo:tag`).
+    pub fn get(&self, key: &str) -> Option<TagEntry> {
+        self.lock().get(key).cloned()
+    }
+
+    /// Remembers `entry` for `key`, unless a newer confirmation is known.
+    pub fn put(&self, key: &str, entry: TagEntry) {
+        let mut entries = self.lock();
+        if entries
+            .peek(key)
+            .is_some_and(|old| old.confirmed > entry.confirmed)
+        {
+            return;
+        }
+        entries.put(key.to_owned(), entry);
+    }
+
+    /// Forgets `key` (upstream says it is gone).
+    pub fn remove(&self, key: &str) {
+        self.lock().pop(key);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<String, TagEntry>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A tag resolved for a client.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// What the tag points at, and when that was confirmed upstream.
+    pub entry: TagEntry,
+    /// Upstream could not be asked: this is the last digest the cluster knew.
+    pub stale: bool,
+    /// Where the answer came from.
+    pub source: Source,
+}
+
+/// Resolves `name` as its owner: from memory within the revalidation window, else with one
+/// `HEAD` upstream (shared by concurrent callers), else, while upstream is down, from what
+/// the cluster knows. `Err` names why there is no answer.
+pub async fn resolve(
+    state: &Arc<AppState>,
+    name: &ImageName,
+    accept: &str,
+) -> Result<Resolved, String> {
+    let key = name.to_string();
+    let window = state.pull.tag_revalidate;
+    if let Some(e) = state.tags.get(&key).filter(|e| e.age() < window) {
+        return Ok(Resolved {
+            entry: e,
+            stale: false,
+            source: Source::Local,
+        });
+    }
+    let work = {
+        let (state, name, accept) = (state.clone(), name.clone(), accept.to_owned());
+        move || {
+            async move {
+                state
+                    .upstream
+                    .head_manifest(&name.registry, &name.repository, &name.reference, &accept)
+                    .await
+            }
+            .boxed()
+        }
+    };
+    let (checked, joined) = state.tags.flights.run(key.clone(), work).await;
+    let role = if joined { "joined" } else { "revalidated" };
+    state
+        .metrics
+        .fetches
+        .get_or_create(&FetchLabels { kind: "tag", role })
+        .inc();
+    match checked {
+        Ok(descriptor) => {
+            let entry = TagEntry {
+                descriptor,
+                confirmed: SystemTime::now(),
+            };
+            state.tags.put(&key, entry.clone());
+            Ok(Resolved {
+                entry,
+                stale: false,
+                source: Source::Upstream,
+            })
+        }
+        Err(
+            e @ (UpstreamError::NotFound(_)
+            | UpstreamError::Denied(_)
+            | UpstreamError::NotAllowed(_)),
+        ) => {
+            state.tags.remove(&key);
+            super::log_upstream_error(&name.registry, &name.repository, &e);
+            Err(format!("{key}: {e}"))
+        }
+        Err(e) => stale(state, name, accept, &e).await,
+    }
+}
+
+/// The last digest the cluster knows for `name`, if confirmed within the staleness limit.
+async fn stale(
+    state: &Arc<AppState>,
+    name: &ImageName,
+    accept: &str,
+    why: &UpstreamError,
+) -> Result<Resolved, String> {
+    let key = name.to_string();
+    let limit = state.pull.stale_tag_max_age;
+    let mut found = local(state, name).await.map(|e| (e, Source::Local));
+    if found.is_none() && state.peers.enabled {
+        let path = format!(
+            "/v2/{}/manifests/{}?ns={}",
+            name.repository, name.reference, name.registry
+        );
+        if let Some(m) = fetch::manifest(state, &key, &path, None, accept).await
+            && let Some(confirmed) = m.confirmed
+        {
+            state.cache.put_manifest(&m.descriptor, m.bytes);
+            found = Some((
+                TagEntry {
+                    descriptor: m.descriptor,
+                    confirmed,
+                },
+                Source::Peer,
+            ));
+        }
+    }
+    match found {
+        Some((entry, source)) if entry.age() <= limit => {
+            state.metrics.stale_tags.inc();
+            tracing::warn!(tag = %key, digest = %entry.descriptor.digest, confirmed_ago = ?Duration::from_secs(entry.age().as_secs()), upstream = %why, "upstream unavailable; serving the last digest the cluster knows for this tag");
+            state.tags.put(&key, entry.clone());
+            Ok(Resolved {
+                entry,
+                stale: true,
+                source,
+            })
+        }
+        Some((entry, _)) => Err(format!(
+            "{key}: upstream unavailable ({why}) and the digest the cluster knows was confirmed {:?} ago, more than --stale-tag-max-age {limit:?}",
+            Duration::from_secs(entry.age().as_secs())
+        )),
+        None => Err(format!(
+            "{key}: upstream unavailable ({why}) and no node knows the tag"
+        )),
+    }
+}
+
+/// What this node itself knows of `name` and can serve (its manifest is held here): from
+/// memory or from containerd's tag, whichever was confirmed later.
+pub async fn local(state: &AppState, name: &ImageName) -> Option<TagEntry> {
+    let key = name.to_string();
+    let remembered = match state.tags.get(&key) {
+        Some(e) if matches!(state.store.size(&e.descriptor.digest).await, Ok(Some(_))) => Some(e),
+        _ => None,
+    };
+    let held = match state.store.resolve(name).await {
+        Ok(Some(t)) => t.updated.map(|confirmed| TagEntry {
+            descriptor: t.descriptor,
+            confirmed,
+        }),
+        _ => None,
+    };
+    match (remembered, held) {
+        (Some(a), Some(b)) => Some(if a.confirmed >= b.confirmed { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}

@@ -1,0 +1,308 @@
+//! A blob on its way to this node: written once (from peers or upstream) while it is hashed,
+//! and read by any number of clients at once while it grows. Every request for a digest
+//! the node does not hold joins the one transfer of it, so the node fetches each blob once
+//! however many ask (its own containerd, and peers reading its partial copy).
+//!
+//! Nothing unverified can complete a download: readers hold back the blob's last byte until
+//! the whole has matched its digest (or, for content from peers that hold it whole, hold
+//! back everything: see [`Transfer::hold_all`]). A transfer that fails after readers took
+//! bytes ends their streams with an error; the registry then aborts containerd's partial
+//! download so that its retry starts clean.
+
+mod backing;
+pub(crate) mod fill;
+mod set;
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use futures_util::StreamExt;
+use futures_util::stream;
+use mirrorlet_oci::{BlobStream, ByteRange, Digest};
+use tokio::sync::watch;
+
+pub(crate) use backing::{Backing, Sink};
+pub use set::Transfers;
+
+/// How a transfer ended, or that it has not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Still being written.
+    Running,
+    /// Complete and matching its digest.
+    Verified,
+    /// Given up; `corrupt` when bytes that did not match the digest were written (and may
+    /// have reached readers).
+    Failed {
+        /// Whether wrong bytes were involved (not merely a source that ran out).
+        corrupt: bool,
+        /// Why, for logs.
+        why: Arc<str>,
+    },
+}
+
+/// Where a transfer's bytes come from, for metrics and for deciding how clients read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Peers that hold the whole blob.
+    Holders,
+    /// Another node's transfer (its owner fetching for the cluster, or a node mid-download).
+    Peer,
+    /// The upstream registry.
+    Upstream,
+}
+
+/// What readers see of a transfer.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// The blob's size, once a source has said it.
+    pub size: Option<u64>,
+    /// Bytes written (and readable) from the start of the blob.
+    pub written: u64,
+    /// Bumped when the transfer starts over (a copy that failed before anyone read it).
+    pub generation: u32,
+    /// Where the current copy comes from.
+    pub origin: Option<Origin>,
+    /// The bytes written so far, readable.
+    backing: Option<Arc<Backing>>,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// One blob being fetched. Shared (`Arc`) by the task filling it and every reader.
+pub struct Transfer {
+    /// The blob.
+    pub digest: Digest,
+    progress: watch::Sender<Progress>,
+    /// Set when any reader was handed bytes before the blob was verified: after that, a
+    /// failed copy cannot be silently started over.
+    released: AtomicBool,
+    /// Peers reading this transfer now (bounded by the registry's cap).
+    peer_streams: AtomicUsize,
+}
+
+impl std::fmt::Debug for Transfer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transfer")
+            .field("digest", &self.digest)
+            .field("progress", &*self.progress.borrow())
+            .finish()
+    }
+}
+
+/// Bytes per read from the backing.
+const READ_CHUNK: u64 = 1024 * 1024;
+
+impl Transfer {
+    /// A transfer of `digest` that has not started.
+    pub(crate) fn new(digest: Digest) -> Arc<Self> {
+        Arc::new(Self {
+            digest,
+            progress: watch::Sender::new(Progress {
+                size: None,
+                written: 0,
+                generation: 0,
+                origin: None,
+                backing: None,
+                outcome: Outcome::Running,
+            }),
+            released: AtomicBool::new(false),
+            peer_streams: AtomicUsize::new(0),
+        })
+    }
+
+    /// What the transfer looks like now.
+    pub fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+
+    /// Whether clients must wait for the whole blob to verify before taking any byte:
+    /// true when it comes from peers that hold it whole (fast, and a bad copy can be
+    /// replaced by another before anyone saw it), false when it streams from upstream or
+    /// another node's transfer (a big layer must flow as it downloads, or containerd gives
+    /// up on a silent pull).
+    pub fn hold_all(&self) -> bool {
+        self.progress.borrow().origin == Some(Origin::Holders)
+    }
+
+    /// Whether bytes went to a reader before verification.
+    pub(crate) fn released(&self) -> bool {
+        self.released.load(Ordering::SeqCst)
+    }
+
+    // --- The filling side ---
+
+    /// Starts a (new) copy of `size` bytes from `origin` into `backing`.
+    pub(crate) fn begin(&self, size: u64, origin: Origin, backing: Arc<Backing>) {
+        self.progress.send_modify(|p| {
+            p.size = Some(size);
+            p.written = 0;
+            p.generation += 1;
+            p.origin = Some(origin);
+            p.backing = Some(backing);
+        });
+    }
+
+    /// Bytes up to `written` are readable.
+    pub(crate) fn advance(&self, written: u64) {
+        self.progress.send_modify(|p| p.written = written);
+    }
+
+    /// Notes that the copy continues from another source.
+    pub(crate) fn set_origin(&self, origin: Origin) {
+        self.progress.send_modify(|p| p.origin = Some(origin));
+    }
+
+    /// Ends the transfer.
+    pub(crate) fn finish(&self, outcome: Outcome) {
+        self.progress.send_modify(|p| p.outcome = outcome);
+    }
+
+    // --- The reading side ---
+
+    /// Waits until the size is known; `Err` if the transfer failed first.
+    pub async fn size(&self) -> Result<u64, Outcome> {
+        let mut rx = self.progress.subscribe();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                if let Outcome::Failed { .. } = p.outcome {
+                    return Err(p.outcome.clone());
+                }
+                if let Some(s) = p.size {
+                    return Ok(s);
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(gone());
+            }
+        }
+    }
+
+    /// Waits until the transfer has ended.
+    pub async fn outcome(&self) -> Outcome {
+        let mut rx = self.progress.subscribe();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                if p.outcome != Outcome::Running {
+                    return p.outcome.clone();
+                }
+            }
+            if rx.changed().await.is_err() {
+                return gone();
+            }
+        }
+    }
+
+    /// Counts a peer reading this transfer, if fewer than `cap` do; the guard uncounts it.
+    pub(crate) fn admit_peer(self: &Arc<Self>, cap: usize) -> Option<PeerStream> {
+        let mut now = self.peer_streams.load(Ordering::SeqCst);
+        loop {
+            if now >= cap {
+                return None;
+            }
+            match self.peer_streams.compare_exchange(
+                now,
+                now + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return Some(PeerStream(self.clone())),
+                Err(actual) => now = actual,
+            }
+        }
+    }
+
+    /// Streams `range` of the blob as it is written. The last `hold` bytes of the blob
+    /// (at least one) are held back until it is verified. The stream ends with an error if
+    /// the transfer fails, or starts over (the range was chosen for the copy under way).
+    pub fn read(self: &Arc<Self>, range: ByteRange, hold: u64) -> BlobStream {
+        struct St {
+            t: Arc<Transfer>,
+            rx: watch::Receiver<Progress>,
+            pos: u64,
+            end: u64,
+            hold: u64,
+            generation: Option<u32>,
+        }
+        let current = self.progress.borrow().clone();
+        let st = St {
+            generation: current.size.map(|_| current.generation),
+            rx: self.progress.subscribe(),
+            t: self.clone(),
+            pos: range.start,
+            end: range.end,
+            hold: hold.max(1),
+        };
+        stream::unfold(st, |mut st| async move {
+            loop {
+                if st.pos >= st.end {
+                    return None;
+                }
+                let p = st.rx.borrow_and_update().clone();
+                if let Outcome::Failed { why, .. } = &p.outcome {
+                    let e = io::Error::other(format!("the transfer of this blob failed: {why}"));
+                    st.end = 0;
+                    return Some((Err(e), st));
+                }
+                if st.generation.is_some_and(|g| g != p.generation) {
+                    let e = io::Error::other("the transfer of this blob started over");
+                    st.end = 0;
+                    return Some((Err(e), st));
+                }
+                let verified = p.outcome == Outcome::Verified;
+                let readable = match (p.size, &p.backing) {
+                    (Some(size), Some(_)) if verified => size,
+                    (Some(size), Some(_)) => p.written.min(size.saturating_sub(st.hold)),
+                    _ => 0,
+                };
+                if st.pos < readable {
+                    let want = (readable.min(st.end) - st.pos).min(READ_CHUNK);
+                    let Some(backing) = p.backing.clone() else {
+                        continue;
+                    };
+                    match backing.read(st.pos, want).await {
+                        Ok(chunk) => {
+                            if !verified {
+                                st.t.released.store(true, Ordering::SeqCst);
+                            }
+                            st.generation = Some(p.generation);
+                            st.pos += chunk.len() as u64;
+                            return Some((Ok(chunk), st));
+                        }
+                        Err(e) => {
+                            st.end = 0;
+                            return Some((Err(e), st));
+                        }
+                    }
+                }
+                if st.rx.changed().await.is_err() {
+                    st.end = 0;
+                    return Some((Err(io::Error::other("the transfer went away")), st));
+                }
+            }
+        })
+        .boxed()
+    }
+}
+
+/// A peer counted as reading a transfer; uncounted when dropped.
+pub(crate) struct PeerStream(Arc<Transfer>);
+
+impl Drop for PeerStream {
+    fn drop(&mut self) {
+        self.0.peer_streams.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn gone() -> Outcome {
+    Outcome::Failed {
+        corrupt: false,
+        why: "the transfer went away".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

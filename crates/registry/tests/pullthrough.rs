@@ -1,0 +1,560 @@
+//! The cluster-wide pull-through cache: several registries in one process on an in-memory
+//! network, with an in-memory upstream that counts requests and injects faults. One
+//! upstream request per blob, manifest and tag for the whole cluster; followers stream
+//! while the owner downloads; an owner dying mid-blob; wrong bytes from upstream never
+//! completed and containerd's partial download aborted; tags revalidated per window and
+//! served stale while upstream is down; the per-blob peer cap.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use mirrorlet_oci::manifest::OCI_MANIFEST;
+use mirrorlet_oci::upstream::{Fault, RequestKind};
+use mirrorlet_oci::{
+    Descriptor, Digest, MemoryNetwork, MemoryRouter, MemoryStore, MemoryUpstream, Registry,
+    Repository, UpstreamError, rendezvous,
+};
+use mirrorlet_registry::{PeerConfig, PullThroughConfig};
+use reqwest::StatusCode;
+use support::TestNode as Node;
+
+const REGISTRY: &str = "example.com";
+const REPO: &str = "team/app";
+const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn registry() -> Registry {
+    Registry::parse(REGISTRY).expect("registry")
+}
+
+fn repo() -> Repository {
+    Repository::parse(REPO).expect("repository")
+}
+
+fn noise(len: usize, seed: u8) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| {
+                (i as u32)
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add(u32::from(seed)) as u8
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// An image upstream: config, a small and a big layer, a manifest tagged `tag`.
+struct Image {
+    blobs: Vec<(Descriptor, Bytes)>,
+    manifest: (Descriptor, Bytes),
+}
+
+fn push(up: &MemoryUpstream, tag: &str, seed: u8) -> Image {
+    let (r, p) = (registry(), repo());
+    let layer = "application/vnd.oci.image.layer.v1.tar+gzip";
+    let mut blobs = Vec::new();
+    for (media, data) in [
+        ("application/vnd.oci.image.config.v1+json", noise(500, seed)),
+        (layer, noise(20_000, seed.wrapping_add(1))),
+        (layer, noise(3 << 20, seed.wrapping_add(2))),
+    ] {
+        blobs.push((up.put(&r, &p, media, data.clone()), data));
+    }
+    let json = |d: &Descriptor| {
+        format!(
+            r#"{{"mediaType":"{}","digest":"{}","size":{}}}"#,
+            d.media_type, d.digest, d.size
+        )
+    };
+    let manifest = Bytes::from(format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{},"layers":[{},{}]}}"#,
+        json(&blobs[0].0),
+        json(&blobs[1].0),
+        json(&blobs[2].0)
+    ));
+    let md = up.put(&r, &p, OCI_MANIFEST, manifest.clone());
+    up.tag(&r, &p, tag, &md.digest);
+    Image {
+        blobs,
+        manifest: (md, manifest),
+    }
+}
+
+fn peers() -> PeerConfig {
+    PeerConfig {
+        read_timeout: Duration::from_millis(1000),
+        lookup_timeout: Duration::from_millis(50),
+        verify_buffer: 64 * 1024,
+        ..PeerConfig::default()
+    }
+}
+
+fn pull() -> PullThroughConfig {
+    PullThroughConfig {
+        owner_timeout: Duration::from_secs(5),
+        ..PullThroughConfig::default()
+    }
+}
+
+/// `n` nodes named n1..nN pulling through from `up`.
+async fn cluster(
+    n: usize,
+    up: &Arc<MemoryUpstream>,
+    pull: PullThroughConfig,
+) -> (Arc<MemoryNetwork>, Vec<(Node, Arc<MemoryStore>)>) {
+    let net = Arc::new(MemoryNetwork::default());
+    let mut nodes = Vec::new();
+    for i in 1..=n {
+        let store = Arc::new(MemoryStore::new());
+        let (node, _) = Node::start_with(
+            &net,
+            &format!("n{i}"),
+            store.clone(),
+            peers(),
+            Some((up.clone(), pull.clone())),
+        )
+        .await;
+        nodes.push((node, store));
+    }
+    (net, nodes)
+}
+
+/// The index (0-based) of the node that owns `key` among `n` nodes.
+fn owner_of(key: &str, n: usize) -> usize {
+    let ids: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
+    let first = rendezvous::rank(key, ids, String::clone).remove(0);
+    first[1..].parse::<usize>().expect("index") - 1
+}
+
+fn url(node: &Node, kind: &str, reference: &str) -> String {
+    format!("{}/v2/{REPO}/{kind}/{reference}?ns={REGISTRY}", node.base)
+}
+
+async fn get(http: &reqwest::Client, url: &str) -> (StatusCode, Bytes) {
+    let r = http
+        .get(url)
+        .header("accept", ACCEPT)
+        .send()
+        .await
+        .expect("request");
+    let status = r.status();
+    (status, r.bytes().await.unwrap_or_default())
+}
+
+/// Pulls the image at `node` the way containerd does: HEAD the tag, GET the manifest by
+/// digest, then every blob.
+async fn pull_image(http: reqwest::Client, node: &Node, tag: &str, image: &Image) {
+    let head = http
+        .head(url(node, "manifests", tag))
+        .header("accept", ACCEPT)
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(
+        head.headers()["docker-content-digest"],
+        image.manifest.0.digest.as_str()
+    );
+    let (s, body) = get(
+        &http,
+        &url(node, "manifests", image.manifest.0.digest.as_str()),
+    )
+    .await;
+    assert_eq!((s, &body), (StatusCode::OK, &image.manifest.1));
+    let blobs = image.blobs.iter().map(|(d, data)| {
+        let http = http.clone();
+        let u = url(node, "blobs", d.digest.as_str());
+        async move {
+            let (s, body) = get(&http, &u).await;
+            assert_eq!(s, StatusCode::OK);
+            assert!(body == *data, "blob {} intact", d.digest);
+        }
+    });
+    futures_util::future::join_all(blobs).await;
+}
+
+#[tokio::test]
+async fn five_nodes_pulling_a_new_image_at_once_cost_one_upstream_request_each() {
+    let up = Arc::new(MemoryUpstream::new([registry()]));
+    let image = push(&up, "v1", 1);
+    let (_net, nodes) = cluster(5, &up, pull()).await;
+    let http = reqwest::Client::new();
+    futures_util::future::join_all(
+        nodes
+            .iter()
+            .map(|(n, _)| pull_image(http.clone(), n, "v1", &image)),
+    )
+    .await;
+    assert_eq!(
+        up.count(RequestKind::Head),
+        1,
+        "one HEAD of the tag: {:?}",
+        up.requests()
+    );
+    assert_eq!(
+        up.count(RequestKind::Manifest),
+        1,
+        "one GET of the manifest"
+    );
+    assert_eq!(
+        up.count(RequestKind::Blob),
+        3,
+        "one GET per blob: {:?}",
+        up.requests()
+    );
+
+    // A late node is served by the cluster without asking upstream again.
+    let late = &nodes[owner_of("late", 5)].0;
+    pull_image(http.clone(), late, "v1", &image).await;
+    assert_eq!(up.requests().len(), 5, "nothing more upstream");
+    let fetched: f64 = nodes
+        .iter()
+        .map(|(n, _)| {
+            n.metric("mirrorlet_pullthrough_fetches_total{kind=\"blob\",role=\"fetched\"}")
+        })
+        .sum();
+    assert_eq!(fetched, 3.0);
+    let from_upstream: f64 = nodes
+        .iter()
+        .map(|(n, _)| n.metric("mirrorlet_registry_served_bytes_total{source=\"upstream\"}"))
+        .sum();
+    assert!(from_upstream > 0.0);
+}
+
+#[tokio::test]
+async fn followers_stream_while_the_owner_downloads() {
+    let up = Arc::new(MemoryUpstream::new([registry()]));
+    let image = push(&up, "v1", 2);
+    let big = image.blobs[2].0.digest.clone();
+    up.set_fault(
+        &big,
+        Some(Fault::Slow {
+            chunk: 64 * 1024,
+            delay: Duration::from_millis(20),
+        }),
+    );
+    let (_net, nodes) = cluster(3, &up, pull()).await;
+    let owner = owner_of(big.as_str(), 3);
+    let follower = &nodes[(owner + 1) % 3].0;
+    let resp = reqwest::get(url(follower, "blobs", big.as_str()))
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.expect("a first chunk").expect("bytes");
+    assert!(!first.is_empty());
+    assert!(
+        nodes[owner].0.state.transfers.get(&big).is_some(),
+        "the first bytes arrived while the owner was still downloading"
+    );
+    let mut all = first.to_vec();
+    while let Some(c) = body.next().await {
+        all.extend_from_slice(&c.expect("chunk"));
+    }
+    assert_eq!(Digest::sha256_of(&all), big);
+    assert_eq!(up.count(RequestKind::Blob), 1);
+}
+
+#[tokio::test]
+async fn wrong_bytes_from_upstream_never_complete_and_the_partial_download_is_aborted() {
+    let up = Arc::new(MemoryUpstream::new([registry()]));
+    let image = push(&up, "v1", 3);
+    let (big, data) = image.blobs[2].clone();
+    up.set_fault(&big.digest, Some(Fault::Corrupt));
+    let (_net, nodes) = cluster(1, &up, pull()).await;
+    let (node, store) = &nodes[0];
+    // containerd's ingest of the blob, as a pull leaves it while it downloads.
+    store.begin_ingest(&format!("layer-{}", big.digest), &big.digest);
+    let resp = reqwest::get(url(node, "blobs", big.digest.as_str()))
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), StatusCode::OK, "it streams as it downloads");
+    let mut body = resp.bytes_stream();
+    let mut got = 0usize;
+    let mut failed = false;
+    while let Some(c) = body.next().await {
+        match c {
+            Ok(c) => got += c.len(),
+            Err(_) => failed = true,
+        }
+    }
+    assert!(failed, "the stream was cut");
+    assert!(got < data.len(), "the last byte was never sent ({got})");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !store.ingests().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the partial download was aborted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(node.metric("mirrorlet_ingests_aborted_total"), 1.0);
+    assert_eq!(
+        node.metric("mirrorlet_upstream_digest_mismatches_total"),
+        1.0
+    );
+    assert!(node.state.cache.is_empty(), "nothing wrong was kept");
+
+    // Upstream mends: the retry starts clean and completes.
+    up.set_fault(&big.digest, None);
+    let (s, body) = get(
+        &reqwest::Client::new(),
+        &url(node, "blobs", big.digest.as_str()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body == data);
+}
+
+#[tokio::test]
+async fn tags_are_checked_once_per_window_and_served_stale_while_upstream_is_down() {
+    let up = Arc::new(MemoryUpstream::new([registry()]));
+    let first = push(&up, "v1", 4);
+    let config = PullThroughConfig {
+        tag_revalidate: Duration::from_millis(400),
+        stale_tag_max_age: Duration::from_secs(3),
+        ..pull()
+    };
+    let (_net, nodes) = cluster(3, &up, config).await;
+    let http = reqwest::Client::new();
+    let digest_at = |i: usize| {
+        let (http, u) = (http.clone(), url(&nodes[i].0, "manifests", "v1"));
+        async move {
+            let r = http
+                .get(&u)
+                .header("accept", ACCEPT)
+                .send()
+                .await
+                .expect("get");
+            let d = r
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            (r.status(), d)
+        }
+    };
+    for i in 0..3 {
+        let (s, d) = digest_at(i).await;
+        assert_eq!(
+            (s, d.as_deref()),
+            (StatusCode::OK, Some(first.manifest.0.digest.as_str()))
+        );
+    }
+    assert_eq!(
+        up.count(RequestKind::Head),
+        1,
+        "one HEAD for the cluster in the window"
+    );
+
+    // The tag moves upstream: after the window every node sees the new digest.
+    let second = push(&up, "v1", 5);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..3 {
+        let (s, d) = digest_at(i).await;
+        assert_eq!(
+            (s, d.as_deref()),
+            (StatusCode::OK, Some(second.manifest.0.digest.as_str()))
+        );
+    }
+    assert_eq!(up.count(RequestKind::Head), 2);
+
+    // Upstream goes down: the last digest the cluster knows is served, and counted.
+    up.set_outage(Some(UpstreamError::Unavailable("down for the test".into())));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..3 {
+        let (s, d) = digest_at(i).await;
+        assert_eq!(
+            (s, d.as_deref()),
+            (StatusCode::OK, Some(second.manifest.0.digest.as_str()))
+        );
+    }
+    let stale: f64 = nodes
+        .iter()
+        .map(|(n, _)| n.metric("mirrorlet_stale_tags_served_total"))
+        .sum();
+    assert!(stale >= 1.0);
+    // ...but not once it is older than the limit.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..3 {
+        assert_eq!(digest_at(i).await.0, StatusCode::NOT_FOUND);
+    }
+
+    // A tag deleted upstream stays gone, even though the cluster knew it.
+    up.set_outage(None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(digest_at(0).await.0, StatusCode::OK);
+    up.untag(&registry(), &repo(), "v1");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..3 {
+        assert_eq!(digest_at(i).await.0, StatusCode::NOT_FOUND);
+    }
+}
+
+#[tokio::test]
+async fn an_owner_streams_to_a_bounded_number_of_peers_and_the_rest_follow_them() {
+    let up = Arc::new(MemoryUpstream::new([registry()]));
+    let image = push(&up, "v1", 6);
+    let (big, data) = image.blobs[2].clone();
+    up.set_fault(
+        &big.digest,
+        Some(Fault::Slow {
+            chunk: 64 * 1024,
+            delay: Duration::from_millis(15),
+        }),
+    );
+    let config = PullThroughConfig {
+        max_peer_streams: 2,
+        busy_rounds: 20,
+        ..pull()
+    };
+    let (_net, nodes) = cluster(5, &up, config).await;
+    let owner = owner_of(big.digest.as_str(), 5);
+    let http = reqwest::Client::new();
+    let followers = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != owner)
+        .map(|(_, (n, _))| {
+            let (http, u) = (http.clone(), url(n, "blobs", big.digest.as_str()));
+            async move { get(&http, &u).await }
+        });
+    for (s, body) in futures_util::future::join_all(followers).await {
+        assert_eq!(s, StatusCode::OK);
+        assert!(body == data);
+    }
+    assert_eq!(
+        up.count(RequestKind::Blob),
+        1,
+        "still one download: {:?}",
+        up.requests()
+    );
+    assert!(nodes[owner].0.metric("mirrorlet_peer_busy_refusals_total") >= 1.0);
+}
+
+#[tokio::test]
+async fn registries_not_pulled_through_are_never_contacted() {
+    let up = Arc::new(MemoryUpstream::new([registry()]));
+    let (_net, nodes) = cluster(2, &up, pull()).await;
+    let http = reqwest::Client::new();
+    let other = format!(
+        "{}/v2/team/app/blobs/{}?ns=elsewhere.example",
+        nodes[0].0.base,
+        Digest::sha256_of(b"x")
+    );
+    assert_eq!(get(&http, &other).await.0, StatusCode::NOT_FOUND);
+    let tag = format!(
+        "{}/v2/team/app/manifests/v1?ns=elsewhere.example",
+        nodes[0].0.base
+    );
+    assert_eq!(get(&http, &tag).await.0, StatusCode::NOT_FOUND);
+    assert!(up.requests().is_empty());
+}
+
+/// A node in a runtime of its own, so that it can be killed outright (every connection
+/// and task gone at once, as with a dead process).
+struct Killable {
+    base: String,
+    runtime: Option<tokio::runtime::Runtime>,
+    router: Arc<MemoryRouter>,
+}
+
+impl Killable {
+    fn start(net: &Arc<MemoryNetwork>, id: &str, up: &Arc<MemoryUpstream>) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (net, id, up) = (net.clone(), id.to_owned(), up.clone());
+        let (node, router) = runtime.block_on(async move {
+            Node::start_with(
+                &net,
+                &id,
+                Arc::new(MemoryStore::new()),
+                peers(),
+                Some((up, pull())),
+            )
+            .await
+        });
+        let base = node.base.clone();
+        std::mem::forget(node); // lives as long as its runtime
+        Self {
+            base,
+            runtime: Some(runtime),
+            router,
+        }
+    }
+
+    fn kill(&mut self) {
+        self.router.leave();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_dying_mid_blob_does_not_fail_the_pull() {
+    let up = Arc::new(MemoryUpstream::new([registry()]));
+    let image = push(&up, "v1", 7);
+    let (big, data) = image.blobs[2].clone();
+    up.set_fault(
+        &big.digest,
+        Some(Fault::Slow {
+            chunk: 64 * 1024,
+            delay: Duration::from_millis(20),
+        }),
+    );
+    let net = Arc::new(MemoryNetwork::default());
+    // Two nodes; pick names so that the killable one owns the blob.
+    let (owner_id, follower_id) = if owner_of(big.digest.as_str(), 2) == 0 {
+        ("n1", "n2")
+    } else {
+        ("n2", "n1")
+    };
+    let net2 = net.clone();
+    let up2 = up.clone();
+    let mut owner = tokio::task::spawn_blocking(move || Killable::start(&net2, owner_id, &up2))
+        .await
+        .expect("start");
+    let (follower, _) = Node::start_with(
+        &net,
+        follower_id,
+        Arc::new(MemoryStore::new()),
+        peers(),
+        Some((up.clone(), pull())),
+    )
+    .await;
+    let _ = &owner.base;
+    let resp = reqwest::get(url(&follower, "blobs", big.digest.as_str()))
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.bytes_stream();
+    let mut all = Vec::new();
+    while all.len() < 512 * 1024 {
+        all.extend_from_slice(&body.next().await.expect("more").expect("bytes"));
+    }
+    tokio::task::spawn_blocking(move || owner.kill())
+        .await
+        .expect("kill");
+    while let Some(c) = body.next().await {
+        all.extend_from_slice(&c.expect("the body goes on"));
+    }
+    assert!(all == data, "the whole blob, intact");
+    assert!(follower.metric("mirrorlet_peer_resumes_total") >= 1.0);
+    let from_offset: Vec<u64> = up
+        .requests()
+        .iter()
+        .filter(|r| r.kind == RequestKind::Blob)
+        .map(|r| r.offset)
+        .collect();
+    assert!(
+        from_offset.len() == 2 && from_offset[1] > 0,
+        "the follower continued from where the owner stopped: {from_offset:?}"
+    );
+}
