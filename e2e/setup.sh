@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and the end-to-end tests need on Debian, if missing:
 # protoc (containerd-client's build script), containerd, the Distribution registry,
-# skopeo and iproute2. Idempotent; needs root.
+# skopeo, iproute2 (ip, tc) and apache2-utils (htpasswd). Idempotent; needs root.
 set -euo pipefail
 
 need=()
@@ -10,6 +10,7 @@ command -v containerd >/dev/null || need+=(containerd)
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v ip >/dev/null || need+=(iproute2)
+command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v make >/dev/null || need+=(make)
 
 if ((${#need[@]})); then

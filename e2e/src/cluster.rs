@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use base64::Engine as _;
 use mirrorlet_oci::Digest;
 
 use crate::deps;
@@ -24,7 +25,28 @@ pub struct Options {
     pub agent_args: Vec<String>,
     /// Start the agents (else only containerd, configured).
     pub start_agents: bool,
+    /// The agents pull through from the upstream (else pull-through is off, the agents
+    /// serve what nodes hold, and containerd fetches the rest itself).
+    pub pull_through: Option<PullThrough>,
+    /// The upstream wants this user and password (htpasswd) for everything.
+    pub upstream_login: Option<(String, String)>,
 }
+
+/// How the agents pull through.
+#[derive(Debug, Clone, Default)]
+pub struct PullThrough {
+    /// Put a Docker-Hub-like front (bearer tokens, rate-limit headers, blobs redirected
+    /// to another host) between everyone and the registry; `Some(n)`: it answers 429 after
+    /// `n` manifest GETs.
+    pub front: Option<Option<u64>>,
+    /// Credentials the agents are given (written as a Docker config.json).
+    pub credentials: Option<(String, String)>,
+}
+
+/// Port of the Docker-Hub-like front.
+pub const FRONT_PORT: u16 = 6000;
+/// Port of its "CDN".
+pub const CDN_PORT: u16 = 6001;
 
 /// The number of nodes a scenario uses unless it needs a specific count:
 /// `MIRRORLET_E2E_NODES`, at least 3 (default 3).
@@ -43,6 +65,8 @@ impl Default for Options {
             images: Vec::new(),
             agent_args: Vec::new(),
             start_agents: true,
+            pull_through: None,
+            upstream_login: None,
         }
     }
 }
@@ -56,6 +80,10 @@ pub struct Cluster {
     pub upstream: Upstream,
     /// HTTP client for the test process.
     pub http: reqwest::Client,
+    /// The Docker-Hub-like front, if there is one, and its `host:port`.
+    pub front: Option<(crate::process::Proc, String)>,
+    /// The login the upstream wants, if any.
+    pub upstream_login: Option<(String, String)>,
     // Dropped last: removes namespaces, bridge and directory.
     slot: Slot,
 }
@@ -67,11 +95,46 @@ impl Cluster {
         deps::mirrorlet_bin()?;
         let slot = Slot::claim()?;
         let up_host = slot.add_host("up", 254)?;
-        let upstream = Upstream::start(up_host, &slot.dir.join("upstream")).await?;
+        let upstream = Upstream::start(
+            up_host.clone(),
+            &slot.dir.join("upstream"),
+            opts.upstream_login.as_ref(),
+        )
+        .await?;
         let cache = deps::image_cache();
         std::fs::create_dir_all(&cache)?;
         for image in &opts.images {
-            image.push(&cache, &upstream.authority())?;
+            image.push(&cache, &upstream.authority(), opts.upstream_login.as_ref())?;
+        }
+        let front = match opts.pull_through.as_ref().and_then(|p| p.front) {
+            Some(budget) => Some(start_front(&slot, &up_host, &upstream, budget).await?),
+            None => None,
+        };
+        // Where nodes and agents reach the registry: the front if there is one.
+        let registry_at = front
+            .as_ref()
+            .map_or_else(|| upstream.authority(), |(_, a)| a.clone());
+        let mut agent_args = opts.agent_args.clone();
+        match &opts.pull_through {
+            Some(p) => {
+                agent_args.extend([
+                    "--upstream-registries".to_owned(),
+                    REGISTRY.to_owned(),
+                    "--upstream-endpoint".to_owned(),
+                    format!("{REGISTRY}=http://{registry_at}"),
+                ]);
+                if let Some((user, password)) = &p.credentials {
+                    let path = slot.dir.join("credentials.json");
+                    let auth = format!("{user}:{password}");
+                    let json = serde_json::json!({"auths": {REGISTRY: {"auth": base64::engine::general_purpose::STANDARD.encode(auth)}}});
+                    std::fs::write(&path, json.to_string())?;
+                    agent_args.extend([
+                        "--upstream-credentials".to_owned(),
+                        path.display().to_string(),
+                    ]);
+                }
+            }
+            None => agent_args.extend(["--upstream-registries".to_owned(), String::new()]),
         }
         let mut hosts = Vec::new();
         for i in 1..=opts.nodes {
@@ -83,13 +146,8 @@ impl Cluster {
         slot.set_hosts(&names, crate::node::PEERS_NAME, &addrs)?;
         let mut nodes = Vec::new();
         for (i, host) in (1..=opts.nodes).zip(hosts) {
-            let mut node = Node::new(
-                i,
-                host,
-                &slot.dir.join(format!("n{i}")),
-                opts.agent_args.clone(),
-            )?;
-            node.write_user_hosts(&upstream.authority())?;
+            let mut node = Node::new(i, host, &slot.dir.join(format!("n{i}")), agent_args.clone())?;
+            node.write_user_hosts(&registry_at)?;
             node.configure()?;
             node.start_containerd().await?;
             nodes.push(node);
@@ -98,6 +156,8 @@ impl Cluster {
             nodes,
             upstream,
             http: reqwest::Client::new(),
+            front,
+            upstream_login: opts.upstream_login.clone(),
             slot,
         };
         if opts.start_agents {
@@ -146,12 +206,14 @@ impl Cluster {
     /// GETs `path` (e.g. `/v2/<repo>/manifests/<ref>`) from the upstream registry with
     /// every manifest type accepted.
     pub async fn upstream_get(&self, path: &str) -> Result<reqwest::Response> {
-        Ok(self
+        let mut req = self
             .http
             .get(format!("{}{path}", self.upstream.url()))
-            .header("accept", ACCEPT)
-            .send()
-            .await?)
+            .header("accept", ACCEPT);
+        if let Some((user, password)) = &self.upstream_login {
+            req = req.basic_auth(user, Some(password));
+        }
+        Ok(req.send().await?)
     }
 
     /// The digest upstream gives `repo:tag`.
@@ -166,6 +228,45 @@ impl Cluster {
             .and_then(|v| v.to_str().ok())
             .context("upstream sent no Docker-Content-Digest")?;
         Ok(Digest::parse(d)?)
+    }
+
+    /// The front's counts (see `hub-front`).
+    pub async fn front_stats(&self) -> Result<serde_json::Value> {
+        let (_, addr) = self.front.as_ref().context("no front")?;
+        Ok(self
+            .http
+            .get(format!("http://{addr}/admin/stats"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
+    /// Makes the front's CDN flip one byte of the next download of `digest`.
+    pub async fn front_corrupt_next(&self, digest: &str) -> Result<()> {
+        let (_, addr) = self.front.as_ref().context("no front")?;
+        self.http
+            .post(format!("http://{addr}/admin/corrupt/{digest}"))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    /// Waits until every agent counts every other as a member (connected and
+    /// identified), so that all agree on the owners of what they fetch.
+    pub async fn wait_members(&self) -> Result<()> {
+        let want = (self.nodes.len() - 1) as f64;
+        for n in &self.nodes {
+            crate::wait::wait_until(
+                Duration::from_secs(30),
+                "the agents to see each other as members",
+                || async { n.metric("mirrorlet_p2p_members", &[]).await.unwrap_or(0.0) >= want },
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// Tears down now and returns whatever was left behind (should be nothing).
@@ -206,10 +307,43 @@ impl Drop for Cluster {
         for n in &mut self.nodes {
             n.stop_containerd();
         }
+        self.front = None;
         self.upstream.stop();
         // Give the kernel a moment to release the namespaces' sockets before deleting them.
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Starts the Docker-Hub-like front on the upstream's host (and a second address of it
+/// for the CDN).
+async fn start_front(
+    slot: &Slot,
+    host: &crate::net::Host,
+    upstream: &Upstream,
+    budget: Option<u64>,
+) -> Result<(crate::process::Proc, String)> {
+    let cdn = host.add_addr(253)?;
+    let addr = format!("{}:{FRONT_PORT}", host.addr);
+    let args = vec![
+        addr.clone(),
+        format!("{cdn}:{CDN_PORT}"),
+        upstream.url(),
+        budget.map_or_else(|| "none".to_owned(), |b| b.to_string()),
+    ];
+    let proc = crate::process::Proc::spawn(
+        "hub-front",
+        Some(&host.netns),
+        &deps::e2e_bin("hub-front")?,
+        &args,
+        &slot.dir.join("hub-front.log"),
+    )?;
+    crate::process::wait_http_ok(
+        &format!("http://{addr}/admin/stats"),
+        Duration::from_secs(20),
+        "the hub front to answer",
+    )
+    .await?;
+    Ok((proc, addr))
 }
 
 /// Accept header a client sends to get any manifest type.

@@ -50,9 +50,23 @@ impl Cri {
 
     /// `PullImage`, bounded by `limit`. Returns the image ref containerd reports.
     pub async fn pull(&self, image: &str, limit: Duration) -> Result<String> {
+        self.pull_with(image, limit, None).await
+    }
+
+    /// `PullImage` with a pod's pull secret (`login`), as kubelet sends it.
+    pub async fn pull_with(
+        &self,
+        image: &str,
+        limit: Duration,
+        login: Option<(&str, &str)>,
+    ) -> Result<String> {
         let req = PullImageRequest {
             image: Self::spec(image),
-            auth: None,
+            auth: login.map(|(username, password)| pb::AuthConfig {
+                username: username.to_owned(),
+                password: password.to_owned(),
+                ..Default::default()
+            }),
         };
         let resp = tokio::time::timeout(limit, self.client.clone().pull_image(req))
             .await

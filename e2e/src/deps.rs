@@ -15,6 +15,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/docker-registry", "docker-registry"),
     ("/usr/bin/skopeo", "skopeo"),
     ("/usr/sbin/ip", "iproute2"),
+    ("/usr/sbin/tc", "iproute2"),
+    ("/usr/bin/htpasswd", "apache2-utils"),
 ];
 
 /// Checks for root and installs missing packages (once per process).
@@ -88,6 +90,23 @@ fn build() -> Result<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|_| workspace().join("target"));
     Ok(target.join("debug").join("mirrorlet"))
+}
+
+/// One of this crate's own programs (`hub-front`, `corrupt-peer`), built beside the
+/// running test or tool.
+pub fn e2e_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running program")?;
+    let dirs = exe.ancestors().skip(1).take(2);
+    for dir in dirs {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    anyhow::bail!(
+        "{name} not found beside {}; build it with `cargo build -p mirrorlet-e2e --bins`",
+        exe.display()
+    )
 }
 
 /// Where generated test images are cached.

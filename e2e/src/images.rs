@@ -128,8 +128,14 @@ impl TestImage {
         Ok(dir)
     }
 
-    /// Pushes the image to `registry` (`host:port`, plain HTTP) with skopeo.
-    pub fn push(&self, cache: &Path, registry: &str) -> Result<()> {
+    /// Pushes the image to `registry` (`host:port`, plain HTTP) with skopeo, with `login`
+    /// if the registry wants one.
+    pub fn push(
+        &self,
+        cache: &Path,
+        registry: &str,
+        login: Option<&(String, String)>,
+    ) -> Result<()> {
         let layout = self.layout(cache)?;
         let src = format!("oci:{}:{}", layout.display(), self.tag);
         let dst = format!("docker://{registry}/{}:{}", self.repo, self.tag);
@@ -144,6 +150,10 @@ impl TestImage {
             Shape::Single { docker: true, .. } => args.extend(["--format", "v2s2"]),
             Shape::MultiArch { .. } => args.push("--all"),
             Shape::Single { .. } => {}
+        }
+        let creds = login.map(|(u, p)| format!("{u}:{p}"));
+        if let Some(c) = &creds {
+            args.extend(["--dest-creds", c.as_str()]);
         }
         args.extend([src.as_str(), dst.as_str()]);
         run("skopeo", &args).with_context(|| format!("pushing {}:{}", self.repo, self.tag))?;

@@ -132,6 +132,72 @@ impl Host {
     pub fn link_up(&self) -> Result<()> {
         run("ip", &["link", "set", &self.veth, "up"]).map(drop)
     }
+
+    /// Gives the host a second address, `.octet` on the same network (another "host" for
+    /// servers that must look like a different machine, e.g. a CDN).
+    pub fn add_addr(&self, octet: u8) -> Result<Ipv4Addr> {
+        let [a, b, c, _] = self.addr.octets();
+        let addr = Ipv4Addr::new(a, b, c, octet);
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.netns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        Ok(addr)
+    }
+
+    /// Caps what the host sends at `rate` (tc's notation, e.g. `200mbit`), like a
+    /// realistic internet registry.
+    pub fn cap_upload(&self, rate: &str) -> Result<()> {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.netns,
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                "eth0",
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "256kb",
+                "latency",
+                "400ms",
+            ],
+        )
+        .map(drop)
+    }
+
+    /// Removes the cap.
+    pub fn uncap_upload(&self) -> Result<()> {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.netns,
+                "tc",
+                "qdisc",
+                "del",
+                "dev",
+                "eth0",
+                "root",
+            ],
+        )
+        .map(drop)
+    }
 }
 
 fn bridge_name(k: u8) -> String {

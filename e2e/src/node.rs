@@ -210,6 +210,24 @@ state = "{d}/containerd/state"
         self.agent.as_mut().is_some_and(Proc::is_running)
     }
 
+    /// The agent's peer id (from its start-up log line).
+    pub fn peer_id(&self) -> Option<String> {
+        let log = std::fs::read_to_string(self.dir.join("agent.log")).ok()?;
+        log.lines().rev().find_map(|l| {
+            let (_, rest) = l.split_once("peer_id=")?;
+            let id = rest
+                .trim_start_matches('"')
+                .split(|c: char| c == '"' || c.is_whitespace())
+                .next()?;
+            Some(id.to_owned())
+        })
+    }
+
+    /// The whole agent log.
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
     /// The end of the agent's log.
     pub fn agent_log_tail(&self, lines: usize) -> String {
         self.agent

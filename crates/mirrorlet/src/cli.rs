@@ -93,6 +93,106 @@ pub(crate) struct RunArgs {
     /// Peer-to-peer flags.
     #[command(flatten)]
     pub(crate) p2p: P2pArgs,
+    /// Pull-through flags.
+    #[command(flatten)]
+    pub(crate) upstream: UpstreamArgs,
+}
+
+/// Pull-through flags of `mirrorlet run`: the agents fetch what no node holds from the
+/// upstream registry once for the whole cluster.
+#[derive(Debug, Args)]
+pub(crate) struct UpstreamArgs {
+    /// Registries the agent pulls through, comma-separated. Empty: pull-through off (a
+    /// miss goes back to containerd, which fetches it itself). Any other registry is never
+    /// contacted by the agent.
+    #[arg(
+        long,
+        env = "MIRRORLET_UPSTREAM_REGISTRIES",
+        value_delimiter = ',',
+        default_value = hosts::DEFAULT_UPSTREAM_REGISTRIES,
+        value_parser = parse_upstream_registry
+    )]
+    pub(crate) upstream_registries: Vec<OptionalRegistry>,
+    /// Where a registry is reached, `REGISTRY=URL`, repeatable or comma-separated
+    /// (default `https://REGISTRY`; Docker Hub at https://registry-1.docker.io).
+    /// `http://` is used only when given here (air-gapped or test registries).
+    #[arg(
+        long,
+        env = "MIRRORLET_UPSTREAM_ENDPOINT",
+        value_delimiter = ',',
+        default_value = "",
+        value_parser = parse_upstream_endpoint
+    )]
+    pub(crate) upstream_endpoint: Vec<OptionalEndpoint>,
+    /// Credentials for upstream registries: a Docker config.json (a mounted
+    /// `kubernetes.io/dockerconfigjson` Secret). Each goes only to its own registry.
+    /// Empty: anonymous pulls.
+    #[arg(long, env = "MIRRORLET_UPSTREAM_CREDENTIALS", default_value = "", value_parser = parse_optional_path)]
+    pub(crate) upstream_credentials: OptionalPath,
+    /// How long a tag's digest stands before its owner asks upstream again (with a HEAD,
+    /// which Docker Hub does not count).
+    #[arg(long, env = "MIRRORLET_TAG_REVALIDATE", default_value = "30s", value_parser = parse_duration)]
+    pub(crate) tag_revalidate: Duration,
+    /// While upstream is unreachable or rate limiting, tags whose digest was confirmed at
+    /// most this long ago are served from what the cluster holds. 0s: never.
+    #[arg(long, env = "MIRRORLET_STALE_TAG_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
+    pub(crate) stale_tag_max_age: Duration,
+    /// Time to connect to an upstream registry.
+    #[arg(long, env = "MIRRORLET_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
+    pub(crate) upstream_connect_timeout: Duration,
+    /// Time for an upstream registry to answer a request (its response head).
+    #[arg(long, env = "MIRRORLET_UPSTREAM_RESPONSE_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub(crate) upstream_response_timeout: Duration,
+    /// An upstream body that delivers nothing for this long is continued elsewhere.
+    #[arg(long, env = "MIRRORLET_UPSTREAM_READ_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub(crate) upstream_read_timeout: Duration,
+    /// Bytes of fetched blobs kept on disk (in --spool-dir) to serve the cluster;
+    /// least recently used first out.
+    #[arg(long, env = "MIRRORLET_CACHE_SIZE", default_value = "4294967296")]
+    pub(crate) cache_size: u64,
+    /// Peers one node streams a blob it is downloading to at most; further peers read
+    /// it from nodes that are downloading it too.
+    #[arg(long, env = "MIRRORLET_MAX_PEER_STREAMS", default_value = "4", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub(crate) max_peer_streams: u32,
+}
+
+/// A registry flag entry (empty entries are ignored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OptionalRegistry(pub(crate) Option<mirrorlet_oci::Registry>);
+
+fn parse_upstream_registry(s: &str) -> Result<OptionalRegistry, String> {
+    if s.trim().is_empty() {
+        return Ok(OptionalRegistry(None));
+    }
+    if s == "_default" {
+        return Err("_default is for configure; name the registries to pull through".into());
+    }
+    parse_registry(s.trim()).and_then(|r| {
+        mirrorlet_oci::Registry::parse(&r)
+            .map(|r| OptionalRegistry(Some(r)))
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// An endpoint flag entry (empty entries are ignored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OptionalEndpoint(
+    pub(crate) Option<(mirrorlet_oci::Registry, mirrorlet_upstream::Url)>,
+);
+
+fn parse_upstream_endpoint(s: &str) -> Result<OptionalEndpoint, String> {
+    if s.trim().is_empty() {
+        return Ok(OptionalEndpoint(None));
+    }
+    mirrorlet_upstream::parse_endpoint(s).map(|e| OptionalEndpoint(Some(e)))
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
 }
 
 /// Peer-to-peer flags of `mirrorlet run`.
@@ -374,6 +474,65 @@ mod tests {
         assert_eq!(args.containerd_content_dir, OptionalPath(None));
     }
 
+    fn run_args(args: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["mirrorlet", "run"].iter().chain(args)).expect("parses");
+        let Command::Run(args) = cli.command else {
+            panic!("run")
+        };
+        *args
+    }
+
+    #[test]
+    fn pull_through_flags() {
+        // On by default for the public registries, anonymous.
+        let c = crate::run::upstream_config(&run_args(&[]).upstream).expect("valid");
+        assert_eq!(c.registries.len(), 7);
+        assert_eq!(c.registries[0].as_str(), "docker.io");
+        // Empty: off.
+        let c = crate::run::upstream_config(&run_args(&["--upstream-registries", ""]).upstream)
+            .expect("valid");
+        assert!(c.registries.is_empty());
+        // An endpoint for a listed registry; plain HTTP when asked for.
+        let args = run_args(&[
+            "--upstream-registries",
+            "registry.e2e.test,docker.io",
+            "--upstream-endpoint",
+            "registry.e2e.test=http://198.18.0.254:5000,docker.io=https://mirror.example",
+        ]);
+        let c = crate::run::upstream_config(&args.upstream).expect("valid");
+        let e2e = mirrorlet_oci::Registry::parse("registry.e2e.test").expect("registry");
+        assert_eq!(c.endpoint(&e2e).as_str(), "http://198.18.0.254:5000/");
+        // An endpoint for a registry not pulled through is a mistake worth stopping for.
+        let args = run_args(&[
+            "--upstream-registries",
+            "docker.io",
+            "--upstream-endpoint",
+            "ghcr.io=https://x",
+        ]);
+        let err = crate::run::upstream_config(&args.upstream).expect_err("refused");
+        assert!(
+            format!("{err:#}").contains("--upstream-endpoint ghcr.io"),
+            "{err:#}"
+        );
+        // A credentials file that cannot be read names the flag and the file.
+        let args = run_args(&["--upstream-credentials", "/nonexistent/config.json"]);
+        let err = crate::run::upstream_config(&args.upstream).expect_err("refused");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("--upstream-credentials /nonexistent/config.json"),
+            "{text}"
+        );
+        let dir = tempfile::tempdir().expect("dir");
+        let bad = dir.path().join("config.json");
+        std::fs::write(&bad, "{not json").expect("write");
+        let args = run_args(&["--upstream-credentials", bad.to_str().expect("utf-8")]);
+        let err = crate::run::upstream_config(&args.upstream).expect_err("refused");
+        assert!(
+            format!("{err:#}").contains("not a Docker config.json"),
+            "{err:#}"
+        );
+    }
+
     #[test]
     fn bad_values_name_the_flag_and_the_value() {
         for (args, flag, value) in [
@@ -408,6 +567,41 @@ mod tests {
                 vec!["configure", "--dial-timeout", "0s"],
                 "--dial-timeout",
                 "0s",
+            ),
+            (
+                vec!["run", "--upstream-endpoint", "docker.io"],
+                "--upstream-endpoint",
+                "docker.io",
+            ),
+            (
+                vec!["run", "--upstream-endpoint", "ghcr.io=ftp://x"],
+                "--upstream-endpoint",
+                "ftp://x",
+            ),
+            (
+                vec!["run", "--upstream-registries", "docker.io,Bad Host"],
+                "--upstream-registries",
+                "Bad Host",
+            ),
+            (
+                vec!["run", "--upstream-registries", "_default"],
+                "--upstream-registries",
+                "_default",
+            ),
+            (
+                vec!["run", "--tag-revalidate", "soon"],
+                "--tag-revalidate",
+                "soon",
+            ),
+            (
+                vec!["run", "--upstream-read-timeout", "0s"],
+                "--upstream-read-timeout",
+                "0s",
+            ),
+            (
+                vec!["run", "--max-peer-streams", "0"],
+                "--max-peer-streams",
+                "0",
             ),
         ] {
             let err = Cli::try_parse_from(std::iter::once("mirrorlet").chain(args.iter().copied()))

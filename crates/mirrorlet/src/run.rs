@@ -12,7 +12,7 @@ use mirrorlet_oci::glob::Glob;
 use mirrorlet_oci::{MemoryNetwork, MemoryRouter, Peer, Router, Store};
 use mirrorlet_registry::ratelimit::RateLimiter;
 use mirrorlet_registry::server::{self, Limits};
-use mirrorlet_registry::{AppState, Metrics, PeerConfig};
+use mirrorlet_registry::{AppState, Metrics, PeerConfig, PullThroughConfig};
 use mirrorlet_routing::advertiser::{self, AdvertiserConfig, InventoryMetrics};
 use mirrorlet_routing::{P2pConfig, P2pMetrics, P2pRouter, identity};
 use tokio::net::TcpListener;
@@ -20,7 +20,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cli::{P2pArgs, RunArgs};
+use crate::cli::{P2pArgs, RunArgs, UpstreamArgs};
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -52,6 +52,15 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Metrics::register(&mut registry);
     let inventory_metrics = InventoryMetrics::register(&mut registry);
     let p2p_metrics = P2pMetrics::register(&mut registry);
+    let upstream_metrics = mirrorlet_upstream::UpstreamMetrics::register(&mut registry);
+    let upstream_config = upstream_config(&args.upstream)?;
+    let pulled_through: Vec<String> = upstream_config
+        .registries
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let upstream = mirrorlet_upstream::Client::new(upstream_config, upstream_metrics)
+        .context("building the upstream client")?;
 
     let shutdown = CancellationToken::new();
     let router_shutdown = CancellationToken::new();
@@ -104,6 +113,12 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         .boxed()
     });
+    let pull = PullThroughConfig {
+        tag_revalidate: args.upstream.tag_revalidate,
+        stale_tag_max_age: args.upstream.stale_tag_max_age,
+        max_peer_streams: args.upstream.max_peer_streams as usize,
+        ..PullThroughConfig::default()
+    };
     let mut state = AppState::new(
         store.clone(),
         router.clone(),
@@ -112,7 +127,10 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::new(registry),
         ready,
     )
-    .context("building the peer HTTP client")?;
+    .context("building the peer HTTP client")?
+    .with_upstream(Arc::new(upstream), pull, args.upstream.cache_size);
+    // The node's store with the pull-through cache under it: advertised as one.
+    let store = state.store.clone();
     if p2p.peer_upload_limit > 0 {
         state.peer_upload_limit = Some(RateLimiter::new(p2p.peer_upload_limit));
     }
@@ -121,6 +139,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     // the advertiser still keeps the inventory gauges.
     let config = AdvertiserConfig {
         tag_excludes: tag_excludes(p2p),
+        revalidated: pulled_through.clone(),
     };
     let advertising = tokio::spawn(advertiser::run(
         store.clone(),
@@ -145,6 +164,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespace = %args.containerd_namespace,
         content_dir = ?content_dir,
         p2p = p2p.enabled,
+        pull_through = ?pulled_through,
         version = env!("CARGO_PKG_VERSION"),
         "mirrorlet agent started"
     );
@@ -174,6 +194,42 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         anyhow::bail!("the HTTP server stopped unexpectedly");
     }
     Ok(())
+}
+
+/// The upstream client's configuration from the flags, checked for consistency.
+pub(crate) fn upstream_config(
+    args: &UpstreamArgs,
+) -> anyhow::Result<mirrorlet_upstream::UpstreamConfig> {
+    let registries: Vec<_> = args
+        .upstream_registries
+        .iter()
+        .filter_map(|r| r.0.clone())
+        .collect();
+    let mut config = mirrorlet_upstream::UpstreamConfig {
+        registries: registries.clone(),
+        connect_timeout: args.upstream_connect_timeout,
+        response_timeout: args.upstream_response_timeout,
+        read_timeout: args.upstream_read_timeout,
+        ..Default::default()
+    };
+    for (registry, url) in args.upstream_endpoint.iter().filter_map(|e| e.0.clone()) {
+        anyhow::ensure!(
+            registries.contains(&registry),
+            "--upstream-endpoint {registry}={url}: {registry} is not in --upstream-registries"
+        );
+        config.endpoints.insert(registry, url);
+    }
+    if let Some(path) = &args.upstream_credentials.0 {
+        let credentials = mirrorlet_upstream::Credentials::load(path)
+            .with_context(|| format!("--upstream-credentials {}", path.display()))?;
+        for r in credentials.registries() {
+            if !registries.contains(r) {
+                tracing::warn!(registry = %r, "--upstream-credentials has credentials for a registry not in --upstream-registries; they are not used");
+            }
+        }
+        config.credentials = credentials;
+    }
+    Ok(config)
 }
 
 fn tag_excludes(p2p: &P2pArgs) -> Vec<Glob> {

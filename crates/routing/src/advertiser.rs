@@ -24,8 +24,12 @@ const BATCH: usize = 1_000;
 /// What to advertise.
 #[derive(Debug, Clone, Default)]
 pub struct AdvertiserConfig {
-    /// Tags matching any of these are not advertised (nor resolved through peers).
+    /// Tags matching any of these are not advertised (nor resolved through peers)...
     pub tag_excludes: Vec<Glob>,
+    /// ...unless they belong to one of these registries, whose tags the cluster
+    /// revalidates upstream (pull-through): a peer's copy is only used while upstream is
+    /// down, as the last digest the cluster knew.
+    pub revalidated: Vec<String>,
 }
 
 /// Gauges of what the node holds.
@@ -165,7 +169,13 @@ impl Advertiser {
     }
 
     fn tag_key(&self, tag: Option<String>) -> Option<String> {
-        tag.filter(|t| !any_match(&self.config.tag_excludes, t))
+        tag.filter(|t| {
+            let revalidated = self.config.revalidated.iter().any(|r| {
+                t.strip_prefix(r.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+            });
+            revalidated || !any_match(&self.config.tag_excludes, t)
+        })
     }
 
     async fn resync(&mut self) {

@@ -9,6 +9,8 @@ use prometheus_client::registry::Registry;
 pub struct P2pMetrics {
     /// Peers with at least one open connection.
     pub connected_peers: Gauge,
+    /// Connected peers known to be agents with a registry (the pull-through membership).
+    pub members: Gauge,
     /// Keys this node advertises.
     pub advertised_keys: Gauge,
     /// Peers in the Kademlia routing table.
@@ -27,6 +29,11 @@ impl P2pMetrics {
             "mirrorlet_p2p_connected_peers",
             "Peers with an open connection",
             me.connected_peers.clone(),
+        );
+        registry.register(
+            "mirrorlet_p2p_members",
+            "Connected agents among which owners of pull-through fetches are chosen",
+            me.members.clone(),
         );
         registry.register(
             "mirrorlet_p2p_advertised_keys",

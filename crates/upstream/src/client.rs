@@ -328,9 +328,9 @@ impl Client {
             StatusCode::NOT_FOUND => UpstreamError::NotFound(what),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 let who = if self.inner.auth.login(registry).is_some() && authenticated {
-                    "the configured credentials were refused"
+                    format!("{registry} refused the configured credentials")
                 } else {
-                    "no access without credentials"
+                    format!("{registry} gives no access without credentials")
                 };
                 UpstreamError::Denied(format!("{what}: {who}"))
             }

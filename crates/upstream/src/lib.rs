@@ -23,3 +23,4 @@ pub use client::{Client, ClientError};
 pub use config::{UpstreamConfig, parse_endpoint};
 pub use credentials::{Credentials, CredentialsError};
 pub use metrics::UpstreamMetrics;
+pub use reqwest::Url;

@@ -24,7 +24,7 @@ fn main() -> Result<()> {
     let cache = deps::image_cache();
     std::fs::create_dir_all(&cache)?;
     for image in &images {
-        image.push(&cache, &registry)?;
+        image.push(&cache, &registry, None)?;
         println!("pushed {registry}/{}:{}", image.repo, image.tag);
     }
     Ok(())

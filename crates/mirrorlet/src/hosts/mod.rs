@@ -26,6 +26,8 @@ const TEMP: &str = "hosts.toml.mirrorlet-tmp";
 /// The default registries to mirror, comma-separated.
 pub(crate) const DEFAULT_REGISTRIES: &str =
     "docker.io,ghcr.io,quay.io,registry.k8s.io,mcr.microsoft.com,public.ecr.aws,gcr.io";
+/// The registries the agent pulls through unless told otherwise: the same public ones.
+pub(crate) const DEFAULT_UPSTREAM_REGISTRIES: &str = DEFAULT_REGISTRIES;
 
 /// What `configure` writes.
 #[derive(Debug, Clone)]

@@ -92,13 +92,13 @@ async fn fetch_manifest(
         && let Some(m) = fetch::manifest(state, digest.as_str(), &path, Some(digest), accept).await
     {
         tracing::debug!(peer = %m.peer.addr, %digest, "manifest from a peer");
-        return Some(keep(
-            state,
-            m.descriptor,
-            m.bytes,
-            Source::Peer,
-            "from-holders",
-        ));
+        // Peers that hold it serve it: not kept here (containerd keeps what it pulls).
+        count(state, "from-holders");
+        return Some(Fetched {
+            descriptor: m.descriptor,
+            bytes: m.bytes,
+            source: Source::Peer,
+        });
     }
     if !state.upstream.allows(registry) {
         return None;
@@ -144,8 +144,8 @@ async fn fetch_manifest(
     }
 }
 
-/// Keeps a verified manifest in the cache (so the node serves and advertises it) and
-/// counts how it came.
+/// Keeps a manifest fetched for the cluster (so the node serves and advertises it to late
+/// arrivals) and counts how it came.
 fn keep(
     state: &AppState,
     descriptor: Descriptor,
@@ -154,6 +154,15 @@ fn keep(
     role: &'static str,
 ) -> Fetched {
     state.cache.put_manifest(&descriptor, bytes.clone());
+    count(state, role);
+    Fetched {
+        descriptor,
+        bytes,
+        source,
+    }
+}
+
+fn count(state: &AppState, role: &'static str) {
     state
         .metrics
         .fetches
@@ -162,11 +171,6 @@ fn keep(
             role,
         })
         .inc();
-    Fetched {
-        descriptor,
-        bytes,
-        source,
-    }
 }
 
 /// Asks `peer`, as an owner, for a manifest at `path` (`head`: its description only).

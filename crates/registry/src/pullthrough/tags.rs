@@ -185,7 +185,6 @@ async fn stale(
         if let Some(m) = fetch::manifest(state, &key, &path, None, accept).await
             && let Some(confirmed) = m.confirmed
         {
-            state.cache.put_manifest(&m.descriptor, m.bytes);
             found = Some((
                 TagEntry {
                     descriptor: m.descriptor,

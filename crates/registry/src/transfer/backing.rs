@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream;
 use mirrorlet_oci::digest::Verifier;
-use mirrorlet_oci::{BlobStream, ByteRange, filestream};
+use mirrorlet_oci::{BlobStream, ByteRange};
 use tokio::sync::mpsc;
 
 use super::Transfer;
@@ -58,31 +58,34 @@ impl Backing {
         }
     }
 
-    /// Streams `range` of a complete copy.
-    pub(crate) fn stream(self: &Arc<Self>, range: ByteRange) -> io::Result<BlobStream> {
-        match &**self {
-            Self::File(f) => Ok(filestream::stream(f.try_clone()?, range)),
-            Self::Memory(_) => {
-                let me = self.clone();
-                Ok(stream::unfold(range.start, move |pos| {
-                    let me = me.clone();
-                    async move {
-                        if pos >= range.end {
-                            return None;
-                        }
-                        match me.read(pos, range.end - pos).await {
-                            Ok(c) if c.is_empty() => None,
-                            Ok(c) => {
-                                let next = pos + c.len() as u64;
-                                Some((Ok(c), next))
-                            }
-                            Err(e) => Some((Err(e), range.end)),
-                        }
+    /// Streams `range` of a complete copy. Reads are positional, so any number of streams
+    /// of one copy can run at once.
+    pub(crate) fn stream(self: &Arc<Self>, range: ByteRange) -> BlobStream {
+        let me = self.clone();
+        stream::unfold(range.start, move |pos| {
+            let me = me.clone();
+            async move {
+                if pos >= range.end {
+                    return None;
+                }
+                let want = (range.end - pos).min(super::READ_CHUNK);
+                match me.read(pos, want).await {
+                    Ok(c) if c.is_empty() => Some((
+                        Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "copy shorter than its size",
+                        )),
+                        range.end,
+                    )),
+                    Ok(c) => {
+                        let next = pos + c.len() as u64;
+                        Some((Ok(c), next))
                     }
-                })
-                .boxed())
+                    Err(e) => Some((Err(e), range.end)),
+                }
             }
-        }
+        })
+        .boxed()
     }
 
     /// Bytes held in memory (0 for a file).

@@ -42,10 +42,13 @@ async fn follows_the_store_and_withdraws_on_shutdown() {
     ));
     store.put_image("example.com/app:v1", manifest.clone());
     store.put_image("example.com/app:latest", manifest.clone());
+    store.put_image("pulled.example/app:latest", manifest.clone());
+    store.put_image("pulled.example.other/app:latest", manifest.clone());
 
     let shutdown = CancellationToken::new();
     let config = AdvertiserConfig {
         tag_excludes: vec![Glob::new("*:latest")],
+        revalidated: vec!["pulled.example".into()],
     };
     let metrics = InventoryMetrics::default();
     let task = tokio::spawn(run(
@@ -61,15 +64,18 @@ async fn follows_the_store_and_withdraws_on_shutdown() {
     eventually(&other, manifest.digest.as_str(), true).await;
     eventually(&other, layer.digest.as_str(), true).await;
     assert!(!found(&other, "example.com/app:latest").await);
+    // ...but tags of registries the cluster revalidates upstream are advertised all.
+    eventually(&other, "pulled.example/app:latest", true).await;
+    assert!(!found(&other, "pulled.example.other/app:latest").await);
 
-    // The inventory gauges follow the store: two images, both tagged, two digests.
+    // The inventory gauges follow the store: four images, all tagged, two digests.
     assert_eq!(
         (
             metrics.images.get(),
             metrics.tags.get(),
             metrics.blobs.get()
         ),
-        (2, 2, 2)
+        (4, 4, 2)
     );
 
     // A blob is advertised as soon as it lands, before any image refers to it.

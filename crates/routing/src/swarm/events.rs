@@ -93,6 +93,8 @@ impl EventLoop {
                         self.learn_address(peer_id, addr);
                     }
                 }
+                // It is a member now that its registry port is known.
+                self.refresh_gauges();
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,

@@ -202,6 +202,10 @@ impl EventLoop {
     }
 
     pub(super) fn refresh_gauges(&mut self) {
+        let members = self.members().len();
+        self.metrics
+            .members
+            .set(i64::try_from(members).unwrap_or(i64::MAX));
         let connected = self.connected_peers();
         self.metrics
             .connected_peers
