@@ -65,6 +65,8 @@ pub struct DurationLabels {
 pub struct SourceLabels {
     /// Where the bytes came from.
     pub source: &'static str,
+    /// `containerd` (any client of this node) or `peer` (another agent).
+    pub requester: &'static str,
 }
 
 /// Labels of lookups.
@@ -161,7 +163,7 @@ impl Metrics {
         );
         registry.register(
             "mirrorlet_registry_served_bytes",
-            "Body bytes served by content source",
+            "Body bytes served by content source and requester",
             me.bytes.clone(),
         );
         registry.register(
@@ -237,11 +239,12 @@ impl Metrics {
         me
     }
 
-    /// A counter of bytes served from `source`.
-    pub fn bytes_from(&self, source: Source) -> Counter {
+    /// A counter of bytes served from `source` to `requester` (`containerd` or `peer`).
+    pub fn bytes_from(&self, source: Source, requester: &'static str) -> Counter {
         self.bytes
             .get_or_create(&SourceLabels {
                 source: source.as_str(),
+                requester,
             })
             .clone()
     }

@@ -130,6 +130,14 @@ impl Ask<'_> {
     fn is_agent(&self) -> bool {
         self.requester != Requester::Client
     }
+
+    fn requester_label(&self) -> &'static str {
+        if self.is_agent() {
+            "peer"
+        } else {
+            "containerd"
+        }
+    }
 }
 
 async fn dispatch(
@@ -530,7 +538,7 @@ async fn serve_client(
         partial,
     );
     let generation = transfer.progress().generation;
-    let counter = ask.state.metrics.bytes_from(source);
+    let counter = ask.state.metrics.bytes_from(source, "containerd");
     let sent = Arc::new(AtomicBool::new(false));
     let (state, t) = (ask.state.clone(), transfer.clone());
     let body = transfer.read(range, 1).map(move |item| {
@@ -679,7 +687,7 @@ fn send_manifest(
     }
     ask.state
         .metrics
-        .bytes_from(source)
+        .bytes_from(source, ask.requester_label())
         .inc_by(bytes.len() as u64);
     let head = content_head(
         &desc.media_type,
@@ -722,7 +730,7 @@ async fn send_local(
 /// paced by the upload limit for agents.
 fn outgoing(ask: &Ask<'_>, stream: BlobStream, source: Source) -> Body {
     let state = ask.state;
-    let counter = state.metrics.bytes_from(source);
+    let counter = state.metrics.bytes_from(source, ask.requester_label());
     let to_peers = ask
         .is_agent()
         .then(|| state.metrics.peer_served_bytes.clone());

@@ -183,7 +183,10 @@ async fn a_node_serves_what_only_its_peer_has() {
         .expect("head");
     assert_eq!(r.headers()["content-length"], "300000");
 
-    assert!(b.metric("mirrorlet_registry_served_bytes_total{source=\"peer\"}") >= 300_000.0);
+    assert!(
+        b.metric("mirrorlet_registry_served_bytes_total{source=\"peer\",requester=\"containerd\"}")
+            >= 300_000.0
+    );
     assert!(a.metric("mirrorlet_registry_peer_served_bytes_total") >= 300_000.0);
     assert!(b.metric("mirrorlet_lookup_duration_seconds_count{outcome=\"found\"}") >= 1.0);
 

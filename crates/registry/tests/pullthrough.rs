@@ -219,7 +219,7 @@ async fn five_nodes_pulling_a_new_image_at_once_cost_one_upstream_request_each()
     assert_eq!(fetched, 3.0);
     let from_upstream: f64 = nodes
         .iter()
-        .map(|(n, _)| n.metric("mirrorlet_registry_served_bytes_total{source=\"upstream\"}"))
+        .map(|(n, _)| n.metric("mirrorlet_registry_served_bytes_total{source=\"upstream\",requester=\"containerd\"}"))
         .sum();
     assert!(from_upstream > 0.0);
 }

@@ -339,7 +339,9 @@ async fn health_and_metrics() {
     );
     assert!(text.contains(r#"mirrorlet_registry_requests_total{route="blob",method="GET",status="200",source="local",requester="containerd"} 1"#), "{text}");
     assert!(
-        text.contains(r#"mirrorlet_registry_served_bytes_total{source="local"} 200000"#),
+        text.contains(
+            r#"mirrorlet_registry_served_bytes_total{source="local",requester="containerd"} 200000"#
+        ),
         "{text}"
     );
     assert!(

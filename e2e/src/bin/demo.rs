@@ -1,12 +1,16 @@
 //! `make demo`: a local cluster of simulated nodes (network namespaces, real containerd,
-//! a mirrorlet agent each) and a local upstream registry. Node 1 pulls an image from
-//! upstream; then the upstream registry is stopped and every other node pulls the same
-//! image through the CRI, served by its peers. Prints where each node's bytes came from.
+//! a mirrorlet agent each) behind a Docker-Hub-like registry (bearer tokens, blobs from a
+//! CDN, and a rate limit of ONE counted manifest pull). Every node but one pulls a new
+//! image at the same moment: the registry sees one request per layer and one counted
+//! pull. Then the limit is spent, and the last node still starts its pod from the
+//! cluster. Prints what the registry saw and where each node's bytes came from.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use mirrorlet_e2e::{Cluster, Options, REGISTRY, TestImage, sum_metric};
+use futures_util::future::join_all;
+use mirrorlet_e2e::cluster::PullThrough;
+use mirrorlet_e2e::{Cluster, Options, TestImage, sum_metric};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -15,107 +19,127 @@ async fn main() -> Result<()> {
     let nodes: usize = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or(4)
-        .max(2);
+        .unwrap_or(5)
+        .max(3);
     let image = TestImage::single("demo/app", "v1", &[48 << 20, 16 << 20, 1 << 20]);
+    let other = TestImage::single("demo/brand-new", "v1", &[1 << 20]);
     println!(
-        "Starting {nodes} nodes (network namespaces on 198.18.x.0/24, containerd + mirrorlet each) and an upstream registry..."
+        "Starting {nodes} nodes (network namespaces on 198.18.x.0/24, containerd + mirrorlet each)\n\
+         and an upstream registry behind a Docker-Hub-like front: bearer tokens, blobs served\n\
+         from a CDN host, and a rate limit of ONE counted manifest pull..."
     );
-    let mut cluster = Cluster::start(Options {
+    let cluster = Cluster::start(Options {
         nodes,
-        images: vec![image.clone()],
+        images: vec![image.clone(), other.clone()],
+        pull_through: Some(PullThrough {
+            front: Some(Some(1)),
+            ..PullThrough::default()
+        }),
         ..Options::default()
     })
     .await?;
+    cluster.wait_members().await?;
     let name = Cluster::image_ref(&image);
+    let front = cluster
+        .front
+        .as_ref()
+        .map(|(_, a)| a.clone())
+        .unwrap_or_default();
+    println!("Registry front: http://{front}   image: {name} (3 layers, 65 MiB)\n");
+
+    let burst = &cluster.nodes[..nodes - 1];
     println!(
-        "Upstream registry: {}   image: {name} (3 layers, 65 MiB)\n",
-        cluster.upstream.url()
+        "Nodes 1-{} pull {name} at the same moment (a rollout of a new image):",
+        nodes - 1
+    );
+    let started = Instant::now();
+    let results = join_all(burst.iter().map(|n| {
+        let (cri, name) = (n.cri.clone(), name.clone());
+        async move {
+            let t = Instant::now();
+            let r = cri.pull(&name, Duration::from_secs(300)).await;
+            (r, t.elapsed())
+        }
+    }))
+    .await;
+    for (n, (r, took)) in burst.iter().zip(results) {
+        r?;
+        println!("  node {} pulled it in {took:.2?}", n.index);
+    }
+    println!("  all done in {:.2?}", started.elapsed());
+    let stats = cluster.front_stats().await?;
+    println!(
+        "\nWhat the registry saw: {} counted manifest pull(s), {} HEAD(s) (free), {} blob download(s)\n\
+         for 4 blobs (config + 3 layers), {} refused with 429, and {} request(s) carrying credentials\n\
+         to the CDN. Without a pull-through cache, {} nodes would have made {} counted pulls,\n\
+         and with a limit of one, all but one would have failed with 429 toomanyrequests.",
+        stats["manifest_gets"],
+        stats["manifest_heads"],
+        stats["blob_redirects"],
+        stats["rejected"],
+        stats["cdn_with_auth"],
+        nodes - 1,
+        nodes - 1,
     );
 
-    let started = Instant::now();
+    println!("\nThe limit is spent. Node {nodes} starts a pod with the same image:");
+    let t = Instant::now();
     cluster
-        .node(1)
+        .node(nodes)
         .cri
         .pull(&name, Duration::from_secs(300))
         .await?;
     println!(
-        "node 1 pulled {name} from the upstream registry in {:?}",
-        started.elapsed()
+        "  node {nodes} pulled {name} in {:.2?}: the tag is fresh in the cluster, every byte came from peers",
+        t.elapsed()
     );
-
-    cluster.upstream.stop();
-    println!("upstream registry STOPPED (as if Docker Hub answered 429 or went down)\n");
-    // Give node 1's advertisement a moment to spread (it is usually there already).
-    let url = format!(
-        "{}/v2/{}/manifests/{}?ns={REGISTRY}",
-        cluster.node(2).agent_url(),
-        image.repo,
-        image.tag
-    );
-    for _ in 0..100 {
-        if cluster
-            .http
-            .head(&url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            break;
+    println!("A brand-new image cannot come while the registry refuses:");
+    match cluster
+        .node(1)
+        .cri
+        .pull(&Cluster::image_ref(&other), Duration::from_secs(60))
+        .await
+    {
+        Ok(_) => println!("  unexpectedly pulled"),
+        Err(_) => {
+            let stats = cluster.front_stats().await?;
+            println!(
+                "  node 1: the pull failed; the registry refused {} manifest GET(s) with 429 (the\n  \
+                 agent's, then containerd's own). The agents leave the registry alone until its\n  \
+                 Retry-After and answer from the cluster meanwhile; kubelet retries the pull later.",
+                stats["rejected"]
+            );
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for node in &cluster.nodes[1..] {
-        let started = Instant::now();
-        node.cri.pull(&name, Duration::from_secs(300)).await?;
-        println!(
-            "node {} ({}) pulled {name} via CRI in {:?} with upstream down",
-            node.index,
-            node.host.addr,
-            started.elapsed()
-        );
     }
 
+    println!("\nWhere each node's bytes came from (MiB), and what it served to other agents:");
     println!(
-        "\nWhat each node's containerd got from its agent, and what the agent served to other agents (MiB):"
-    );
-    println!(
-        "{:<8}{:>14}{:>12}{:>22}{:>20}",
-        "node", "from itself", "from peers", "upstream-fallthrough", "served to peers"
+        "{:<8}{:>14}{:>12}{:>14}{:>20}",
+        "node", "from itself", "from peers", "from upstream", "served to peers"
     );
     for node in &cluster.nodes {
         let m = node.metrics().await?;
-        let local = sum_metric(
-            &m,
-            "mirrorlet_registry_served_bytes_total",
-            &[("source", "local")],
-        );
-        let peer = sum_metric(
-            &m,
-            "mirrorlet_registry_served_bytes_total",
-            &[("source", "peer")],
-        );
-        let miss = sum_metric(
-            &m,
-            "mirrorlet_registry_requests_total",
-            &[
-                ("source", "upstream-fallthrough"),
-                ("requester", "containerd"),
-            ],
-        );
+        // What this node's containerd received, by where it came from.
+        let bytes = |source| {
+            sum_metric(
+                &m,
+                "mirrorlet_registry_served_bytes_total",
+                &[("source", source), ("requester", "containerd")],
+            )
+        };
         let served = sum_metric(&m, "mirrorlet_registry_peer_served_bytes_total", &[]);
         println!(
-            "{:<8}{:>14.1}{:>12.1}{:>22}{:>20.1}",
+            "{:<8}{:>14.1}{:>12.1}{:>14.1}{:>20.1}",
             format!("node {}", node.index),
-            (local - served) / MIB,
-            peer / MIB,
-            format!("{miss} requests"),
+            bytes("local") / MIB,
+            bytes("peer") / MIB,
+            bytes("upstream") / MIB,
             served / MIB
         );
     }
     println!(
-        "\nNode 1's misses went upstream (once for the whole cluster); every other node got the\n\
-         image from its peers while the upstream registry was down."
+        "\nOne node fetched each layer from the registry (its owner, chosen by rendezvous hashing)\n\
+         and streamed it to the others while it downloaded; late arrivals were served by the cluster."
     );
     let left = cluster.teardown();
     anyhow::ensure!(left.is_empty(), "teardown left {left:?}");
