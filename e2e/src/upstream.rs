@@ -23,6 +23,8 @@ pub struct Access {
     pub path: String,
     /// The status answered.
     pub status: u16,
+    /// Body bytes sent.
+    pub bytes: u64,
     /// The client's User-Agent.
     pub user_agent: String,
 }
@@ -37,7 +39,7 @@ impl Access {
         let (method, path) = (req.next()?, req.next()?);
         let mut fields = rest.trim_start().splitn(3, ' ');
         let status = fields.next()?.parse().ok()?;
-        let _size = fields.next()?;
+        let bytes = fields.next()?.parse().unwrap_or(0);
         let user_agent = fields
             .next()?
             .rsplit('"')
@@ -49,6 +51,7 @@ impl Access {
             method: method.to_owned(),
             path: path.to_owned(),
             status,
+            bytes,
             user_agent,
         })
     }
