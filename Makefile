@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup build demo test unit e2e lint bench clean-e2e
+.PHONY: setup build demo test unit e2e lint bench chart-check clean-e2e
 
 setup:
 	bash e2e/setup.sh
@@ -36,6 +36,11 @@ lint: setup
 
 bench: setup
 	bash e2e/bench/run.sh
+
+## Checks the Helm chart offline with the workspace's chart-check tool (needs ../shared).
+chart-check:
+	$(CARGO) build --release -p mirrorlet
+	../shared/tools/chart-check/run charts/mirrorlet/ci/check-variants.txt
 
 ## Removes clusters left behind by a killed test run.
 clean-e2e:
