@@ -352,9 +352,11 @@ pass "pullthrough g"
 # h: a CDN flips a byte of a layer: the first pull fails, nothing wrong is stored, the retry works.
 layer=$(digests_of e2e/pt-corrupt | tail -1)
 curl -fs -X POST "http://$FLAKY_ADMIN/admin/corrupt/$layer" || fail "pullthrough h: arming the corruption"
+docker exec "$PT_UP" tc qdisc replace dev eth0 root tbf rate 200mbit burst 256kb latency 400ms
 if crictl_pull "$N1" "$FLAKY_REG/e2e/pt-corrupt:v1"; then fail "pullthrough h: a corrupt layer was accepted"; fi
 ! docker exec "$N1" ctr -n k8s.io content ls -q | grep -q "$layer" || fail "pullthrough h: wrong bytes committed"
 awk -v a="$(metric "$N1" mirrorlet_ingests_aborted_total)" 'BEGIN{exit !(a >= 1)}' || fail "pullthrough h: no abort"
+docker exec "$PT_UP" tc qdisc del dev eth0 root
 crictl_pull "$N1" "$FLAKY_REG/e2e/pt-corrupt:v1" || fail "pullthrough h: the retry failed"
 pass "pullthrough h"
 

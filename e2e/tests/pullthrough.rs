@@ -499,6 +499,10 @@ async fn h_wrong_bytes_from_the_registry_never_reach_containerds_store() {
     let (_, blobs) = digests(&c, &image).await;
     let layer = blobs.last().expect("layer").clone();
     c.front_corrupt_next(&layer).await.expect("corrupt");
+    // Slow enough that containerd is sure to be reading the layer as it arrives (on a fast
+    // link the whole copy can fail verification before anyone read it, and is then
+    // quietly fetched again: correct, but not this scenario).
+    c.upstream.host.cap_upload("200mbit").expect("cap");
     let name = Cluster::image_ref(&image);
     let first = c.node(1).cri.pull(&name, PULL).await;
     let err = first.expect_err("the first attempt cannot complete");
@@ -514,6 +518,7 @@ async fn h_wrong_bytes_from_the_registry_never_reach_containerds_store() {
             >= 1.0,
         "containerd's partial download was aborted"
     );
+    c.upstream.host.uncap_upload().expect("uncap");
     // The retry starts clean and completes (kubelet retries a failed pull).
     c.node(1)
         .cri

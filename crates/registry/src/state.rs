@@ -24,7 +24,7 @@ pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + S
 /// buffer this bounds that memory.
 pub const BUFFER_SLOTS: usize = 16;
 /// Blob transfers spooling to disk at once.
-pub const SPOOL_SLOTS: usize = 16;
+pub const SPOOL_SLOTS: usize = 32;
 
 /// How the registry pulls through from upstream for the cluster.
 #[derive(Debug, Clone)]

@@ -272,18 +272,19 @@ impl Client {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     me.metrics.request(registry.as_str(), kind.label(), None);
-                    return Err(UpstreamError::Unavailable(format!(
-                        "{} {url}: {}",
-                        kind.method(),
-                        error_chain(&e)
-                    )));
+                    let why = format!("{} {url}: {}", kind.method(), error_chain(&e));
+                    if own_origin && (e.is_connect() || e.is_timeout()) {
+                        me.limits.unreachable(registry, &why);
+                    }
+                    return Err(UpstreamError::Unavailable(why));
                 }
                 Err(_) => {
                     me.metrics.request(registry.as_str(), kind.label(), None);
-                    return Err(UpstreamError::Unavailable(format!(
-                        "{} {url}: no response within {limit:?}",
-                        kind.method()
-                    )));
+                    let why = format!("{} {url}: no response within {limit:?}", kind.method());
+                    if own_origin {
+                        me.limits.unreachable(registry, &why);
+                    }
+                    return Err(UpstreamError::Unavailable(why));
                 }
             };
             me.metrics.request(

@@ -1,8 +1,10 @@
-//! Registries that rate-limit: their `ratelimit-limit` / `ratelimit-remaining` headers
-//! become gauges, and a `429` makes the client leave the registry alone for its
-//! `Retry-After` (or a default), answering at once meanwhile so the cluster serves what it
-//! has instead of adding to the count. One warning is logged when a registry starts
-//! limiting, not one per request.
+//! Registries that rate-limit or cannot be reached: their `ratelimit-limit` /
+//! `ratelimit-remaining` headers become gauges, and a `429` makes the client leave the
+//! registry alone for its `Retry-After` (or a default), answering at once meanwhile so the
+//! cluster serves what it has instead of adding to the count. A registry that cannot be
+//! connected to (or does not answer) is left alone for a few seconds, so that a pull does
+//! not wait out a connect timeout per layer while the cluster could answer. One warning is
+//! logged when a registry starts limiting or goes unreachable, not one per request.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -14,10 +16,14 @@ use tokio::time::Instant;
 
 use crate::metrics::{RegistryLabels, UpstreamMetrics};
 
-/// Per-registry rate-limit state.
+/// How long a registry that could not be reached is left alone.
+pub(crate) const UNREACHABLE_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Per-registry rate-limit and reachability state.
 #[derive(Debug)]
 pub(crate) struct Limits {
     blocked_until: Mutex<HashMap<Registry, Instant>>,
+    down_until: Mutex<HashMap<Registry, Instant>>,
     default_retry_after: Duration,
 }
 
@@ -25,12 +31,42 @@ impl Limits {
     pub(crate) fn new(default_retry_after: Duration) -> Self {
         Self {
             blocked_until: Mutex::new(HashMap::new()),
+            down_until: Mutex::new(HashMap::new()),
             default_retry_after,
         }
     }
 
-    /// Fails at once while `registry` is being left alone after a 429.
+    /// Records that `registry` could not be reached.
+    pub(crate) fn unreachable(&self, registry: &Registry, why: &str) {
+        let now = Instant::now();
+        let mut map = self
+            .down_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let was_down = map
+            .get(registry)
+            .is_some_and(|t| *t + Duration::from_secs(1) >= now);
+        map.insert(registry.clone(), now + UNREACHABLE_BACKOFF);
+        if !was_down {
+            tracing::warn!(%registry, why, retry_in = ?UNREACHABLE_BACKOFF, "upstream registry unreachable; serving what the cluster holds");
+        }
+    }
+
+    /// Fails at once while `registry` is being left alone after a 429, or after it could
+    /// not be reached.
     pub(crate) fn check(&self, registry: &Registry) -> Result<(), UpstreamError> {
+        let down = self
+            .down_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(registry)
+            .copied();
+        if let Some(until) = down.filter(|u| *u > Instant::now()) {
+            return Err(UpstreamError::Unavailable(format!(
+                "{registry} was unreachable moments ago; asking again in {:?}",
+                until.saturating_duration_since(Instant::now())
+            )));
+        }
         let map = self
             .blocked_until
             .lock()
