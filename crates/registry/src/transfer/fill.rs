@@ -46,6 +46,25 @@ pub(crate) struct Job {
     pub(crate) for_cluster: bool,
 }
 
+/// Ends a transfer its filling task left running.
+struct Ended {
+    state: Arc<AppState>,
+    transfer: Arc<Transfer>,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        if self.transfer.progress().outcome == Outcome::Running {
+            tracing::error!(digest = %self.transfer.digest, "the transfer stopped before it ended");
+            self.transfer.finish(Outcome::Failed {
+                corrupt: false,
+                why: "the transfer stopped".into(),
+            });
+        }
+        self.state.transfers.remove(&self.transfer);
+    }
+}
+
 /// A source, opened at some offset.
 struct Opened {
     origin: Origin,
@@ -80,6 +99,12 @@ impl Job {
 
     async fn run(self) {
         let state = self.state.clone();
+        // However this task ends (a panic, the runtime shutting down), readers are told
+        // and the digest is free for a new transfer: nobody waits on a dead one.
+        let _ended = Ended {
+            state: state.clone(),
+            transfer: self.transfer.clone(),
+        };
         let (outcome, kept) = self.copies().await;
         let t = &self.transfer;
         let origin = t.progress().origin;
@@ -123,7 +148,6 @@ impl Job {
             });
         }
         t.finish(outcome);
-        state.transfers.remove(t);
     }
 
     /// Copies until one copy verifies, starting over (a bounded number of times) when a
