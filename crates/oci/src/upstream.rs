@@ -272,9 +272,7 @@ impl MemoryUpstream {
         reference: &Reference,
         offset: u64,
     ) -> Result<(Descriptor, Bytes, Option<Fault>), UpstreamError> {
-        if !self.allows(registry) {
-            return Err(UpstreamError::NotAllowed(registry.clone()));
-        }
+        // Every call is logged, even those refused: a test can then see the caller asked.
         let mut inner = self.lock();
         inner.requests.push(UpstreamRequest {
             kind,
@@ -283,6 +281,9 @@ impl MemoryUpstream {
             reference: reference.to_string(),
             offset,
         });
+        if !self.allowed.contains(registry) {
+            return Err(UpstreamError::NotAllowed(registry.clone()));
+        }
         if let Some(e) = &inner.outage {
             return Err(e.clone());
         }

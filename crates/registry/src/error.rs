@@ -40,6 +40,10 @@ pub enum RegistryError {
     /// A path that is no registry endpoint.
     #[error("{0}")]
     NotFound(String),
+    /// To another agent asking this node as an owner: its fetch failed this time (not
+    /// because upstream has no such thing), so the asker goes on to another source.
+    #[error("{0}")]
+    FetchFailed(String),
     /// To another agent: this node already streams the blob to as many peers as it may.
     #[error("already streaming this blob to {0} peers; ask another node that is downloading it")]
     Busy(usize),
@@ -62,6 +66,7 @@ impl RegistryError {
             }
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
             Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "TOOMANYREQUESTS"),
+            Self::FetchFailed(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
         }
     }
 }

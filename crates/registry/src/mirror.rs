@@ -31,7 +31,7 @@ use crate::error::RegistryError;
 use crate::fetch;
 use crate::metrics::{FetchLabels, Source};
 use crate::peers::PEER_HEADER;
-use crate::pullthrough::{self, tags};
+use crate::pullthrough::{self, Miss, Owned, tags};
 use crate::range;
 use crate::state::AppState;
 use crate::transfer::fill::Job;
@@ -216,18 +216,20 @@ async fn manifest_by_digest(
     };
     if ask.requester != Requester::Peer {
         let for_cluster = ask.requester == Requester::Cluster;
-        if let Some(m) = pullthrough::manifest(
-            state,
-            registry,
-            repository,
-            digest,
-            ask.accept(),
-            for_cluster,
-        )
-        .await
-        {
-            let resp = send_manifest(ask, &m.descriptor, m.bytes, m.source, None)?;
-            return Ok((resp, m.source));
+        match pullthrough::manifest(state, registry, repository, digest, for_cluster).await {
+            Ok(m) => {
+                let resp = send_manifest(ask, &m.descriptor, m.bytes, m.source, None)?;
+                return Ok((resp, m.source));
+            }
+            // An owner's fetch failed this time: the asker tries elsewhere.
+            Err(Miss::Temporary(why)) if for_cluster => {
+                return Err(RegistryError::FetchFailed(format!("{digest}: {why}")));
+            }
+            Err(miss) => {
+                return Err(local_problem.unwrap_or_else(|| {
+                    RegistryError::ManifestUnknown(format!("{digest}: {}", miss.why()))
+                }));
+            }
         }
     }
     Err(local_problem
@@ -304,8 +306,8 @@ async fn tag_for_client(
         name.repository, name.reference, name.registry
     );
     for peer in cluster::ahead_of_me(state, &key, cluster::OWNER_PEERS).await {
-        match pullthrough::ask_owner(state, &peer, &path, ask.accept(), ask.head).await {
-            Ok(Some((headers, bytes))) => {
+        match pullthrough::ask_owner(state, &peer, &path, pullthrough::ACCEPT_ALL, ask.head).await {
+            Owned::Found(headers, bytes) => {
                 let confirmed = pullthrough::confirmed_of(&headers);
                 let answer = if ask.head {
                     pullthrough::described(&headers).map(|d| (d, None))
@@ -320,6 +322,8 @@ async fn tag_for_client(
                     );
                     continue;
                 };
+                // Another clock: never later than ours.
+                let confirmed = confirmed.min(std::time::SystemTime::now());
                 let entry = tags::TagEntry {
                     descriptor: descriptor.clone(),
                     confirmed,
@@ -334,13 +338,13 @@ async fn tag_for_client(
                 };
                 return Ok((resp, Source::Peer));
             }
-            Ok(None) => {
+            Owned::Gone => {
                 return Err(RegistryError::ManifestUnknown(format!(
                     "{key}: its owner {} found no such tag (or may not see it)",
                     peer.addr
                 )));
             }
-            Err(()) => {}
+            Owned::Failed => {}
         }
     }
     tag_as_owner(ask, name).await
@@ -352,7 +356,7 @@ async fn tag_as_owner(
     name: &ImageName,
 ) -> Result<(Response, Source), RegistryError> {
     let state = ask.state;
-    let resolved = tags::resolve(state, name, ask.accept())
+    let resolved = tags::resolve(state, name)
         .await
         .map_err(RegistryError::ManifestUnknown)?;
     let desc = &resolved.entry.descriptor;
@@ -364,21 +368,15 @@ async fn tag_as_owner(
         let resp = send_local(ask, desc, ByteRange::full(desc.size), false, confirmed).await?;
         return Ok((resp, Source::Local));
     }
-    let m = pullthrough::manifest(
-        state,
-        &name.registry,
-        &name.repository,
-        &desc.digest,
-        ask.accept(),
-        false,
-    )
-    .await
-    .ok_or_else(|| {
-        RegistryError::ManifestUnknown(format!(
-            "{name} points at {}, which no node can deliver now",
-            desc.digest
-        ))
-    })?;
+    let m = pullthrough::manifest(state, &name.registry, &name.repository, &desc.digest, false)
+        .await
+        .map_err(|miss| {
+            RegistryError::ManifestUnknown(format!(
+                "{name} points at {}, which no node can deliver now: {}",
+                desc.digest,
+                miss.why()
+            ))
+        })?;
     let resp = send_manifest(ask, &m.descriptor, m.bytes, m.source, confirmed)?;
     Ok((resp, m.source))
 }
@@ -450,6 +448,7 @@ fn start(
             registry: registry.clone(),
             repository: repository.clone(),
             for_cluster,
+            advertised: AtomicBool::new(false),
         }
         .spawn();
     } else {
@@ -519,14 +518,15 @@ async fn serve_client(
         };
         RegistryError::BlobUnknown(format!("{}: {why}", transfer.digest))
     };
-    let mut size = transfer.size().await.map_err(not_fetched)?;
+    let (mut size, mut generation) = transfer.begun().await.map_err(not_fetched)?;
     if transfer.hold_all() {
         let outcome = transfer.outcome().await;
         if outcome != Outcome::Verified {
             return Err(not_fetched(outcome));
         }
         // The copy that verified may not be the first one begun (which may have lied).
-        size = transfer.progress().size.unwrap_or(size);
+        let p = transfer.progress();
+        (size, generation) = (p.size.unwrap_or(size), p.generation);
     }
     let source = origin_source(transfer);
     let (range, partial) = range::select(ask.range(), size)?;
@@ -537,23 +537,19 @@ async fn serve_client(
         range,
         partial,
     );
-    let generation = transfer.progress().generation;
     let counter = ask.state.metrics.bytes_from(source, "containerd");
     let sent = Arc::new(AtomicBool::new(false));
     let (state, t) = (ask.state.clone(), transfer.clone());
-    let body = transfer.read(range, 1).map(move |item| {
+    let body = transfer.read(range, generation).map(move |item| {
         match &item {
             Ok(chunk) => {
                 counter.inc_by(chunk.len() as u64);
                 sent.store(true, Ordering::Relaxed);
             }
-            Err(e) if sent.load(Ordering::Relaxed) => {
-                let p = t.progress();
-                let poisoned = matches!(p.outcome, Outcome::Failed { corrupt: true, .. })
-                    || p.generation != generation;
-                if poisoned {
-                    abort_ingests(state.clone(), t.digest.clone(), e.to_string());
-                }
+            // Unverified bytes went out and the blob will not verify as sent: whatever
+            // containerd wrote of it must not be resumed.
+            Err(e) if sent.swap(false, Ordering::Relaxed) => {
+                abort_ingests(state.clone(), t.digest.clone(), e.to_string());
             }
             Err(_) => {}
         }
@@ -589,9 +585,30 @@ async fn serve_peer(
         state.metrics.busy_refusals.inc();
         return Err(RegistryError::Busy(cap));
     };
-    let size = transfer.size().await.map_err(|_| {
-        RegistryError::BlobUnknown(format!("{} could not be fetched", transfer.digest))
-    })?;
+    let (size, generation) = match transfer.begun().await {
+        Ok(begun) => begun,
+        // Upstream has no such blob (or refuses it): nobody can get it now.
+        Err(Outcome::Failed {
+            gone: true, why, ..
+        }) => {
+            return Err(RegistryError::BlobUnknown(format!(
+                "{}: {why}",
+                transfer.digest
+            )));
+        }
+        Err(o) => {
+            let why = match o {
+                Outcome::Failed { why, .. } => why.to_string(),
+                _ => "not fetched".to_owned(),
+            };
+            let e = format!("{}: {why}", transfer.digest);
+            return Err(if ask.requester == Requester::Cluster {
+                RegistryError::FetchFailed(e)
+            } else {
+                RegistryError::BlobUnknown(e)
+            });
+        }
+    };
     let source = origin_source(transfer);
     let (range, partial) = range::select(ask.range(), size)?;
     let head = content_head(
@@ -604,7 +621,7 @@ async fn serve_peer(
     if ask.head {
         return Ok((respond(head, Body::empty())?, source));
     }
-    let stream = transfer.read(range, 1).map(move |item| {
+    let stream = transfer.read(range, generation).map(move |item| {
         let _held = &guard;
         item
     });

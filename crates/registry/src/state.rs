@@ -11,8 +11,8 @@ use tokio::sync::Semaphore;
 use crate::cache::Cache;
 use crate::metrics::Metrics;
 use crate::peers::{FailedPeers, PeerConfig};
-use crate::pullthrough::Fetched;
 use crate::pullthrough::tags::Tags;
+use crate::pullthrough::{Fetched, Miss};
 use crate::ratelimit::RateLimiter;
 use crate::singleflight::SingleFlight;
 use crate::transfer::Transfers;
@@ -87,7 +87,7 @@ pub struct AppState {
     /// Tags resolved or learnt, and their revalidations in flight.
     pub tags: Tags,
     /// Manifest fetches in flight.
-    pub manifests: SingleFlight<Digest, Option<Fetched>>,
+    pub manifests: SingleFlight<Digest, Result<Fetched, Miss>>,
     /// Request and byte metrics.
     pub metrics: Metrics,
     /// The metrics registry rendered at `/metrics`.

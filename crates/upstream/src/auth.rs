@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use base64::Engine as _;
 use http::HeaderValue;
+use lru::LruCache;
 use mirrorlet_oci::{Registry, UpstreamError};
 use reqwest::Url;
 use serde::Deserialize;
@@ -85,14 +86,30 @@ struct TokenResponse {
 }
 
 /// What the client knows about authenticating to each registry.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Auth {
     credentials: Credentials,
     /// The challenge each registry answered with last.
     challenges: Mutex<HashMap<Registry, Challenge>>,
-    /// Tokens by registry and scope; the inner lock makes concurrent requests for one
-    /// scope share one token request.
-    tokens: Mutex<HashMap<(Registry, String), TokenSlot>>,
+    /// Tokens by registry and scope, the most recently used kept (scopes name
+    /// repositories, which any client can choose); the inner lock makes concurrent
+    /// requests for one scope share one token request.
+    tokens: Mutex<LruCache<(Registry, String), TokenSlot>>,
+}
+
+/// Scopes whose tokens are kept.
+const TOKENS_KEPT: usize = 1024;
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self {
+            credentials: Credentials::default(),
+            challenges: Mutex::default(),
+            tokens: Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(TOKENS_KEPT).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
+        }
+    }
 }
 
 /// One scope's token; locked while it is being fetched.
@@ -140,8 +157,7 @@ impl Auth {
         self.tokens
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .entry((registry.clone(), scope.to_owned()))
-            .or_default()
+            .get_or_insert((registry.clone(), scope.to_owned()), TokenSlot::default)
             .clone()
     }
 

@@ -33,7 +33,7 @@ pub enum ClientError {
 }
 
 /// What a request is, for metrics and method.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Head,
     Manifest,
@@ -137,10 +137,15 @@ impl Client {
                 )
                 .await?;
             let status = resp.status();
-            if status.is_success() {
+            if status.is_success()
+                || (kind == Kind::Head && status == StatusCode::METHOD_NOT_ALLOWED)
+            {
                 return Ok(resp);
             }
-            if status == StatusCode::UNAUTHORIZED && !retried {
+            // Only the registry itself says how to authenticate to it: a challenge from a
+            // host a redirect led to (a CDN) is never followed with the registry's login.
+            let own = resp.url().origin() == base.origin();
+            if status == StatusCode::UNAUTHORIZED && !retried && own {
                 retried = true;
                 let challenge = resp
                     .headers()
@@ -161,7 +166,7 @@ impl Client {
                     None => {}
                 }
             }
-            return Err(self.status_error(registry, &url, &resp, authorization.is_some()));
+            return Err(self.status_error(registry, &resp, authorization.is_some()));
         }
     }
 
@@ -272,7 +277,7 @@ impl Client {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     me.metrics.request(registry.as_str(), kind.label(), None);
-                    let why = format!("{} {url}: {}", kind.method(), error_chain(&e));
+                    let why = format!("{} {}: {}", kind.method(), shown(&url), error_chain(&e));
                     if own_origin && (e.is_connect() || e.is_timeout()) {
                         me.limits.unreachable(registry, &why);
                     }
@@ -280,7 +285,11 @@ impl Client {
                 }
                 Err(_) => {
                     me.metrics.request(registry.as_str(), kind.label(), None);
-                    let why = format!("{} {url}: no response within {limit:?}", kind.method());
+                    let why = format!(
+                        "{} {}: no response within {limit:?}",
+                        kind.method(),
+                        shown(&url)
+                    );
                     if own_origin {
                         me.limits.unreachable(registry, &why);
                     }
@@ -319,12 +328,11 @@ impl Client {
     fn status_error(
         &self,
         registry: &Registry,
-        url: &Url,
         resp: &reqwest::Response,
         authenticated: bool,
     ) -> UpstreamError {
         let status = resp.status();
-        let what = format!("{url} answered {status}");
+        let what = format!("{} answered {status}", shown(resp.url()));
         match status {
             StatusCode::NOT_FOUND => UpstreamError::NotFound(what),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
@@ -444,17 +452,14 @@ impl Upstream for Client {
                 Self::accept_headers(accept),
             )
             .await;
-        let resp = match head {
-            Ok(r) => r,
-            // Registries that do not implement HEAD for manifests: ask with GET.
-            Err(UpstreamError::Invalid(why)) if why.contains("405") => {
-                return self
-                    .get_manifest(registry, repository, reference, accept)
-                    .await
-                    .map(|(d, _)| d);
-            }
-            Err(e) => return Err(e),
-        };
+        let resp = head?;
+        if resp.status() == StatusCode::METHOD_NOT_ALLOWED {
+            // A registry that does not implement HEAD for manifests: ask with GET.
+            return self
+                .get_manifest(registry, repository, reference, accept)
+                .await
+                .map(|(d, _)| d);
+        }
         let h = resp.headers();
         let digest = h
             .get("docker-content-digest")
@@ -587,10 +592,28 @@ fn content_range(headers: &HeaderMap) -> Option<(u64, u64)> {
     Some((start.trim().parse().ok()?, total.trim().parse().ok()?))
 }
 
-/// An error with its causes, for logs (reqwest's own message says little).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
+/// A URL as logs show it: no query (a CDN's signed URL carries its signature there) and no
+/// user information.
+fn shown(url: &Url) -> String {
+    format!("{}{}", url.origin().ascii_serialization(), url.path())
+}
+
+/// An error with its causes, for logs (reqwest's own message says little; its URLs are
+/// removed, as they may carry signatures).
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut out = if e.is_connect() {
+        "connecting failed"
+    } else if e.is_timeout() {
+        "timed out"
+    } else if e.is_body() || e.is_decode() {
+        "reading the body failed"
+    } else if e.is_request() {
+        "sending the request failed"
+    } else {
+        "failed"
+    }
+    .to_owned();
+    let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
         out.push_str(": ");
         out.push_str(&c.to_string());

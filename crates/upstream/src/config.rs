@@ -78,6 +78,9 @@ pub fn parse_endpoint(s: &str) -> Result<(Registry, Url), String> {
     if url.query().is_some() || url.fragment().is_some() {
         return Err(format!("{url} must have no query or fragment"));
     }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry credentials; give them in --upstream-credentials".to_owned());
+    }
     // A trailing slash makes joining `v2/...` keep any path prefix.
     if !url.path().ends_with('/') {
         let path = format!("{}/", url.path());
@@ -112,6 +115,7 @@ mod tests {
             "docker.io=not a url",
             "bad host=https://x",
             "docker.io=https://x/?a=b",
+            "docker.io=https://user:pw@x",
         ] {
             assert!(parse_endpoint(bad).is_err(), "{bad}");
         }

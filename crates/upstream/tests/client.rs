@@ -271,6 +271,36 @@ async fn redirects_to_another_host_carry_no_credentials() {
 }
 
 #[tokio::test]
+async fn a_challenge_from_a_redirect_target_is_never_followed_with_the_login() {
+    let (server, client, fx, _) = setup(|c| c.credentials = login("bob", "pw")).await;
+    server.set(|s| {
+        s.auth = AuthMode::Basic("bob".into(), "pw".into());
+        s.redirect_blobs = true;
+        s.cdn_challenges = true;
+    });
+    let (r, repo) = location();
+    let err = client
+        .get_blob(&r, &repo, &fx.small_layer.0.digest, 0)
+        .await
+        .expect_err("the CDN refuses");
+    assert!(matches!(err, UpstreamError::Denied(_)), "{err:?}");
+    // The registry still gets its login; the CDN never does, and its "token service" is
+    // never asked.
+    client
+        .head_manifest(&r, &repo, &tag(), ACCEPT)
+        .await
+        .expect("the registry's own auth still works");
+    let log = server.log();
+    assert!(
+        log.iter()
+            .filter(|l| l.host == "cdn")
+            .all(|l| l.authorization.is_none() && !l.path.contains("steal")),
+        "{log:?}"
+    );
+    assert!(log.iter().all(|l| !l.path.contains("steal")));
+}
+
+#[tokio::test]
 async fn a_429_is_reported_and_the_registry_left_alone_until_retry_after() {
     let (server, client, fx, metrics) = setup(|_| {}).await;
     server.set(|s| {

@@ -30,52 +30,73 @@ pub struct Fetched {
     pub source: Source,
 }
 
+/// Why a manifest or blob could not be had for the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Miss {
+    /// Upstream says there is no such thing, refuses it, or is rate limiting (or the
+    /// registry is not pulled through): nobody in the cluster can get it now.
+    Gone(String),
+    /// Something on the way failed (a peer, a connection, the spool): another node, or
+    /// containerd itself, may still get it.
+    Temporary(String),
+}
+
+impl Miss {
+    /// From an upstream error.
+    pub(crate) fn of(e: &UpstreamError) -> Self {
+        match e {
+            UpstreamError::NotFound(_)
+            | UpstreamError::Denied(_)
+            | UpstreamError::NotAllowed(_)
+            | UpstreamError::RateLimited { .. } => Self::Gone(e.to_string()),
+            UpstreamError::Unavailable(_) | UpstreamError::Invalid(_) => {
+                Self::Temporary(e.to_string())
+            }
+        }
+    }
+
+    /// Why, for a log or an error body.
+    pub fn why(&self) -> &str {
+        match self {
+            Self::Gone(w) | Self::Temporary(w) => w,
+        }
+    }
+}
+
+/// What is asked of upstream for manifests, whoever asks: every type containerd takes,
+/// so that the one answer the cluster shares does not depend on the first client's
+/// `Accept`.
+pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
 /// The manifest `digest` of `repository` at `registry`, for a client of this node
 /// (`for_cluster` false: peers, then owners, then upstream) or for a peer that asked this
-/// node as its owner (`for_cluster`: upstream). `None` if nobody can deliver it.
+/// node as its owner (`for_cluster`: upstream).
 pub async fn manifest(
     state: &Arc<AppState>,
     registry: &Registry,
     repository: &Repository,
     digest: &Digest,
-    accept: &str,
     for_cluster: bool,
-) -> Option<Fetched> {
+) -> Result<Fetched, Miss> {
     let work = {
-        let (state, registry, repository, digest, accept) = (
+        let (state, registry, repository, digest) = (
             state.clone(),
             registry.clone(),
             repository.clone(),
             digest.clone(),
-            accept.to_owned(),
         );
         move || {
             async move {
-                fetch_manifest(
-                    &state,
-                    &registry,
-                    &repository,
-                    &digest,
-                    &accept,
-                    for_cluster,
-                )
-                .await
+                fetch_manifest(&state, &registry, &repository, &digest, for_cluster).await
             }
             .boxed()
         }
     };
     let (found, joined) = state.manifests.run(digest.clone(), work).await;
     if joined {
-        state
-            .metrics
-            .fetches
-            .get_or_create(&FetchLabels {
-                kind: "manifest",
-                role: "joined",
-            })
-            .inc();
+        count(state, "joined");
     }
-    found
+    found.unwrap_or_else(|| Err(Miss::Temporary("the manifest fetch failed".into())))
 }
 
 async fn fetch_manifest(
@@ -83,30 +104,32 @@ async fn fetch_manifest(
     registry: &Registry,
     repository: &Repository,
     digest: &Digest,
-    accept: &str,
     for_cluster: bool,
-) -> Option<Fetched> {
+) -> Result<Fetched, Miss> {
     let path = format!("/v2/{repository}/manifests/{digest}?ns={registry}");
     let use_peers = state.peers.enabled && !for_cluster;
     if use_peers
-        && let Some(m) = fetch::manifest(state, digest.as_str(), &path, Some(digest), accept).await
+        && let Some(m) =
+            fetch::manifest(state, digest.as_str(), &path, Some(digest), ACCEPT_ALL).await
     {
         tracing::debug!(peer = %m.peer.addr, %digest, "manifest from a peer");
         // Peers that hold it serve it: not kept here (containerd keeps what it pulls).
         count(state, "from-holders");
-        return Some(Fetched {
+        return Ok(Fetched {
             descriptor: m.descriptor,
             bytes: m.bytes,
             source: Source::Peer,
         });
     }
     if !state.upstream.allows(registry) {
-        return None;
+        return Err(Miss::Gone(format!(
+            "no peer has {digest}, and pulling through from {registry} is not enabled"
+        )));
     }
     if use_peers {
         for peer in cluster::ahead_of_me(state, digest.as_str(), cluster::OWNER_PEERS).await {
-            match ask_owner(state, &peer, &path, accept, false).await {
-                Ok(Some((resp_headers, bytes))) => {
+            match ask_owner(state, &peer, &path, ACCEPT_ALL, false).await {
+                Owned::Found(resp_headers, bytes) => {
                     let Some(m) = verified(&resp_headers, bytes, Some(digest)) else {
                         state.metrics.digest_mismatches.inc();
                         state.failed_peers.mark(
@@ -116,30 +139,38 @@ async fn fetch_manifest(
                         );
                         continue;
                     };
-                    return Some(keep(state, m.0, m.1, Source::Peer, "followed"));
+                    return Ok(keep(state, m.0, m.1, Source::Peer, "followed"));
                 }
-                Ok(None) => return None,
-                Err(()) => {}
+                Owned::Gone => {
+                    return Err(Miss::Gone(format!(
+                        "its owner {} could not get it upstream",
+                        peer.addr
+                    )));
+                }
+                Owned::Failed => {}
             }
         }
     }
     let reference = Reference::Digest(digest.clone());
     match state
         .upstream
-        .get_manifest(registry, repository, &reference, accept)
+        .get_manifest(registry, repository, &reference, ACCEPT_ALL)
         .await
     {
         Ok((desc, bytes)) if desc.digest == *digest => {
-            Some(keep(state, desc, bytes, Source::Upstream, "fetched"))
+            Ok(keep(state, desc, bytes, Source::Upstream, "fetched"))
         }
         Ok((desc, _)) => {
             state.metrics.upstream_digest_mismatches.inc();
             tracing::error!(%registry, %repository, asked = %digest, got = %desc.digest, "upstream sent a manifest that does not match its digest; discarded");
-            None
+            Err(Miss::Temporary(format!(
+                "upstream sent {} for {digest}",
+                desc.digest
+            )))
         }
         Err(e) => {
             log_upstream_error(registry, repository, &e);
-            None
+            Err(Miss::of(&e))
         }
     }
 }
@@ -173,16 +204,24 @@ fn count(state: &AppState, role: &'static str) {
         .inc();
 }
 
+/// What an owner answered.
+pub(crate) enum Owned {
+    /// The headers and body (empty for a `HEAD`).
+    Found(HeaderMap, Bytes),
+    /// It could not get it upstream (404): nobody can now.
+    Gone,
+    /// It failed, or could not get it this time (503); marked when it is at fault.
+    Failed,
+}
+
 /// Asks `peer`, as an owner, for a manifest at `path` (`head`: its description only).
-/// `Ok(None)`: it could not get it (upstream has no such thing); `Err`: it failed (and is
-/// marked).
 pub(crate) async fn ask_owner(
     state: &AppState,
     peer: &mirrorlet_oci::Peer,
     path: &str,
     accept: &str,
     head: bool,
-) -> Result<Option<(HeaderMap, Bytes)>, ()> {
+) -> Owned {
     let url = format!("http://{}{path}", peer.addr);
     let req = if head {
         state.http.head(url)
@@ -199,38 +238,40 @@ pub(crate) async fn ask_owner(
             state
                 .failed_peers
                 .mark(peer, state.peers.failure_backoff, &e.to_string());
-            return Err(());
+            return Owned::Failed;
         }
         Err(_) => {
             let why = format!("no response within {limit:?}");
             state
                 .failed_peers
                 .mark(peer, state.peers.failure_backoff, &why);
-            return Err(());
+            return Owned::Failed;
         }
     };
     match resp.status() {
         StatusCode::OK => {
             let headers = resp.headers().clone();
             if head {
-                return Ok(Some((headers, Bytes::new())));
+                return Owned::Found(headers, Bytes::new());
             }
             match fetch::read_limited(state, resp, manifest::MAX_MANIFEST_SIZE).await {
-                Ok(b) => Ok(Some((headers, b))),
+                Ok(b) => Owned::Found(headers, b),
                 Err(e) => {
                     state
                         .failed_peers
                         .mark(peer, state.peers.failure_backoff, &e);
-                    Err(())
+                    Owned::Failed
                 }
             }
         }
-        StatusCode::NOT_FOUND => Ok(None),
+        StatusCode::NOT_FOUND => Owned::Gone,
+        // Its own fetch failed this time: not its fault; the next owner or upstream.
+        StatusCode::SERVICE_UNAVAILABLE => Owned::Failed,
         s => {
             state
                 .failed_peers
                 .mark(peer, state.peers.failure_backoff, &format!("answered {s}"));
-            Err(())
+            Owned::Failed
         }
     }
 }

@@ -52,7 +52,7 @@ impl TagEntry {
 #[derive(Debug)]
 pub struct Tags {
     entries: Mutex<LruCache<String, TagEntry>>,
-    flights: SingleFlight<String, Result<Descriptor, UpstreamError>>,
+    flights: SingleFlight<String, Result<(Descriptor, SystemTime), UpstreamError>>,
 }
 
 impl Default for Tags {
@@ -108,11 +108,7 @@ pub struct Resolved {
 /// Resolves `name` as its owner: from memory within the revalidation window, else with one
 /// `HEAD` upstream (shared by concurrent callers), else, while upstream is down, from what
 /// the cluster knows. `Err` names why there is no answer.
-pub async fn resolve(
-    state: &Arc<AppState>,
-    name: &ImageName,
-    accept: &str,
-) -> Result<Resolved, String> {
+pub async fn resolve(state: &Arc<AppState>, name: &ImageName) -> Result<Resolved, String> {
     let key = name.to_string();
     let window = state.pull.tag_revalidate;
     if let Some(e) = state.tags.get(&key).filter(|e| e.age() < window) {
@@ -123,13 +119,21 @@ pub async fn resolve(
         });
     }
     let work = {
-        let (state, name, accept) = (state.clone(), name.clone(), accept.to_owned());
+        let (state, name) = (state.clone(), name.clone());
         move || {
             async move {
+                // Confirmed as of when upstream was asked, not when the answer was read.
+                let asked = SystemTime::now();
                 state
                     .upstream
-                    .head_manifest(&name.registry, &name.repository, &name.reference, &accept)
+                    .head_manifest(
+                        &name.registry,
+                        &name.repository,
+                        &name.reference,
+                        super::ACCEPT_ALL,
+                    )
                     .await
+                    .map(|d| (d, asked))
             }
             .boxed()
         }
@@ -141,11 +145,13 @@ pub async fn resolve(
         .fetches
         .get_or_create(&FetchLabels { kind: "tag", role })
         .inc();
+    let checked = checked
+        .unwrap_or_else(|| Err(UpstreamError::Unavailable("the revalidation failed".into())));
     match checked {
-        Ok(descriptor) => {
+        Ok((descriptor, confirmed)) => {
             let entry = TagEntry {
                 descriptor,
-                confirmed: SystemTime::now(),
+                confirmed,
             };
             state.tags.put(&key, entry.clone());
             Ok(Resolved {
@@ -163,38 +169,55 @@ pub async fn resolve(
             super::log_upstream_error(&name.registry, &name.repository, &e);
             Err(format!("{key}: {e}"))
         }
-        Err(e) => stale(state, name, accept, &e).await,
+        Err(e) => stale(state, name, &e).await,
     }
 }
 
-/// The last digest the cluster knows for `name`, if confirmed within the staleness limit.
+/// The newest digest the cluster knows for `name` (this node's memory, its containerd, a
+/// peer's answer), if it was confirmed within the staleness limit. Confirmation times
+/// from elsewhere are taken as no later than now, so a fast clock cannot stretch the limit.
 async fn stale(
     state: &Arc<AppState>,
     name: &ImageName,
-    accept: &str,
     why: &UpstreamError,
 ) -> Result<Resolved, String> {
     let key = name.to_string();
     let limit = state.pull.stale_tag_max_age;
-    let mut found = local(state, name).await.map(|e| (e, Source::Local));
-    if found.is_none() && state.peers.enabled {
+    let now = SystemTime::now();
+    let mut found: Vec<(TagEntry, Source)> = Vec::new();
+    if let Some(e) = state.tags.get(&key) {
+        found.push((e, Source::Local));
+    }
+    if let Ok(Some(t)) = state.store.resolve(name).await
+        && let Some(confirmed) = t.updated
+    {
+        found.push((
+            TagEntry {
+                descriptor: t.descriptor,
+                confirmed,
+            },
+            Source::Local,
+        ));
+    }
+    if state.peers.enabled {
         let path = format!(
             "/v2/{}/manifests/{}?ns={}",
             name.repository, name.reference, name.registry
         );
-        if let Some(m) = fetch::manifest(state, &key, &path, None, accept).await
+        if let Some(m) = fetch::manifest(state, &key, &path, None, super::ACCEPT_ALL).await
             && let Some(confirmed) = m.confirmed
         {
-            found = Some((
+            found.push((
                 TagEntry {
                     descriptor: m.descriptor,
-                    confirmed,
+                    confirmed: confirmed.min(now),
                 },
                 Source::Peer,
             ));
         }
     }
-    match found {
+    let newest = found.into_iter().max_by_key(|(e, _)| e.confirmed);
+    match newest {
         Some((entry, source)) if entry.age() <= limit => {
             state.metrics.stale_tags.inc();
             tracing::warn!(tag = %key, digest = %entry.descriptor.digest, confirmed_ago = ?Duration::from_secs(entry.age().as_secs()), upstream = %why, "upstream unavailable; serving the last digest the cluster knows for this tag");

@@ -113,6 +113,7 @@ enum Kind {
         backing: Arc<Backing>,
         verifier: Verifier,
         transfer: Arc<Transfer>,
+        generation: u32,
     },
     File {
         tx: mpsc::Sender<Bytes>,
@@ -129,6 +130,7 @@ impl Sink {
                 backing: backing.clone(),
                 verifier: transfer.digest.verifier(),
                 transfer: transfer.clone(),
+                generation: transfer.next_generation(),
             },
             written: 0,
         };
@@ -148,6 +150,7 @@ impl Sink {
         let backing = Arc::new(Backing::File(file));
         let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
         let mut verifier = transfer.digest.verifier();
+        let generation = transfer.next_generation();
         let transfer = transfer.clone();
         let worker = tokio::task::spawn_blocking(move || {
             let mut at = 0u64;
@@ -155,7 +158,7 @@ impl Sink {
                 verifier.update(&batch);
                 writer.write_all_at(&batch, at)?;
                 at += batch.len() as u64;
-                transfer.advance(at);
+                transfer.advance(generation, at);
             }
             Ok(verifier)
         });
@@ -174,6 +177,7 @@ impl Sink {
                 backing,
                 verifier,
                 transfer,
+                generation,
             } => {
                 verifier.update(&batch);
                 if let Backing::Memory(chunks) = &**backing {
@@ -181,7 +185,7 @@ impl Sink {
                     let at = self.written - batch.len() as u64;
                     chunks.push((at, batch));
                 }
-                transfer.advance(self.written);
+                transfer.advance(*generation, self.written);
                 Ok(())
             }
             Kind::File { tx, .. } => {

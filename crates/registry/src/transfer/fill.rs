@@ -44,6 +44,8 @@ pub(crate) struct Job {
     pub(crate) repository: Repository,
     /// Asked by a peer to fetch for the cluster as the owner: from upstream only.
     pub(crate) for_cluster: bool,
+    /// Whether `fetching:<digest>` was advertised (and must be withdrawn at the end).
+    pub(crate) advertised: std::sync::atomic::AtomicBool,
 }
 
 /// Ends a transfer its filling task left running.
@@ -58,6 +60,7 @@ impl Drop for Ended {
             tracing::error!(digest = %self.transfer.digest, "the transfer stopped before it ended");
             self.transfer.finish(Outcome::Failed {
                 corrupt: false,
+                gone: false,
                 why: "the transfer stopped".into(),
             });
         }
@@ -78,6 +81,7 @@ struct Opened {
 /// Why a copy ended without a verified blob.
 struct CopyFailed {
     corrupt: bool,
+    gone: bool,
     why: String,
 }
 
@@ -85,6 +89,7 @@ impl CopyFailed {
     fn plain(why: impl Into<String>) -> Self {
         Self {
             corrupt: false,
+            gone: false,
             why: why.into(),
         }
     }
@@ -119,7 +124,7 @@ impl Job {
                     state.cache.put_blob(&t.digest, backing, size);
                 }
             }
-            Outcome::Failed { corrupt, why } => {
+            Outcome::Failed { corrupt, why, .. } => {
                 if *corrupt {
                     tracing::error!(digest = %t.digest, why = %why, "blob did not match its digest; discarded");
                 } else {
@@ -141,6 +146,8 @@ impl Job {
                 .fetches
                 .get_or_create(&FetchLabels { kind: "blob", role })
                 .inc();
+        }
+        if self.advertised.load(std::sync::atomic::Ordering::SeqCst) {
             let router = state.router.clone();
             let key = cluster::fetching_key(&t.digest);
             tokio::spawn(async move {
@@ -158,7 +165,11 @@ impl Job {
         let mut last = CopyFailed::plain("no source has it");
         for copy in 0..max {
             let Some(first) = sources.open(0, None).await else {
-                last = CopyFailed::plain(sources.why_none());
+                last = CopyFailed {
+                    corrupt: false,
+                    gone: sources.upstream_refused.is_some(),
+                    why: sources.why_none(),
+                };
                 break;
             };
             match self.copy(first, &mut sources).await {
@@ -177,6 +188,7 @@ impl Job {
         (
             Outcome::Failed {
                 corrupt: last.corrupt,
+                gone: last.gone,
                 why: last.why.into(),
             },
             None,
@@ -244,7 +256,11 @@ impl Job {
         }
         let (mut sink, backing, _slot) = self.sink(size).await?;
         self.transfer.begin(size, first.origin, backing.clone());
-        if first.origin != Origin::Holders {
+        if first.origin != Origin::Holders
+            && !self
+                .advertised
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
             let router = state.router.clone();
             let key = cluster::fetching_key(&self.transfer.digest);
             tokio::spawn(async move {
@@ -333,6 +349,7 @@ impl Job {
             }
             return Err(CopyFailed {
                 corrupt: true,
+                gone: false,
                 why: format!(
                     "the bytes from {} do not match the digest",
                     if from_upstream { "upstream" } else { "peers" }
@@ -348,6 +365,8 @@ enum Answer {
     Body(Peer, reqwest::Response),
     /// It streams the blob to as many peers as it may.
     Busy,
+    /// Its own fetch failed this time (not its fault).
+    Unavailable,
     /// It does not have it (an owner: upstream does not).
     Missing,
     /// It failed (and is marked).
@@ -464,7 +483,7 @@ impl<'a> Sources<'a> {
                             return None;
                         }
                         Answer::Busy => busy = true,
-                        Answer::Failed => {}
+                        Answer::Unavailable | Answer::Failed => {}
                     }
                 }
             }
@@ -576,7 +595,10 @@ impl<'a> Sources<'a> {
                 }
                 Err(e) => {
                     crate::pullthrough::log_upstream_error(registry, repository, &e);
-                    self.upstream_refused = Some(e.to_string());
+                    match crate::pullthrough::Miss::of(&e) {
+                        crate::pullthrough::Miss::Gone(why) => self.upstream_refused = Some(why),
+                        crate::pullthrough::Miss::Temporary(why) => self.last_failure = Some(why),
+                    }
                     return None;
                 }
             }
@@ -627,6 +649,7 @@ impl<'a> Sources<'a> {
                 state.metrics.busy_answers.inc();
                 Answer::Busy
             }
+            StatusCode::SERVICE_UNAVAILABLE => Answer::Unavailable,
             StatusCode::NOT_FOUND => Answer::Missing,
             s => {
                 state.failed_peers.mark(

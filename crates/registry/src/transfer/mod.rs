@@ -37,6 +37,9 @@ pub enum Outcome {
     Failed {
         /// Whether wrong bytes were involved (not merely a source that ran out).
         corrupt: bool,
+        /// Whether upstream said there is no such blob, refused it or is rate limiting
+        /// (nobody can get it now), rather than something on the way failing.
+        gone: bool,
         /// Why, for logs.
         why: Arc<str>,
     },
@@ -133,6 +136,11 @@ impl Transfer {
 
     // --- The filling side ---
 
+    /// The generation the next copy will have (its sink writes for it only).
+    pub(crate) fn next_generation(&self) -> u32 {
+        self.progress.borrow().generation + 1
+    }
+
     /// Starts a (new) copy of `size` bytes from `origin` into `backing`.
     pub(crate) fn begin(&self, size: u64, origin: Origin, backing: Arc<Backing>) {
         self.progress.send_modify(|p| {
@@ -144,9 +152,16 @@ impl Transfer {
         });
     }
 
-    /// Bytes up to `written` are readable.
-    pub(crate) fn advance(&self, written: u64) {
-        self.progress.send_modify(|p| p.written = written);
+    /// Bytes up to `written` of copy `generation` are readable (a late write of an
+    /// abandoned copy changes nothing).
+    pub(crate) fn advance(&self, generation: u32, written: u64) {
+        self.progress.send_if_modified(|p| {
+            let current = p.generation == generation;
+            if current {
+                p.written = written;
+            }
+            current
+        });
     }
 
     /// Notes that the copy continues from another source.
@@ -161,8 +176,9 @@ impl Transfer {
 
     // --- The reading side ---
 
-    /// Waits until the size is known; `Err` if the transfer failed first.
-    pub async fn size(&self) -> Result<u64, Outcome> {
+    /// Waits until a copy has begun; its size and generation (to read it with), or the
+    /// outcome if the transfer failed first.
+    pub async fn begun(&self) -> Result<(u64, u32), Outcome> {
         let mut rx = self.progress.subscribe();
         loop {
             {
@@ -171,7 +187,7 @@ impl Transfer {
                     return Err(p.outcome.clone());
                 }
                 if let Some(s) = p.size {
-                    return Ok(s);
+                    return Ok((s, p.generation));
                 }
             }
             if rx.changed().await.is_err() {
@@ -215,26 +231,24 @@ impl Transfer {
         }
     }
 
-    /// Streams `range` of the blob as it is written. The last `hold` bytes of the blob
-    /// (at least one) are held back until it is verified. The stream ends with an error if
-    /// the transfer fails, or starts over (the range was chosen for the copy under way).
-    pub fn read(self: &Arc<Self>, range: ByteRange, hold: u64) -> BlobStream {
+    /// Streams `range` of copy `generation` of the blob as it is written (the range was
+    /// chosen for that copy's size). Until the blob is verified, the last byte of the blob
+    /// and of the range are held back, so no reader completes unverified bytes. The stream
+    /// ends with an error if the transfer fails or starts over.
+    pub fn read(self: &Arc<Self>, range: ByteRange, generation: u32) -> BlobStream {
         struct St {
             t: Arc<Transfer>,
             rx: watch::Receiver<Progress>,
             pos: u64,
             end: u64,
-            hold: u64,
-            generation: Option<u32>,
+            generation: u32,
         }
-        let current = self.progress.borrow().clone();
         let st = St {
-            generation: current.size.map(|_| current.generation),
             rx: self.progress.subscribe(),
             t: self.clone(),
             pos: range.start,
             end: range.end,
-            hold: hold.max(1),
+            generation,
         };
         stream::unfold(st, |mut st| async move {
             loop {
@@ -247,7 +261,7 @@ impl Transfer {
                     st.end = 0;
                     return Some((Err(e), st));
                 }
-                if st.generation.is_some_and(|g| g != p.generation) {
+                if p.generation != st.generation || p.size.is_none_or(|s| s < st.end) {
                     let e = io::Error::other("the transfer of this blob started over");
                     st.end = 0;
                     return Some((Err(e), st));
@@ -255,7 +269,10 @@ impl Transfer {
                 let verified = p.outcome == Outcome::Verified;
                 let readable = match (p.size, &p.backing) {
                     (Some(size), Some(_)) if verified => size,
-                    (Some(size), Some(_)) => p.written.min(size.saturating_sub(st.hold)),
+                    (Some(size), Some(_)) => p
+                        .written
+                        .min(size.saturating_sub(1))
+                        .min(st.end.saturating_sub(1)),
                     _ => 0,
                 };
                 if st.pos < readable {
@@ -268,7 +285,6 @@ impl Transfer {
                             if !verified {
                                 st.t.released.store(true, Ordering::SeqCst);
                             }
-                            st.generation = Some(p.generation);
                             st.pos += chunk.len() as u64;
                             return Some((Ok(chunk), st));
                         }
@@ -300,6 +316,7 @@ impl Drop for PeerStream {
 fn gone() -> Outcome {
     Outcome::Failed {
         corrupt: false,
+        gone: false,
         why: "the transfer went away".into(),
     }
 }

@@ -10,7 +10,8 @@ fn data() -> Bytes {
     Bytes::from((0..10_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>())
 }
 
-/// Collects what a reader yields within `limit` (it may be waiting for more).
+/// Collects what a reader yields within `limit` (it may be waiting for more): the bytes,
+/// the error it ended with, and whether it ended.
 async fn take(s: &mut BlobStream, limit: Duration) -> (Vec<u8>, Option<io::Error>, bool) {
     let mut got = Vec::new();
     let ended = tokio::time::timeout(limit, async {
@@ -32,22 +33,37 @@ async fn take(s: &mut BlobStream, limit: Duration) -> (Vec<u8>, Option<io::Error
     }
 }
 
+const SHORT: Duration = Duration::from_millis(100);
+
 #[tokio::test]
 async fn readers_follow_the_writer_but_the_last_byte_waits_for_verification() {
     let bytes = data();
+    let size = bytes.len() as u64;
     let t = Transfer::new(Digest::sha256_of(&bytes));
-    let mut early = t.read(ByteRange::full(bytes.len() as u64), 1);
     let (mut sink, backing) = Sink::memory(&t);
-    t.begin(bytes.len() as u64, Origin::Upstream, backing);
+    t.begin(size, Origin::Upstream, backing);
     assert!(!t.hold_all());
+    let (begun, generation) = t.begun().await.expect("begun");
+    assert_eq!(begun, size);
+    let mut whole = t.read(ByteRange::full(size), generation);
+    // A range ending before the blob's end holds back its own last byte too.
+    let mut part = t.read(
+        ByteRange {
+            start: 100,
+            end: 200,
+        },
+        generation,
+    );
     sink.write(bytes.slice(..4000)).await.expect("write");
-    let (got, err, done) = take(&mut early, Duration::from_millis(100)).await;
+    let (got, err, done) = take(&mut whole, SHORT).await;
     assert_eq!(
         (got.as_slice(), err.is_none(), done),
         (&bytes[..4000], true, false)
     );
+    let (got, _, done) = take(&mut part, SHORT).await;
+    assert_eq!((got.as_slice(), done), (&bytes[100..199], false));
     sink.write(bytes.slice(4000..)).await.expect("write");
-    let (got, _, done) = take(&mut early, Duration::from_millis(100)).await;
+    let (got, _, done) = take(&mut whole, SHORT).await;
     assert_eq!(
         got.as_slice(),
         &bytes[4000..bytes.len() - 1],
@@ -57,55 +73,60 @@ async fn readers_follow_the_writer_but_the_last_byte_waits_for_verification() {
     assert!(t.released(), "bytes went out before verification");
     assert!(sink.finish().await.expect("finish"));
     t.finish(Outcome::Verified);
-    let (got, err, done) = take(&mut early, Duration::from_millis(100)).await;
+    let (got, err, done) = take(&mut whole, SHORT).await;
     assert_eq!(got.as_slice(), &bytes[bytes.len() - 1..]);
     assert!(err.is_none() && done);
-    // A reader arriving later reads a range of the verified copy.
-    let mut late = t.read(ByteRange { start: 10, end: 20 }, 1);
-    let (got, _, done) = take(&mut late, Duration::from_millis(100)).await;
-    assert_eq!((got.as_slice(), done), (&bytes[10..20], true));
+    let (got, _, done) = take(&mut part, SHORT).await;
+    assert_eq!((got.as_slice(), done), (&bytes[199..200], true));
 }
 
 #[tokio::test]
-async fn a_failure_ends_readers_with_an_error_and_a_restart_cuts_those_that_took_bytes() {
+async fn a_failure_ends_readers_with_an_error_and_a_restart_cuts_them() {
     let bytes = data();
+    let size = bytes.len() as u64;
     let t = Transfer::new(Digest::sha256_of(&bytes));
     let (mut sink, backing) = Sink::memory(&t);
-    t.begin(bytes.len() as u64, Origin::Peer, backing);
-    let mut reader = t.read(ByteRange::full(bytes.len() as u64), 1);
+    t.begin(size, Origin::Peer, backing);
+    let (_, first) = t.begun().await.expect("begun");
+    let mut reader = t.read(ByteRange::full(size), first);
     sink.write(bytes.slice(..100)).await.expect("write");
-    let (got, _, _) = take(&mut reader, Duration::from_millis(50)).await;
+    let (got, _, _) = take(&mut reader, SHORT).await;
     assert_eq!(got.len(), 100);
-    // The copy starts over (as it would after a bad source): this reader had bytes.
-    let (_sink2, backing2) = Sink::memory(&t);
-    t.begin(bytes.len() as u64, Origin::Peer, backing2);
-    let (_, err, _) = take(&mut reader, Duration::from_millis(50)).await;
+    // The copy starts over with another size (as after a source that lied): the reader,
+    // whose range was chosen for the first copy, is cut.
+    let (mut second, backing2) = Sink::memory(&t);
+    t.begin(size - 10, Origin::Peer, backing2);
+    let (_, err, _) = take(&mut reader, SHORT).await;
     assert!(err.expect("cut").to_string().contains("started over"));
+    // A late write of the abandoned copy does not move the new one.
+    sink.write(bytes.slice(100..5000))
+        .await
+        .expect("late write");
+    assert_eq!(t.progress().written, 0);
+    second.write(bytes.slice(..10)).await.expect("write");
+    assert_eq!(t.progress().written, 10);
 
-    let waiting = t.read(ByteRange::full(bytes.len() as u64), 1);
+    let (_, now) = t.begun().await.expect("begun");
+    let mut waiting = t.read(ByteRange::full(size - 10), now);
     t.finish(Outcome::Failed {
         corrupt: true,
+        gone: false,
         why: "did not match".into(),
     });
-    let mut waiting = waiting;
-    let (got, err, _) = take(&mut waiting, Duration::from_millis(50)).await;
-    assert!(got.is_empty());
+    let (_, err, _) = take(&mut waiting, SHORT).await;
     assert!(err.expect("failed").to_string().contains("did not match"));
-    assert!(t.size().await.is_err());
+    assert!(t.begun().await.is_err());
 }
 
 #[tokio::test]
-async fn content_from_holders_is_held_back_whole_and_peers_are_capped() {
+async fn content_from_holders_asks_for_verification_first_and_peers_are_capped() {
     let bytes = data();
     let t = Transfer::new(Digest::sha256_of(&bytes));
-    let (mut sink, backing) = Sink::memory(&t);
+    let (_sink, backing) = Sink::memory(&t);
     t.begin(bytes.len() as u64, Origin::Holders, backing);
     assert!(t.hold_all());
-    let mut whole = t.read(ByteRange::full(bytes.len() as u64), bytes.len() as u64);
-    sink.write(bytes.clone()).await.expect("write");
-    let (got, _, _) = take(&mut whole, Duration::from_millis(50)).await;
-    assert!(got.is_empty(), "nothing before verification");
-    assert!(!t.released());
+    t.set_origin(Origin::Upstream);
+    assert!(!t.hold_all(), "decided by where the copy comes from");
 
     let first = t.admit_peer(2).expect("one");
     let second = t.admit_peer(2).expect("two");
@@ -119,15 +140,17 @@ async fn content_from_holders_is_held_back_whole_and_peers_are_capped() {
 async fn a_file_backed_copy_is_readable_while_it_grows() {
     let dir = tempfile::tempdir().expect("dir");
     let bytes = Bytes::from(vec![7u8; 3 << 20]);
+    let size = bytes.len() as u64;
     let t = Transfer::new(Digest::sha256_of(&bytes));
     let (mut sink, backing) = Sink::file(&t, dir.path()).await.expect("spool");
-    t.begin(bytes.len() as u64, Origin::Upstream, backing);
+    t.begin(size, Origin::Upstream, backing);
+    let (_, generation) = t.begun().await.expect("begun");
     let mut reader = t.read(
         ByteRange {
             start: 1000,
-            end: bytes.len() as u64,
+            end: size,
         },
-        1,
+        generation,
     );
     sink.write(bytes.slice(..(1 << 20))).await.expect("write");
     sink.write(bytes.slice((1 << 20)..)).await.expect("write");
@@ -135,5 +158,5 @@ async fn a_file_backed_copy_is_readable_while_it_grows() {
     t.finish(Outcome::Verified);
     let (got, err, done) = take(&mut reader, Duration::from_secs(5)).await;
     assert!(err.is_none() && done);
-    assert_eq!(got.len(), bytes.len() - 1000);
+    assert_eq!(got.len() as u64, size - 1000);
 }

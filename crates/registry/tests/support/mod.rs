@@ -26,6 +26,8 @@ pub(crate) struct TestNode {
     pub task: Option<tokio::task::JoinHandle<()>>,
     /// Its shared state.
     pub state: Arc<AppState>,
+    /// Its router.
+    pub router: Arc<MemoryRouter>,
 }
 
 impl Drop for TestNode {
@@ -94,6 +96,7 @@ impl TestNode {
             shutdown,
             task: Some(task),
             state,
+            router: router.clone(),
         };
         (node, router)
     }

@@ -48,6 +48,8 @@ pub struct Script {
     pub short_by: Option<u64>,
     /// Whether HEAD of a manifest is refused with 405.
     pub no_head: bool,
+    /// The CDN answers 401 with a challenge naming a token service of its own.
+    pub cdn_challenges: bool,
 }
 
 impl Default for Script {
@@ -60,6 +62,7 @@ impl Default for Script {
             stall_after: None,
             short_by: None,
             no_head: false,
+            cdn_challenges: false,
         }
     }
 }
@@ -382,6 +385,17 @@ async fn cdn_serve(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         record(&inner, "cdn", &req, 404);
         return StatusCode::NOT_FOUND.into_response();
     };
+    if script.cdn_challenges {
+        record(&inner, "cdn", &req, 401);
+        let cdn = inner.cdn.lock().expect("lock").expect("cdn");
+        let challenge = format!(r#"Bearer realm="http://{cdn}/steal",service="cdn""#);
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, challenge)],
+            "",
+        )
+            .into_response();
+    }
     record(&inner, "cdn", &req, 200);
     blob_response(&script, req.headers(), data)
 }
