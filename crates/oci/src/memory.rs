@@ -9,7 +9,6 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::{self, BoxStream};
 use tokio::sync::broadcast;
-use tokio_stream::wrappers::BroadcastStream;
 
 use crate::digest::Digest;
 use crate::manifest::{Descriptor, Manifest, OCTET_STREAM};
@@ -209,11 +208,7 @@ impl Store for MemoryStore {
     }
 
     fn watch(&self) -> BoxStream<'static, StoreEvent> {
-        let live =
-            BroadcastStream::new(self.events.subscribe()).map(|e| e.unwrap_or(StoreEvent::Resync));
-        stream::once(async { StoreEvent::Resync })
-            .chain(live)
-            .boxed()
+        crate::store::broadcast_watch(&self.events)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -163,6 +163,19 @@ pub enum StoreEvent {
     Resync,
 }
 
+/// A [`Store::watch`] feed over a broadcast of events: `Resync` first, then the events,
+/// and `Resync` again whenever the subscriber fell behind and missed some.
+pub fn broadcast_watch(
+    events: &tokio::sync::broadcast::Sender<StoreEvent>,
+) -> BoxStream<'static, StoreEvent> {
+    use futures_util::StreamExt;
+    let live = tokio_stream::wrappers::BroadcastStream::new(events.subscribe())
+        .map(|e| e.unwrap_or(StoreEvent::Resync));
+    futures_util::stream::once(async { StoreEvent::Resync })
+        .chain(live)
+        .boxed()
+}
+
 /// Read access to a node's images and content, plus a feed of changes.
 ///
 /// Implementations must be cheap to share (`Arc`) and safe to call concurrently.

@@ -16,7 +16,6 @@ use mirrorlet_oci::{
     StoreEvent, TagTarget,
 };
 use tokio::sync::broadcast;
-use tokio_stream::wrappers::BroadcastStream;
 
 use crate::transfer::Backing;
 
@@ -259,11 +258,7 @@ impl Store for Cache {
     }
 
     fn watch(&self) -> BoxStream<'static, StoreEvent> {
-        let live =
-            BroadcastStream::new(self.events.subscribe()).map(|e| e.unwrap_or(StoreEvent::Resync));
-        stream::once(async { StoreEvent::Resync })
-            .chain(live)
-            .boxed()
+        mirrorlet_oci::store::broadcast_watch(&self.events)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

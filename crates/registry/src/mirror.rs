@@ -496,11 +496,25 @@ async fn head_blob(
     Ok(Some((respond(head, Body::empty())?, source)))
 }
 
-fn origin_source(t: &Transfer) -> Source {
-    match t.progress().origin {
+/// Where a transfer's bytes come from, the range asked for, and the response head.
+fn transfer_head(
+    ask: &Ask<'_>,
+    transfer: &Transfer,
+    size: u64,
+) -> Result<(Source, ByteRange, Builder), RegistryError> {
+    let source = match transfer.progress().origin {
         Some(Origin::Upstream) => Source::Upstream,
         _ => Source::Peer,
-    }
+    };
+    let (range, partial) = range::select(ask.range(), size)?;
+    let head = content_head(
+        manifest::OCTET_STREAM,
+        &transfer.digest,
+        size,
+        range,
+        partial,
+    );
+    Ok((source, range, head))
 }
 
 /// A client of this node reads a transfer: after it verified, when it comes from peers
@@ -528,15 +542,7 @@ async fn serve_client(
         let p = transfer.progress();
         (size, generation) = (p.size.unwrap_or(size), p.generation);
     }
-    let source = origin_source(transfer);
-    let (range, partial) = range::select(ask.range(), size)?;
-    let head = content_head(
-        manifest::OCTET_STREAM,
-        &transfer.digest,
-        size,
-        range,
-        partial,
-    );
+    let (source, range, head) = transfer_head(ask, transfer, size)?;
     let counter = ask.state.metrics.bytes_from(source, "containerd");
     let sent = Arc::new(AtomicBool::new(false));
     let (state, t) = (ask.state.clone(), transfer.clone());
@@ -609,15 +615,7 @@ async fn serve_peer(
             });
         }
     };
-    let source = origin_source(transfer);
-    let (range, partial) = range::select(ask.range(), size)?;
-    let head = content_head(
-        manifest::OCTET_STREAM,
-        &transfer.digest,
-        size,
-        range,
-        partial,
-    );
+    let (source, range, head) = transfer_head(ask, transfer, size)?;
     if ask.head {
         return Ok((respond(head, Body::empty())?, source));
     }

@@ -186,6 +186,36 @@ impl Candidates {
     }
 }
 
+/// Sends a request to another agent. A peer that accepted the connection but never
+/// answers must not hold the client: the response head must come within `limit`.
+pub(crate) async fn send(
+    req: reqwest::RequestBuilder,
+    limit: Duration,
+) -> Result<reqwest::Response, String> {
+    match tokio::time::timeout(limit, req.send()).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no response within {limit:?}")),
+    }
+}
+
+/// [`send`], marking the peer as failed if it fails.
+pub(crate) async fn send_marking(
+    state: &AppState,
+    peer: &Peer,
+    req: reqwest::RequestBuilder,
+    limit: Duration,
+) -> Option<reqwest::Response> {
+    match send(req, limit).await {
+        Ok(r) => Some(r),
+        Err(why) => {
+            state
+                .failed_peers
+                .mark(peer, state.peers.failure_backoff, &why);
+            None
+        }
+    }
+}
+
 /// Sends `build(peer)` to peers from `candidates` until one answers with an acceptable
 /// status: one at a time, but when the current one is slower than the hedge delay to
 /// answer, another is raced against it. Peers that fail are marked. Returns the first
@@ -203,12 +233,7 @@ pub async fn open(
         let req = build(&peer).header(PEER_HEADER, HeaderValue::from_static("1"));
         let limit = config.read_timeout;
         async move {
-            // A peer that accepted the connection but never answers must not hold the
-            // client: the response head has the read timeout too.
-            let result = match tokio::time::timeout(limit, req.send()).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("no response within {limit:?}")),
-            };
+            let result = send(req, limit).await;
             (peer, result)
         }
         .boxed()

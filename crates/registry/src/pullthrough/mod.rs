@@ -16,7 +16,7 @@ use mirrorlet_oci::{Digest, Reference, Registry, Repository, UpstreamError};
 use crate::cluster::{self, CLUSTER_HEADER, TAG_CONFIRMED_HEADER};
 use crate::fetch;
 use crate::metrics::{FetchLabels, Source};
-use crate::peers::PEER_HEADER;
+use crate::peers::{self, PEER_HEADER};
 use crate::state::AppState;
 
 /// A verified manifest and where it came from.
@@ -231,22 +231,8 @@ pub(crate) async fn ask_owner(
     .header(PEER_HEADER, HeaderValue::from_static("1"))
     .header(CLUSTER_HEADER, HeaderValue::from_static("cluster"))
     .header(header::ACCEPT, accept);
-    let limit = state.pull.owner_timeout;
-    let resp = match tokio::time::timeout(limit, req.send()).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            state
-                .failed_peers
-                .mark(peer, state.peers.failure_backoff, &e.to_string());
-            return Owned::Failed;
-        }
-        Err(_) => {
-            let why = format!("no response within {limit:?}");
-            state
-                .failed_peers
-                .mark(peer, state.peers.failure_backoff, &why);
-            return Owned::Failed;
-        }
+    let Some(resp) = peers::send_marking(state, peer, req, state.pull.owner_timeout).await else {
+        return Owned::Failed;
     };
     match resp.status() {
         StatusCode::OK => {

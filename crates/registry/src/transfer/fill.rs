@@ -627,21 +627,8 @@ impl<'a> Sources<'a> {
         if pos > 0 {
             req = req.header(header::RANGE, format!("bytes={pos}-"));
         }
-        let resp = match tokio::time::timeout(head, req.send()).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                state
-                    .failed_peers
-                    .mark(peer, state.peers.failure_backoff, &e.to_string());
-                return Answer::Failed;
-            }
-            Err(_) => {
-                let why = format!("no response within {head:?}");
-                state
-                    .failed_peers
-                    .mark(peer, state.peers.failure_backoff, &why);
-                return Answer::Failed;
-            }
+        let Some(resp) = peers::send_marking(state, peer, req, head).await else {
+            return Answer::Failed;
         };
         match resp.status() {
             StatusCode::OK | StatusCode::PARTIAL_CONTENT => Answer::Body(peer.clone(), resp),
