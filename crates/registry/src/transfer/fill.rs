@@ -128,7 +128,7 @@ impl Job {
                 if *corrupt {
                     tracing::error!(digest = %t.digest, why = %why, "blob did not match its digest; discarded");
                 } else {
-                    tracing::info!(digest = %t.digest, why = %why, "blob not fetched");
+                    tracing::debug!(digest = %t.digest, why = %why, "blob not fetched");
                 }
             }
             Outcome::Running => {}
