@@ -81,6 +81,14 @@ pub(crate) struct RunArgs {
     /// Entries in the cache of manifest media types read from content.
     #[arg(long, env = "MIRRORLET_MEDIA_TYPE_CACHE", default_value = "10000")]
     pub(crate) media_type_cache: NonZeroUsize,
+    /// Address of the operational listener: `/livez`, `/readyz` and `/metrics` only (probes
+    /// and scrapes that registry clients cannot starve, and no content exposed).
+    #[arg(long, env = "MIRRORLET_METRICS_LISTEN", default_value = "0.0.0.0:5002")]
+    pub(crate) metrics_listen: SocketAddr,
+    /// `/livez` fails once containerd has not answered for this long (the kubelet then
+    /// restarts the agent); shorter outages only make it not ready.
+    #[arg(long, env = "MIRRORLET_LIVENESS_CONTAINERD_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
+    pub(crate) liveness_containerd_timeout: Duration,
     /// Connections served at once; further connections are closed.
     #[arg(long, env = "MIRRORLET_MAX_CONNECTIONS", default_value = "1024", value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) max_connections: u32,
@@ -411,12 +419,26 @@ fn parse_registry(s: &str) -> Result<String, String> {
 }
 
 fn parse_mirror_url(s: &str) -> Result<String, String> {
-    let rest = s
-        .strip_prefix("http://")
-        .or_else(|| s.strip_prefix("https://"))
-        .ok_or("must start with http:// or https://")?;
+    let scheme = if s.starts_with("https://") {
+        "https://"
+    } else if s.starts_with("http://") {
+        "http://"
+    } else {
+        return Err("must start with http:// or https://".into());
+    };
+    let rest = &s[scheme.len()..];
     if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
         return Err("must be scheme://host[:port] with no path".into());
+    }
+    // A bare IPv6 address, as Kubernetes gives a node's address (`$(NODE_IP):30020`), with
+    // the port last: containerd needs it in brackets.
+    if !rest.starts_with('[') && rest.matches(':').count() >= 2 {
+        let bracketed = rest.rsplit_once(':').and_then(|(host, port)| {
+            let ok = host.parse::<std::net::Ipv6Addr>().is_ok() && port.parse::<u16>().is_ok();
+            ok.then(|| format!("{scheme}[{host}]:{port}"))
+        });
+        return bracketed
+            .ok_or_else(|| "an IPv6 address needs its port last: http://[addr]:port".into());
     }
     Ok(s.to_owned())
 }
@@ -531,6 +553,30 @@ mod tests {
             format!("{err:#}").contains("not a Docker config.json"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn ipv6_node_addresses_are_bracketed_in_mirror_urls() {
+        for (given, want) in [
+            ("http://fd00::1:30020", "http://[fd00::1]:30020"),
+            ("http://[fd00::1]:30020", "http://[fd00::1]:30020"),
+            ("https://2001:db8::7:443", "https://[2001:db8::7]:443"),
+            ("http://10.0.0.1:30020", "http://10.0.0.1:30020"),
+        ] {
+            assert_eq!(parse_mirror_url(given).as_deref(), Ok(want), "{given}");
+        }
+        assert!(parse_mirror_url("http://fd00::zz:1").is_err());
+        let cli = Cli::try_parse_from([
+            "mirrorlet",
+            "configure",
+            "--mirror-url",
+            "http://fd00::1:30020",
+        ])
+        .expect("parses");
+        let Command::Configure(args) = cli.command else {
+            panic!("configure")
+        };
+        assert_eq!(args.mirror_url, ["http://[fd00::1]:30020"]);
     }
 
     #[test]

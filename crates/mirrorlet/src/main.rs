@@ -2,6 +2,7 @@
 //! (`configure`, `cleanup`) and `version`. It only assembles the library crates.
 
 mod cli;
+mod health;
 mod hosts;
 mod run;
 mod telemetry;

@@ -3,6 +3,7 @@
 //! advertiser withdraws what this node advertised, in-flight responses finish, and the
 //! router stops last.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -21,12 +22,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cli::{P2pArgs, RunArgs, UpstreamArgs};
+use crate::health::ContainerdHealth;
+
+/// Connections the operational listener serves at once.
+const OPS_CONNECTIONS: usize = 64;
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("--listen {}: cannot listen on this address", args.listen))?;
+    let listener = bind(args.listen, "--listen").await?;
+    let ops_listener = bind(args.metrics_listen, "--metrics-listen").await?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
@@ -134,6 +138,16 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     if p2p.peer_upload_limit > 0 {
         state.peer_upload_limit = Some(RateLimiter::new(p2p.peer_upload_limit));
     }
+    let health = ContainerdHealth::watch(
+        store.clone(),
+        args.liveness_containerd_timeout,
+        router_shutdown.clone(),
+    );
+    state.live = Arc::new(move || {
+        let result = health.check();
+        async move { result }.boxed()
+    });
+    let state = Arc::new(state);
 
     // Without p2p the router is a network of one: advertising into it costs nothing, and
     // the advertiser still keeps the inventory gauges.
@@ -154,12 +168,23 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut server = tokio::spawn(server::serve(
         listener,
-        mirrorlet_registry::app(Arc::new(state)),
+        mirrorlet_registry::app(state.clone()),
         limits,
         shutdown.clone(),
     ));
+    // Probes and scrapes keep being answered while the registry drains.
+    tasks.spawn(server::serve(
+        ops_listener,
+        mirrorlet_registry::ops_app(state),
+        Limits {
+            max_connections: OPS_CONNECTIONS,
+            header_read_timeout: args.header_read_timeout,
+        },
+        router_shutdown.clone(),
+    ));
     tracing::info!(
         listen = %args.listen,
+        metrics_listen = %args.metrics_listen,
         containerd = %args.containerd_socket.display(),
         namespace = %args.containerd_namespace,
         content_dir = ?content_dir,
@@ -194,6 +219,22 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         anyhow::bail!("the HTTP server stopped unexpectedly");
     }
     Ok(())
+}
+
+/// Binds a listener. `[::]` (every address, IPv6 and IPv4 alike on Linux) falls back to
+/// `0.0.0.0` on a node without IPv6, so one setting serves every kind of cluster.
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
+            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port());
+            tracing::warn!(%addr, error = %e, fallback = %v4, "no IPv6 here; listening on IPv4 only");
+            TcpListener::bind(v4)
+                .await
+                .with_context(|| format!("{flag} {v4}: cannot listen on this address"))
+        }
+        Err(e) => Err(e).with_context(|| format!("{flag} {addr}: cannot listen on this address")),
+    }
 }
 
 /// The upstream client's configuration from the flags, checked for consistency.

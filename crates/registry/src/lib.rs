@@ -36,7 +36,8 @@ pub use metrics::{Metrics, Source};
 pub use peers::{PEER_HEADER, PeerConfig};
 pub use state::{AppState, PullThroughConfig, ReadyCheck};
 
-/// Builds the HTTP application: `/v2/...` pull endpoints plus `/livez`, `/readyz` and `/metrics`.
+/// Builds the HTTP application: `/v2/...` pull endpoints plus the operational endpoints of
+/// [`ops_app`].
 pub fn app(state: Arc<AppState>) -> Router {
     let v2 = Router::new()
         .fallback(mirror::handle)
@@ -45,10 +46,16 @@ pub fn app(state: Arc<AppState>) -> Router {
             ops::track,
         ))
         .with_state(state.clone());
+    ops_app(state).fallback_service(v2)
+}
+
+/// The operational endpoints alone (`/livez`, `/readyz`, `/metrics`), for a listener of
+/// their own: probes and scrapes that no registry client can starve, and a port that
+/// exposes no content.
+pub fn ops_app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/livez", get(ops::livez))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .with_state(state)
-        .fallback_service(v2)
 }

@@ -13,9 +13,17 @@ use crate::metrics::{DurationLabels, RequestLabels, Source};
 use crate::mirror::Served;
 use crate::state::AppState;
 
-/// `/livez`: the process is up and serving HTTP.
-pub async fn livez() -> &'static str {
-    "ok\n"
+/// `/livez`: 200 while the liveness check passes (the process serves HTTP and, in the
+/// agent, has reached containerd recently), else 503 with the reason.
+pub async fn livez(State(state): State<Arc<AppState>>) -> Response {
+    match (state.live)().await {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not live: {why}\n"),
+        )
+            .into_response(),
+    }
 }
 
 /// `/readyz`: 200 when the readiness check passes, else 503 with the reason.

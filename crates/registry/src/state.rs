@@ -17,7 +17,7 @@ use crate::ratelimit::RateLimiter;
 use crate::singleflight::SingleFlight;
 use crate::transfer::Transfers;
 
-/// Answers whether the agent is ready: `Err` carries the reason it is not.
+/// Answers whether the agent is ready (or live): `Err` carries the reason it is not.
 pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
 /// Blob transfers that keep a whole (small) blob in memory at once; with the verify
@@ -94,6 +94,8 @@ pub struct AppState {
     pub metrics_registry: Arc<prometheus_client::registry::Registry>,
     /// What `/readyz` reports.
     pub ready: ReadyCheck,
+    /// What `/livez` reports (by default: live while it serves HTTP).
+    pub live: ReadyCheck,
 }
 
 impl AppState {
@@ -134,6 +136,7 @@ impl AppState {
             metrics,
             metrics_registry,
             ready,
+            live: Arc::new(|| Box::pin(async { Ok(()) })),
         })
     }
 

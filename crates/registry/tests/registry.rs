@@ -351,6 +351,62 @@ async fn health_and_metrics() {
     srv.shutdown.cancel();
 }
 
+#[tokio::test]
+async fn the_operational_listener_serves_health_and_metrics_but_no_content() {
+    let fx = fixture();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let base = format!("http://{addr}");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let router = Arc::new(mirrorlet_oci::MemoryRouter::new(
+        Arc::new(MemoryNetwork::default()),
+        mirrorlet_oci::Peer {
+            id: "me".into(),
+            addr,
+        },
+    ));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = mirrorlet_registry::Metrics::register(&mut registry);
+    let mut state = mirrorlet_registry::AppState::new(
+        fx.store.clone(),
+        router,
+        PeerConfig::default(),
+        metrics,
+        Arc::new(registry),
+        Arc::new(|| Box::pin(async { Ok(()) })),
+    )
+    .expect("state");
+    // The liveness check says no: /livez reports it.
+    state.live = Arc::new(|| Box::pin(async { Err("containerd silent".to_owned()) }));
+    tokio::spawn(mirrorlet_registry::server::serve(
+        listener,
+        mirrorlet_registry::ops_app(Arc::new(state)),
+        mirrorlet_registry::server::Limits::default(),
+        shutdown.clone(),
+    ));
+    let http = reqwest::Client::new();
+    let live = http.get(format!("{base}/livez")).send().await.expect("get");
+    assert_eq!(live.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        live.text()
+            .await
+            .expect("body")
+            .contains("containerd silent")
+    );
+    for (path, want) in [
+        ("/readyz", StatusCode::OK),
+        ("/metrics", StatusCode::OK),
+        ("/v2/", StatusCode::NOT_FOUND),
+        ("/v2/a/manifests/v1", StatusCode::NOT_FOUND),
+    ] {
+        let r = http.get(format!("{base}{path}")).send().await.expect("get");
+        assert_eq!(r.status(), want, "{path}");
+    }
+    shutdown.cancel();
+}
+
 /// A store whose backend is down: every call fails.
 struct DownStore;
 

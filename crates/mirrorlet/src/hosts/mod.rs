@@ -126,12 +126,22 @@ pub(crate) fn default_server(registry: &str) -> Option<String> {
     }
 }
 
-/// Writes hosts.toml for every registry in `opts`. Returns the files written or already
-/// up to date.
+/// Writes hosts.toml for every registry in `opts`, and restores those it wrote before for
+/// registries no longer listed (an upgrade that narrows the list leaves nothing pointing
+/// at the agent). Returns the files written or already up to date.
 pub(crate) fn configure(opts: &ConfigureOptions) -> Result<Vec<PathBuf>, HostsError> {
     let mut done = Vec::new();
     for registry in &opts.registries {
         done.push(configure_one(opts, registry)?);
+    }
+    for dir in managed_dirs(&opts.config_path)? {
+        let listed = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| opts.registries.iter().any(|r| r == n));
+        if !listed {
+            restore(&dir)?;
+        }
     }
     Ok(done)
 }
@@ -266,9 +276,19 @@ fn write_atomic(dir: &Path, path: &Path, text: &str) -> Result<(), HostsError> {
 /// Returns the directories restored.
 pub(crate) fn cleanup(config_path: &Path) -> Result<Vec<PathBuf>, HostsError> {
     let mut restored = Vec::new();
+    for dir in managed_dirs(config_path)? {
+        if restore(&dir)? {
+            restored.push(dir);
+        }
+    }
+    Ok(restored)
+}
+
+/// The registry directories under `config_path`, sorted (none if it does not exist).
+fn managed_dirs(config_path: &Path) -> Result<Vec<PathBuf>, HostsError> {
     let entries = match fs::read_dir(config_path) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(restored),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io_err("listing", config_path)(e)),
     };
     let mut dirs: Vec<PathBuf> = entries
@@ -277,25 +297,28 @@ pub(crate) fn cleanup(config_path: &Path) -> Result<Vec<PathBuf>, HostsError> {
         .filter(|p| p.is_dir())
         .collect();
     dirs.sort();
-    for dir in dirs {
-        let file = dir.join(HOSTS);
-        let Some(state) = read_optional(&file)?
-            .as_deref()
-            .and_then(State::from_managed)
-        else {
-            continue;
-        };
-        if state.had_file {
-            let backup = dir.join(BACKUP);
-            fs::rename(&backup, &file).map_err(io_err("restoring", &backup))?;
-        } else {
-            fs::remove_file(&file).map_err(io_err("removing", &file))?;
-            if !state.had_dir {
-                // Only if nothing else was put there since.
-                let _ = fs::remove_dir(&dir);
-            }
+    Ok(dirs)
+}
+
+/// Puts back what a registry directory held before mirrorlet wrote its hosts.toml; `false`
+/// if the file there is not mirrorlet's.
+fn restore(dir: &Path) -> Result<bool, HostsError> {
+    let file = dir.join(HOSTS);
+    let Some(state) = read_optional(&file)?
+        .as_deref()
+        .and_then(State::from_managed)
+    else {
+        return Ok(false);
+    };
+    if state.had_file {
+        let backup = dir.join(BACKUP);
+        fs::rename(&backup, &file).map_err(io_err("restoring", &backup))?;
+    } else {
+        fs::remove_file(&file).map_err(io_err("removing", &file))?;
+        if !state.had_dir {
+            // Only if nothing else was put there since.
+            let _ = fs::remove_dir(dir);
         }
-        restored.push(dir);
     }
-    Ok(restored)
+    Ok(true)
 }

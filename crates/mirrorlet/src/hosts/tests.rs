@@ -156,3 +156,37 @@ fn missing_config_path_cleans_up_nothing() {
             .is_empty()
     );
 }
+
+#[test]
+fn narrowing_the_list_restores_what_is_no_longer_mirrored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    fs::create_dir_all(root.join("quay.io")).expect("mkdir");
+    fs::write(
+        root.join("quay.io/hosts.toml"),
+        "server = \"https://quay.io\"\n",
+    )
+    .expect("write");
+    let before = snapshot(root);
+    configure(&opts(root, &["docker.io", "quay.io", "ghcr.io"])).expect("configure");
+    // An upgrade drops two registries (and changes the agent's port).
+    let mut narrower = opts(root, &["docker.io"]);
+    narrower.mirrors = vec!["http://127.0.0.1:6000".into()];
+    configure(&narrower).expect("configure again");
+    assert!(
+        !root.join("ghcr.io").exists(),
+        "the directory it created is gone"
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("quay.io/hosts.toml")).expect("read"),
+        "server = \"https://quay.io\"\n",
+        "the user's file is back"
+    );
+    let hub = fs::read_to_string(root.join("docker.io/hosts.toml")).expect("read");
+    assert!(
+        hub.contains("http://127.0.0.1:6000") && !hub.contains(":5000"),
+        "{hub}"
+    );
+    cleanup(root).expect("cleanup");
+    assert_eq!(snapshot(root), before);
+}
