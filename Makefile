@@ -41,6 +41,7 @@ bench: setup
 chart-check:
 	$(CARGO) build --release -p mirrorlet
 	../shared/tools/chart-check/run charts/mirrorlet/ci/check-variants.txt
+	/tmp/chart-check/venv/bin/python charts/mirrorlet/ci/check-refusals.py /tmp/chart-check/helmrender
 
 ## Removes clusters left behind by a killed test run.
 clean-e2e:
