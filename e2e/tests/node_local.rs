@@ -477,8 +477,28 @@ async fn d_configure_then_cleanup_leave_certs_d_as_it_was() {
             >= 1.0
     );
 
-    node.cleanup().expect("cleanup");
-    assert_eq!(snapshot(&certs), before, "cleanup restored certs.d exactly");
+    // The chart's uninstall DaemonSet: restores, then holds (ready) until terminated.
+    let log = certs.with_file_name("cleanup-hold.log");
+    let mut hold = mirrorlet_e2e::process::Proc::spawn(
+        "cleanup --hold",
+        None,
+        &bin,
+        &["cleanup", "--config-path", &certs_s, "--hold", "true"].map(String::from),
+        &log,
+    )
+    .expect("spawn cleanup --hold");
+    wait_until(Duration::from_secs(10), "cleanup --hold restores", || {
+        std::future::ready(snapshot(&certs) == before)
+    })
+    .await
+    .expect("cleanup restored certs.d exactly");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        hold.is_running(),
+        "holds after restoring: {}",
+        hold.log_tail(5)
+    );
+    assert!(hold.stop(Duration::from_secs(5)), "exits on SIGTERM");
     node.cri
         .remove(&Cluster::image_ref(&multi_layer()))
         .await

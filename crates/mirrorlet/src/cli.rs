@@ -49,6 +49,8 @@ pub(crate) enum Command {
     Configure(ConfigureArgs),
     /// Restore the hosts.toml files `configure` changed.
     Cleanup(CleanupArgs),
+    /// Wait until a DaemonSet is ready on every node (the chart's uninstall hook).
+    WaitDaemonset(WaitDaemonsetArgs),
     /// Print the version.
     Version,
 }
@@ -358,6 +360,46 @@ pub(crate) struct CleanupArgs {
         default_value = "/etc/containerd/certs.d"
     )]
     pub(crate) config_path: PathBuf,
+    /// After restoring, keep running until terminated: the chart's uninstall DaemonSet,
+    /// whose pods are ready once their node is restored.
+    #[arg(long, env = "MIRRORLET_CLEANUP_HOLD", default_value = "false", action = clap::ArgAction::Set)]
+    pub(crate) hold: bool,
+}
+
+/// Flags of `mirrorlet wait-daemonset`.
+#[derive(Debug, Args)]
+pub(crate) struct WaitDaemonsetArgs {
+    /// The DaemonSet to wait for.
+    #[arg(long, env = "MIRRORLET_WAIT_DAEMONSET", default_value = "", value_parser = parse_object_name)]
+    pub(crate) daemonset: String,
+    /// Its namespace. Empty: the pod's own.
+    #[arg(long, env = "MIRRORLET_WAIT_NAMESPACE", default_value = "")]
+    pub(crate) namespace: String,
+    /// How long to wait before failing with the nodes not done.
+    #[arg(long, env = "MIRRORLET_WAIT_TIMEOUT", default_value = "4m", value_parser = parse_positive_duration)]
+    pub(crate) timeout: Duration,
+    /// The Kubernetes API server URL. Empty: the in-cluster one.
+    #[arg(long, env = "MIRRORLET_KUBE_API_SERVER", default_value = "")]
+    pub(crate) api_server: String,
+    /// The mounted service account (token, ca.crt, namespace).
+    #[arg(
+        long,
+        env = "MIRRORLET_SERVICE_ACCOUNT_DIR",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount"
+    )]
+    pub(crate) service_account_dir: PathBuf,
+}
+
+/// A Kubernetes object name (RFC 1123 label).
+fn parse_object_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.']);
+    ok.then(|| s.to_owned())
+        .ok_or_else(|| "not a Kubernetes object name (lower-case letters, digits, '-', '.')".into())
 }
 
 impl ConfigureArgs {

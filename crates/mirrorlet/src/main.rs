@@ -1,9 +1,11 @@
 //! The `mirrorlet` binary: the node agent (`run`), containerd mirror configuration
-//! (`configure`, `cleanup`) and `version`. It only assembles the library crates.
+//! (`configure`, `cleanup`), the chart's uninstall wait (`wait-daemonset`) and `version`.
+//! It only assembles the library crates.
 
 mod cli;
 mod health;
 mod hosts;
+mod kube;
 mod run;
 mod telemetry;
 
@@ -22,6 +24,7 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(run::run(*args))),
+        Command::WaitDaemonset(args) => small_runtime().and_then(|rt| rt.block_on(wait(args))),
         Command::Configure(args) => hosts::configure(&args.options())
             .map(|files| {
                 for f in files {
@@ -38,7 +41,14 @@ fn main() -> ExitCode {
                     tracing::info!(config_path = %args.config_path.display(), "nothing to restore");
                 }
             })
-            .map_err(anyhow::Error::from),
+            .map_err(anyhow::Error::from)
+            .and_then(|()| {
+                if !args.hold {
+                    return Ok(());
+                }
+                tracing::info!("restored; holding until terminated");
+                small_runtime().and_then(|rt| rt.block_on(terminated()))
+            }),
         Command::Version => {
             println!("mirrorlet {}", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -51,4 +61,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Returns on SIGTERM or SIGINT.
+async fn terminated() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+async fn wait(args: cli::WaitDaemonsetArgs) -> anyhow::Result<()> {
+    let config = kube::ApiConfig {
+        server: args.api_server,
+        service_account_dir: args.service_account_dir,
+    };
+    let namespace = match args.namespace {
+        ns if ns.is_empty() => config.own_namespace()?,
+        ns => ns,
+    };
+    let api = kube::Api::new(&config)?;
+    let poll = std::time::Duration::from_secs(2);
+    kube::wait_daemonset(&api, &namespace, &args.daemonset, args.timeout, poll).await?;
+    tracing::info!(daemonset = %args.daemonset, %namespace, "done on every node");
+    Ok(())
 }
