@@ -33,6 +33,7 @@ e2e: build
 lint: setup
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	python3 charts/mirrorlet/ci/values-table.py --check
 
 bench: setup
 	bash e2e/bench/run.sh

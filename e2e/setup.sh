@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and the end-to-end tests need on Debian, if missing:
 # protoc (containerd-client's build script), containerd, the Distribution registry,
-# skopeo, iproute2 (ip, tc) and apache2-utils (htpasswd). Idempotent; needs root.
+# skopeo, iproute2 (ip, tc), apache2-utils (htpasswd) and python3-yaml (the chart's
+# values table check). Idempotent; needs root.
 set -euo pipefail
 
 need=()
@@ -12,6 +13,7 @@ command -v skopeo >/dev/null || need+=(skopeo)
 command -v ip >/dev/null || need+=(iproute2)
 command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v make >/dev/null || need+=(make)
+python3 -c 'import yaml' 2>/dev/null || need+=(python3-yaml)
 
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}"

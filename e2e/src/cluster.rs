@@ -30,6 +30,9 @@ pub struct Options {
     pub pull_through: Option<PullThrough>,
     /// The upstream wants this user and password (htpasswd) for everything.
     pub upstream_login: Option<(String, String)>,
+    /// IPv6-only nodes: they have no IPv4 address, the mirror URL in hosts.toml, the peers'
+    /// DNS name and the upstream endpoint are IPv6 addresses, and the agents listen on `[::]`.
+    pub ipv6: bool,
 }
 
 /// How the agents pull through.
@@ -67,6 +70,7 @@ impl Default for Options {
             start_agents: true,
             pull_through: None,
             upstream_login: None,
+            ipv6: false,
         }
     }
 }
@@ -111,9 +115,10 @@ impl Cluster {
             None => None,
         };
         // Where nodes and agents reach the registry: the front if there is one.
-        let registry_at = front
-            .as_ref()
-            .map_or_else(|| upstream.authority(), |(_, a)| a.clone());
+        let registry_at = match &front {
+            Some((_, a)) => a.clone(),
+            None => upstream.authority_at(opts.ipv6),
+        };
         let mut agent_args = opts.agent_args.clone();
         match &opts.pull_through {
             Some(p) => {
@@ -142,11 +147,15 @@ impl Cluster {
             hosts.push(slot.add_host(&format!("n{i}"), octet)?);
         }
         let names: Vec<&str> = hosts.iter().map(|h| h.netns.as_str()).collect();
-        let addrs: Vec<_> = hosts.iter().map(|h| h.addr).collect();
+        let addrs: Vec<_> = hosts.iter().map(|h| h.ip(opts.ipv6)).collect();
         slot.set_hosts(&names, crate::node::PEERS_NAME, &addrs)?;
         let mut nodes = Vec::new();
         for (i, host) in (1..=opts.nodes).zip(hosts) {
+            if opts.ipv6 {
+                host.drop_ipv4()?;
+            }
             let mut node = Node::new(i, host, &slot.dir.join(format!("n{i}")), agent_args.clone())?;
+            node.ipv6 = opts.ipv6;
             node.write_user_hosts(&registry_at)?;
             node.configure()?;
             node.start_containerd().await?;
@@ -172,7 +181,7 @@ impl Cluster {
     /// peers' DNS name in its /etc/hosts.
     pub fn extra_host(&self, name: &str, octet: u8) -> Result<crate::net::Host> {
         let host = self.slot.add_host(name, octet)?;
-        let addrs: Vec<_> = self.nodes.iter().map(|n| n.host.addr).collect();
+        let addrs: Vec<_> = self.nodes.iter().map(|n| n.host.ip(n.ipv6)).collect();
         self.slot
             .set_hosts(&[host.netns.as_str()], crate::node::PEERS_NAME, &addrs)?;
         Ok(host)

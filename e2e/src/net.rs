@@ -1,9 +1,10 @@
 //! Simulated hosts: one network namespace per node on a Linux bridge, each with its own
-//! address in 198.18.<k>.0/24 (RFC 2544 benchmarking space), where `k` numbers the cluster.
+//! address in 198.18.<k>.0/24 (RFC 2544 benchmarking space), where `k` numbers the cluster,
+//! and an IPv6 one in fd00:198:18:<k>::/64 (unique local).
 //! Clusters are claimed by creating their bridge (atomic in the kernel) and swept by
 //! naming convention, so nothing outlives a test run, even one that was killed.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -39,6 +40,11 @@ impl Slot {
             std::fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
             let gw = format!("{}/24", gateway(k));
             run("ip", &["addr", "add", &gw, "dev", &bridge])?;
+            let gw6 = format!(
+                "{}/64",
+                Ipv6Addr::new(0xfd00, 0x198, 0x18, k.into(), 0, 0, 0, 1)
+            );
+            run("ip", &["addr", "add", &gw6, "dev", &bridge, "nodad"])?;
             run("ip", &["link", "set", &bridge, "up"])?;
             return Ok(Self { k, dir });
         }
@@ -79,14 +85,33 @@ impl Slot {
                 "eth0",
             ],
         )?;
+        let addr6 = Ipv6Addr::new(0xfd00, 0x198, 0x18, self.k.into(), 0, 0, 0, octet.into());
+        run(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{addr6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        )?;
         run("ip", &["-n", &netns, "link", "set", "eth0", "up"])?;
         run("ip", &["-n", &netns, "link", "set", "lo", "up"])?;
-        Ok(Host { netns, veth, addr })
+        Ok(Host {
+            netns,
+            veth,
+            addr,
+            addr6,
+        })
     }
 
     /// Gives every listed namespace an /etc/hosts (bind-mounted by `ip netns exec`) in
     /// which `name` resolves to all of `addrs`.
-    pub fn set_hosts(&self, namespaces: &[&str], name: &str, addrs: &[Ipv4Addr]) -> Result<()> {
+    pub fn set_hosts(&self, namespaces: &[&str], name: &str, addrs: &[IpAddr]) -> Result<()> {
         let mut text = String::from("127.0.0.1 localhost\n");
         for a in addrs {
             text.push_str(&format!("{a} {name}\n"));
@@ -120,12 +145,35 @@ pub struct Host {
     pub veth: String,
     /// The host's address.
     pub addr: Ipv4Addr,
+    /// Its IPv6 address.
+    pub addr6: Ipv6Addr,
+}
+
+impl Host {
+    /// Its IPv6 address if `ipv6`, else its IPv4 one.
+    pub fn ip(&self, ipv6: bool) -> IpAddr {
+        if ipv6 {
+            self.addr6.into()
+        } else {
+            self.addr.into()
+        }
+    }
 }
 
 impl Host {
     /// Cuts the host off the network.
     pub fn link_down(&self) -> Result<()> {
         run("ip", &["link", "set", &self.veth, "down"]).map(drop)
+    }
+
+    /// Takes the host's IPv4 address away: an IPv6-only host.
+    pub fn drop_ipv4(&self) -> Result<()> {
+        let addr = format!("{}/24", self.addr);
+        run(
+            "ip",
+            &["-n", &self.netns, "addr", "del", &addr, "dev", "eth0"],
+        )
+        .map(drop)
     }
 
     /// Reconnects the host.

@@ -16,6 +16,8 @@ use crate::wait::wait_until;
 pub const AGENT_PORT: u16 = 5000;
 /// The agents' libp2p port.
 pub const P2P_PORT: u16 = 5001;
+/// The agents' operational port (`/metrics`, `/livez`, `/readyz`).
+pub const METRICS_PORT: u16 = 5002;
 /// The DNS name that resolves to every node (like the chart's headless Service); each
 /// namespace gets it in its own /etc/hosts.
 pub const PEERS_NAME: &str = "mirrorlet-peers.e2e.test";
@@ -34,6 +36,9 @@ pub struct Node {
     /// CRI client for its containerd.
     pub cri: Cri,
     agent_args: Vec<String>,
+    /// IPv6-only: the agent listens on `[::]`, is reached at the node's IPv6 address, and
+    /// that address (given bare, as Kubernetes gives it) is the mirror URL in hosts.toml.
+    pub ipv6: bool,
     // Declared before `containerd` so that dropping a node stops the agent first.
     agent: Option<Proc>,
     containerd: Option<Proc>,
@@ -79,6 +84,7 @@ state = "{d}/containerd/state"
             dir: dir.to_owned(),
             cri,
             agent_args,
+            ipv6: false,
             agent: None,
             containerd: None,
         })
@@ -102,7 +108,10 @@ state = "{d}/containerd/state"
 
     /// The agent's base URL as other hosts reach it.
     pub fn agent_url(&self) -> String {
-        format!("http://{}:{AGENT_PORT}", self.host.addr)
+        format!(
+            "http://{}",
+            std::net::SocketAddr::new(self.host.ip(self.ipv6), AGENT_PORT)
+        )
     }
 
     /// Starts containerd and waits until its socket answers.
@@ -157,10 +166,13 @@ state = "{d}/containerd/state"
             return Ok(());
         }
         let bin = deps::mirrorlet_bin()?;
+        let any = if self.ipv6 { "[::]" } else { "0.0.0.0" };
         let mut args: Vec<String> = vec![
             "run".into(),
             "--listen".into(),
-            format!("0.0.0.0:{AGENT_PORT}"),
+            format!("{any}:{AGENT_PORT}"),
+            "--metrics-listen".into(),
+            format!("{any}:{METRICS_PORT}"),
             "--containerd-socket".into(),
             self.socket().display().to_string(),
             "--containerd-content-dir".into(),
@@ -168,7 +180,7 @@ state = "{d}/containerd/state"
             "--shutdown-grace".into(),
             "5s".into(),
             "--p2p-listen".into(),
-            format!("0.0.0.0:{P2P_PORT}"),
+            format!("{any}:{P2P_PORT}"),
             "--data-dir".into(),
             self.dir.join("data").display().to_string(),
             "--spool-dir".into(),
@@ -262,7 +274,11 @@ state = "{d}/containerd/state"
         let bin = deps::mirrorlet_bin()?;
         let certs = self.certs_d().display().to_string();
         let registries = format!("{REGISTRY},docker.io");
-        let mirror = format!("http://127.0.0.1:{AGENT_PORT}");
+        let mirror = if self.ipv6 {
+            format!("http://{}:{AGENT_PORT}", self.host.addr6)
+        } else {
+            format!("http://127.0.0.1:{AGENT_PORT}")
+        };
         run(
             &bin.display().to_string(),
             &[

@@ -78,9 +78,8 @@ impl Upstream {
     pub async fn start(host: Host, dir: &Path, login: Option<&(String, String)>) -> Result<Self> {
         std::fs::create_dir_all(dir.join("storage"))?;
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {}:{PORT}\n",
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: \":{PORT}\"\n",
             dir.join("storage").display(),
-            host.addr
         );
         if let Some((user, password)) = login {
             let htpasswd = crate::process::run("htpasswd", &["-Bbn", user, password])?;
@@ -103,7 +102,12 @@ impl Upstream {
 
     /// `host:port`.
     pub fn authority(&self) -> String {
-        format!("{}:{PORT}", self.host.addr)
+        self.authority_at(false)
+    }
+
+    /// `host:port` at its IPv6 address if `ipv6` (the registry listens on both).
+    pub fn authority_at(&self, ipv6: bool) -> String {
+        std::net::SocketAddr::new(self.host.ip(ipv6), PORT).to_string()
     }
 
     /// `http://host:port`.

@@ -528,3 +528,62 @@ async fn h_wrong_bytes_from_the_registry_never_reach_containerds_store() {
     let content = c.node(1).ctr(&["content", "ls", "-q"]).expect("content");
     assert!(content.contains(&layer), "the verified layer is there");
 }
+
+#[tokio::test]
+async fn i_ipv6_only_nodes_pull_through_their_agents_and_from_each_other() {
+    let image = TestImage::single("e2e/pt-ipv6", "v1", &[3_000_000, 1_000_000]);
+    let c = Cluster::start(Options {
+        nodes: 3,
+        images: vec![image.clone()],
+        pull_through: Some(PullThrough::default()),
+        ipv6: true,
+        ..Options::default()
+    })
+    .await
+    .expect("cluster starts");
+    c.wait_members().await.expect("agents meet over IPv6");
+    // configure was given the node's bare IPv6 address, as Kubernetes gives it; it is
+    // written bracketed, as dotted keys (containerd 1.6 refuses `]` in a table header).
+    let n1 = c.node(1);
+    let hosts = std::fs::read_to_string(n1.certs_d().join(REGISTRY).join("hosts.toml"))
+        .expect("hosts.toml");
+    let mirror = format!("[host]\n\"http://[{}]:5000\".capabilities", n1.host.addr6);
+    assert!(hosts.contains(&mirror), "{mirror} in:\n{hosts}");
+
+    // Node 1: containerd -> its agent at the IPv6 address -> the registry over IPv6.
+    let name = Cluster::image_ref(&image);
+    let mark = c.upstream.access_log().len();
+    n1.cri.pull(&name, PULL).await.expect("node 1 pulls");
+    let log = c.upstream.access_log().split_off(mark);
+    let gets: Vec<_> = log.iter().filter(|a| a.is_content_get()).collect();
+    assert_eq!(gets.len(), 4, "manifest, config, two layers: {log:#?}");
+    // (The tag's owner, maybe another node, asks for the tag.)
+    let agents6: Vec<String> = c.nodes.iter().map(|n| n.host.addr6.to_string()).collect();
+    assert!(
+        log.iter()
+            .all(|a| a.user_agent.starts_with("mirrorlet/") && agents6.contains(&a.client)),
+        "only agents, over IPv6 ({agents6:?}), went upstream: {log:#?}"
+    );
+
+    // Node 2: no blob upstream, so its layers came from other agents, over IPv6 (the nodes
+    // have no other addresses).
+    let mark = c.upstream.access_log().len();
+    c.node(2).cri.pull(&name, PULL).await.expect("node 2 pulls");
+    let log = c.upstream.access_log().split_off(mark);
+    assert!(
+        log.iter().all(|a| !a.path.contains("/blobs/")),
+        "no blob upstream for node 2: {log:#?}"
+    );
+    let served = c
+        .node(2)
+        .metric(
+            "mirrorlet_registry_served_bytes_total",
+            &[("requester", "containerd")],
+        )
+        .await
+        .expect("metrics");
+    assert!(
+        served >= 4_000_000.0,
+        "node 2's agent served its layers: {served}"
+    );
+}

@@ -58,7 +58,8 @@ pub(crate) enum Command {
 /// Flags of `mirrorlet run`.
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
-    /// Address the registry (and /metrics, /livez, /readyz) listens on.
+    /// Address the registry (and /metrics, /livez, /readyz) listens on; `[::]:PORT` takes
+    /// IPv6 and IPv4 (IPv4 only on a node without IPv6).
     #[arg(long, env = "MIRRORLET_LISTEN", default_value = "0.0.0.0:5000")]
     pub(crate) listen: SocketAddr,
     /// containerd's gRPC socket.
@@ -211,7 +212,7 @@ pub(crate) struct P2pArgs {
     /// Serve and fetch through peers (false: a node-local mirror only).
     #[arg(long = "p2p", env = "MIRRORLET_P2P", default_value = "true", action = clap::ArgAction::Set)]
     pub(crate) enabled: bool,
-    /// Address the libp2p (DHT) listener binds.
+    /// Address the libp2p (DHT) listener binds; `[::]:PORT` listens on IPv6 and IPv4.
     #[arg(long, env = "MIRRORLET_P2P_LISTEN", default_value = "0.0.0.0:5001")]
     pub(crate) p2p_listen: SocketAddr,
     /// Directory for the node's persistent peer identity.

@@ -224,7 +224,12 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// Binds a listener. `[::]` (every address, IPv6 and IPv4 alike on Linux) falls back to
 /// `0.0.0.0` on a node without IPv6, so one setting serves every kind of cluster.
 async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
-    match TcpListener::bind(addr).await {
+    let result = if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        bind_dual_stack(addr)
+    } else {
+        TcpListener::bind(addr).await
+    };
+    match result {
         Ok(l) => Ok(l),
         Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
             let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port());
@@ -235,6 +240,19 @@ async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
         }
         Err(e) => Err(e).with_context(|| format!("{flag} {addr}: cannot listen on this address")),
     }
+}
+
+/// `[::]` taking IPv4 too (as IPv4-mapped addresses), whatever the node's
+/// `net.ipv6.bindv6only`.
+fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// The upstream client's configuration from the flags, checked for consistency.

@@ -14,6 +14,8 @@ pub mod metrics;
 mod swarm;
 mod transport;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
 use futures_util::StreamExt;
 use futures_util::stream::{self, BoxStream};
 use libp2p::{Multiaddr, PeerId, Swarm};
@@ -74,16 +76,47 @@ impl P2pRouter {
             .with_idle_connection_timeout(std::time::Duration::from_secs(3600));
         let mut swarm = Swarm::new(transport, behaviour, peer_id, swarm_config);
         let addr = socket_to_multiaddr(config.listen);
-        swarm
-            .listen_on(addr.clone())
-            .map_err(|e| StartError::Listen {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
+        let listening = swarm.listen_on(addr.clone());
+        // `[::]` means every address, as it does for the HTTP listeners: libp2p's IPv6
+        // sockets are IPv6-only, so IPv4 gets its own listener; and a node without IPv6
+        // keeps IPv4.
+        let dual = match config.listen.ip() {
+            IpAddr::V6(ip) if ip.is_unspecified() => Some(socket_to_multiaddr(SocketAddr::new(
+                Ipv4Addr::UNSPECIFIED.into(),
+                config.listen.port(),
+            ))),
+            _ => None,
+        };
+        let listen = match (listening, dual) {
+            (Ok(_), None) => vec![addr],
+            (Ok(_), Some(v4)) => match swarm.listen_on(v4.clone()) {
+                Ok(_) => vec![addr, v4],
+                Err(e) => {
+                    tracing::warn!(addr = %v4, error = %e, "p2p: no IPv4 listener");
+                    vec![addr]
+                }
+            },
+            (Err(e), Some(v4)) => {
+                tracing::info!(%addr, error = %e, "p2p: no IPv6 here, listening on IPv4 only");
+                swarm
+                    .listen_on(v4.clone())
+                    .map_err(|e| StartError::Listen {
+                        addr: v4.clone(),
+                        reason: e.to_string(),
+                    })?;
+                vec![v4]
+            }
+            (Err(e), None) => {
+                return Err(StartError::Listen {
+                    addr,
+                    reason: e.to_string(),
+                });
+            }
+        };
         let (tx, rx) = mpsc::channel(1024);
         let event_loop = EventLoop::new(swarm, rx, config, metrics, shutdown);
         let task = tokio::spawn(event_loop.run());
-        tracing::info!(peer_id = %peer_id, listen = %addr, "p2p router started");
+        tracing::info!(peer_id = %peer_id, listen = ?listen, "p2p router started");
         Ok((
             Self {
                 commands: tx,

@@ -1,7 +1,7 @@
 //! Several real routers in one process on loopback: advertise, lookup, withdraw, expiry,
 //! 10,000 keys on one node, private-network keys, disconnected peers, re-bootstrap.
 
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -357,4 +357,50 @@ async fn a_withdrawal_reaches_the_peers_before_it_returns() {
         "b dropped a's record before a stopped"
     );
     b.stop().await;
+}
+
+/// Polls `node`'s lookup of `key` until it names `want` (10 s at most).
+async fn finds_at(node: &Node, key: &str, want: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = collect_lookup(&node.router, key, Duration::from_millis(300)).await;
+        if found.iter().any(|p| p.addr == want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{key}: wanted {want}, found {found:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_node_listening_on_the_ipv6_wildcard_takes_ipv6_and_ipv4_peers() {
+    let port = free_port();
+    let a = start_with(|c| c.listen = (Ipv6Addr::UNSPECIFIED, port).into()).await;
+    let v6: Multiaddr = format!("/ip6/::1/tcp/{port}").parse().expect("multiaddr");
+    let v4: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}")
+        .parse()
+        .expect("multiaddr");
+    let b = start_with(|c| {
+        c.listen = (Ipv6Addr::LOCALHOST, 0).into();
+        c.bootstrap = vec![v6];
+    })
+    .await;
+    let c = start_with(|c| c.bootstrap = vec![v4]).await;
+    wait_connected(&a, 2).await;
+    b.router
+        .advertise(vec!["sha256:b6".into()])
+        .await
+        .expect("advertise");
+    c.router
+        .advertise(vec!["sha256:c4".into()])
+        .await
+        .expect("advertise");
+    // Each is found where its registry is reached: b over IPv6, c over IPv4.
+    finds_at(&a, "sha256:b6", (Ipv6Addr::LOCALHOST, b.http.port()).into()).await;
+    finds_at(&a, "sha256:c4", c.http).await;
+    for n in [a, b, c] {
+        n.stop().await;
+    }
 }

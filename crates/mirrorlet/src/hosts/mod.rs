@@ -234,8 +234,8 @@ fn render(
             doc.insert_formatted(k, item.clone());
         }
     }
-    let mut hosts = Table::new();
-    hosts.set_implicit(true);
+    // The mirrors first, then the original's hosts in their order.
+    let mut entries: Vec<(String, Item)> = Vec::new();
     for mirror in &opts.mirrors {
         let mut t = Table::new();
         let mut caps = Array::new();
@@ -243,19 +243,31 @@ fn render(
         caps.push("resolve");
         t.insert("capabilities", value(caps));
         t.insert("dial_timeout", value(opts.dial_timeout.clone()));
-        hosts.insert(mirror, Item::Table(t));
+        entries.push((mirror.clone(), Item::Table(t)));
     }
     if let Some(orig_hosts) = orig.get("host").and_then(Item::as_table_like) {
         for (url, item) in orig_hosts.iter() {
-            if opts.mirrors.iter().any(|m| m == url) {
-                continue;
+            if !opts.mirrors.iter().any(|m| m == url) {
+                entries.push((url.to_owned(), item.clone()));
             }
-            let mut item = item.clone();
-            if let Some(t) = item.as_table_mut() {
-                t.set_position(None);
-            }
-            hosts.insert(url, item);
         }
+    }
+    // containerd before 2.0 reads hosts.toml with a TOML parser that refuses `]` in a table
+    // header, so `[host."http://[fd00::1]:30020"]` (an IPv6 address) breaks the whole file.
+    // It orders hosts by the line their table starts on, and inline tables have none; but a
+    // table made by dotted keys under `[host]` starts on its first key's line. So when one
+    // host needs it, every host is written as dotted keys, in order.
+    let dotted = entries.iter().any(|(url, _)| url.contains(['[', ']']));
+    let mut hosts = Table::new();
+    hosts.set_implicit(!dotted);
+    for (url, mut item) in entries {
+        if let Some(t) = item.as_table_mut() {
+            t.set_position(None);
+            if dotted {
+                make_dotted(t);
+            }
+        }
+        hosts.insert(&url, item);
     }
     doc.insert("host", Item::Table(hosts));
     let body = doc.to_string();
@@ -264,6 +276,18 @@ fn render(
         state.line(),
         if body.starts_with('\n') { "" } else { "\n" }
     ))
+}
+
+/// Writes `table` (and the tables in it) as dotted keys of its parent.
+fn make_dotted(table: &mut Table) {
+    table.set_dotted(true);
+    table.fmt();
+    for (mut key, item) in table.iter_mut() {
+        key.leaf_decor_mut().clear();
+        if let Some(t) = item.as_table_mut() {
+            make_dotted(t);
+        }
+    }
 }
 
 fn write_atomic(dir: &Path, path: &Path, text: &str) -> Result<(), HostsError> {

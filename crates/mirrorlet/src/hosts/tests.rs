@@ -190,3 +190,38 @@ fn narrowing_the_list_restores_what_is_no_longer_mirrored() {
     cleanup(root).expect("cleanup");
     assert_eq!(snapshot(root), before);
 }
+
+#[test]
+fn ipv6_hosts_are_dotted_keys_that_containerd_1_6_reads_in_order() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("registry.e2e.test");
+    fs::create_dir_all(&dir).expect("mkdir");
+    let user = "server = \"http://[fd00::fe]:5000\"\n\n[host.\"http://[fd00::fe]:5000\"]\n  capabilities = [\"pull\"]\n\n[host.\"https://corp-mirror.example\"]\n  ca = \"/etc/ca.pem\"\n";
+    fs::write(dir.join("hosts.toml"), user).expect("write");
+    let mut o = opts(tmp.path(), &["registry.e2e.test"]);
+    o.mirrors = vec!["http://[fd00::1]:30020".to_owned()];
+    configure(&o).expect("configure");
+    let out = fs::read_to_string(dir.join("hosts.toml")).expect("read");
+    // No `]` inside a table header; every host as dotted keys under [host], the mirror first.
+    assert!(
+        out.ends_with(
+            "[host]\n\
+             \"http://[fd00::1]:30020\".capabilities = [\"pull\", \"resolve\"]\n\
+             \"http://[fd00::1]:30020\".dial_timeout = \"200ms\"\n\
+             \"http://[fd00::fe]:5000\".capabilities = [\"pull\"]\n\
+             \"https://corp-mirror.example\".ca = \"/etc/ca.pem\"\n"
+        ),
+        "{out}"
+    );
+    // Same bytes when run again, and cleanup restores the user's file.
+    configure(&o).expect("configure again");
+    assert_eq!(
+        fs::read_to_string(dir.join("hosts.toml")).expect("read"),
+        out
+    );
+    cleanup(tmp.path()).expect("cleanup");
+    assert_eq!(
+        fs::read_to_string(dir.join("hosts.toml")).expect("read"),
+        user
+    );
+}

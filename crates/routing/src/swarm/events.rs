@@ -1,7 +1,7 @@
 //! Swarm events: connections, identify, query progress and withdrawals from peers.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use libp2p::core::ConnectedPoint;
 use libp2p::kad::store::RecordStore;
@@ -83,12 +83,15 @@ impl EventLoop {
                 }
                 let state = self.peers.entry(peer_id).or_default();
                 state.http_port = http_port_of(&info.agent_version);
-                // Loopback addresses are only useful when the peer is on this host too.
+                // Loopback addresses are only useful when the peer is on this host too, and
+                // IPv6 link-local ones never (they need the peer's interface).
                 let local_peer = state.ip.is_some_and(|ip| ip.is_loopback());
                 for addr in info.listen_addrs {
-                    if ip_of(&addr)
-                        .is_some_and(|ip| !ip.is_unspecified() && (local_peer || !ip.is_loopback()))
-                    {
+                    if ip_of(&addr).is_some_and(|ip| {
+                        !ip.is_unspecified()
+                            && (local_peer || !ip.is_loopback())
+                            && !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
+                    }) {
                         // Kademlia does not learn inbound peers' listen addresses by itself.
                         self.learn_address(peer_id, addr);
                     }
