@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and the end-to-end tests need on Debian, if missing:
 # protoc (containerd-client's build script), containerd, the Distribution registry,
-# skopeo, iproute2 (ip, tc), apache2-utils (htpasswd) and python3-yaml (the chart's
-# values table check). Idempotent; needs root.
+# skopeo, iproute2 (ip, tc), apache2-utils (htpasswd), python3-yaml (the chart's values
+# table check) and chromium (the status page's browser test). Idempotent; needs root.
 set -euo pipefail
 
 need=()
@@ -14,6 +14,7 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v make >/dev/null || need+=(make)
 python3 -c 'import yaml' 2>/dev/null || need+=(python3-yaml)
+command -v chromium >/dev/null || need+=(chromium)
 
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}"

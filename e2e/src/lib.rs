@@ -5,6 +5,7 @@
 //! Needs root. Every cluster is torn down when dropped (processes, mounts, namespaces,
 //! bridge, files), and clusters left by a killed run are swept at the next start.
 
+pub mod browser;
 pub mod cluster;
 pub mod cri;
 pub mod deps;

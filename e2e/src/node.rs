@@ -340,6 +340,14 @@ state = "{d}/containerd/state"
         run("ctr", &all)
     }
 
+    /// The agent's operational listener (`/metrics`, `/livez`, `/readyz`, `/status`).
+    pub fn ops_url(&self) -> String {
+        format!(
+            "http://{}",
+            std::net::SocketAddr::new(self.host.ip(self.ipv6), METRICS_PORT)
+        )
+    }
+
     /// The agent's `/metrics` text.
     pub async fn metrics(&self) -> Result<String> {
         let url = format!("{}/metrics", self.agent_url());

@@ -51,6 +51,8 @@ pub(crate) enum Command {
     Cleanup(CleanupArgs),
     /// Wait until a DaemonSet is ready on every node (the chart's uninstall hook).
     WaitDaemonset(WaitDaemonsetArgs),
+    /// Print a running agent's status page (its peers, what it served, upstream state).
+    Status(StatusArgs),
     /// Print the version.
     Version,
 }
@@ -389,6 +391,43 @@ pub(crate) struct WaitDaemonsetArgs {
         default_value = "/var/run/secrets/kubernetes.io/serviceaccount"
     )]
     pub(crate) service_account_dir: PathBuf,
+}
+
+/// Flags of `mirrorlet status`.
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// The agent's operational listener (`--metrics-listen`), e.g. `http://10.0.0.5:5002`
+    /// (`kubectl port-forward` to a pod's 5002 works too).
+    #[arg(long, env = "MIRRORLET_STATUS_URL", default_value = "http://127.0.0.1:5002", value_parser = parse_status_url)]
+    pub(crate) url: String,
+    /// `text` for a terminal, `json` as the agent gives it.
+    #[arg(
+        long,
+        env = "MIRRORLET_STATUS_OUTPUT",
+        default_value = "text",
+        value_enum
+    )]
+    pub(crate) output: StatusOutput,
+}
+
+/// Output of `mirrorlet status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum StatusOutput {
+    /// Readable sections.
+    Text,
+    /// The agent's JSON.
+    Json,
+}
+
+fn parse_status_url(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or("must start with http:// or https://")?;
+    if rest.is_empty() || rest.contains(['?', '#', ' ']) {
+        return Err("must be http://host:port".into());
+    }
+    Ok(s.trim_end_matches('/').to_owned())
 }
 
 /// A Kubernetes object name (RFC 1123 label).

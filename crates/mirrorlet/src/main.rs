@@ -1,5 +1,6 @@
 //! The `mirrorlet` binary: the node agent (`run`), containerd mirror configuration
-//! (`configure`, `cleanup`), the chart's uninstall wait (`wait-daemonset`) and `version`.
+//! (`configure`, `cleanup`), the chart's uninstall wait (`wait-daemonset`), a running
+//! agent's status (`status`) and `version`.
 //! It only assembles the library crates.
 
 mod cli;
@@ -7,6 +8,7 @@ mod health;
 mod hosts;
 mod kube;
 mod run;
+mod status;
 mod telemetry;
 
 use std::process::ExitCode;
@@ -25,6 +27,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(run::run(*args))),
         Command::WaitDaemonset(args) => small_runtime().and_then(|rt| rt.block_on(wait(args))),
+        Command::Status(args) => small_runtime().and_then(|rt| rt.block_on(status::print(&args))),
         Command::Configure(args) => hosts::configure(&args.options())
             .map(|files| {
                 for f in files {

@@ -13,6 +13,7 @@ use mirrorlet_oci::glob::Glob;
 use mirrorlet_oci::{MemoryNetwork, MemoryRouter, Peer, Router, Store};
 use mirrorlet_registry::ratelimit::RateLimiter;
 use mirrorlet_registry::server::{self, Limits};
+use mirrorlet_registry::status::NodeInfo;
 use mirrorlet_registry::{AppState, Metrics, PeerConfig, PullThroughConfig};
 use mirrorlet_routing::advertiser::{self, AdvertiserConfig, InventoryMetrics};
 use mirrorlet_routing::{P2pConfig, P2pMetrics, P2pRouter, identity};
@@ -147,6 +148,17 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         let result = health.check();
         async move { result }.boxed()
     });
+    state.node = NodeInfo {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        registry_listen: listener
+            .local_addr()
+            .map_or_else(|_| args.listen.to_string(), |a| a.to_string()),
+        operations_listen: ops_listener
+            .local_addr()
+            .map_or_else(|_| args.metrics_listen.to_string(), |a| a.to_string()),
+        containerd_namespace: args.containerd_namespace.clone(),
+        p2p: p2p.enabled,
+    };
     let state = Arc::new(state);
 
     // Without p2p the router is a network of one: advertising into it costs nothing, and

@@ -461,7 +461,26 @@ pub async fn check_router(a: &dyn Router, b: &dyn Router, a_peer: &Peer) {
         own.iter().all(|p| p.addr != a_peer.addr),
         "a node never finds itself: {own:?}"
     );
-    assert!(a.status().await.expect("status").advertised_keys >= 2);
+    let status = a.status().await.expect("status");
+    assert!(status.advertised_keys >= 2);
+    assert!(!status.listen.is_empty(), "a node says where it listens");
+    // It lists the other node as a connected peer, with its registry once known.
+    let b_id = b.local_id();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let peers = a.status().await.expect("status").peers;
+        if peers
+            .iter()
+            .any(|p| p.id == b_id && p.connected && p.registry.is_some())
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{b_id} listed as a connected peer: {peers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     a.withdraw(vec![k1.clone()]).await.expect("withdraw");
     eventually(b, &k1, "withdrawn digest no longer found", |p| {
@@ -531,6 +550,17 @@ pub async fn check_upstream(upstream: &dyn Upstream, fx: &Fixture) {
     assert!(upstream.allows(&registry));
     let other = Registry::parse("elsewhere.example").expect("registry");
     assert!(!upstream.allows(&other));
+    // Its states name each registry it pulls through from, once, and no other.
+    let states = upstream.states();
+    assert_eq!(
+        states.iter().filter(|s| s.registry == registry).count(),
+        1,
+        "{states:?}"
+    );
+    assert!(
+        states.iter().all(|s| upstream.allows(&s.registry)),
+        "{states:?}"
+    );
     assert!(matches!(
         upstream
             .head_manifest(&other, &repo, &tag, ACCEPT_ALL)

@@ -27,11 +27,11 @@ pub use manifest::{Descriptor, Manifest};
 pub use memory::MemoryStore;
 pub use name::{Registry, Repository};
 pub use reference::{ImageName, Reference, Tag};
-pub use routing::{MemoryNetwork, MemoryRouter, Peer, Router, RouterError, RouterStatus};
+pub use routing::{MemoryNetwork, MemoryRouter, Peer, PeerLink, Router, RouterError, RouterStatus};
 pub use store::{
     BlobStream, ByteRange, ImageContent, Inventory, Store, StoreError, StoreEvent, TagTarget,
 };
-pub use upstream::{MemoryUpstream, Upstream, UpstreamBlob, UpstreamError};
+pub use upstream::{MemoryUpstream, RegistryState, Upstream, UpstreamBlob, UpstreamError};
 
 #[cfg(all(test, feature = "test-util"))]
 mod tests {

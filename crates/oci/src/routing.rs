@@ -40,6 +40,24 @@ pub struct RouterStatus {
     pub connected_peers: usize,
     /// Keys this node advertises.
     pub advertised_keys: usize,
+    /// Where this node listens for peers (transport addresses).
+    pub listen: Vec<String>,
+    /// The agents this node knows: connected ones, and ones whose connections dropped
+    /// recently. Sorted by id.
+    pub peers: Vec<PeerLink>,
+}
+
+/// Another agent, as the router sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerLink {
+    /// Its identity.
+    pub id: String,
+    /// Where its registry listens, once known.
+    pub registry: Option<SocketAddr>,
+    /// The transport address of a connection to it (or where it was last reached).
+    pub address: Option<String>,
+    /// Whether a connection is open.
+    pub connected: bool,
 }
 
 /// Content routing between nodes. Keys are digests (`sha256:...`) and tags
@@ -152,12 +170,23 @@ impl Router for MemoryRouter {
     }
 
     async fn status(&self) -> Result<RouterStatus, RouterError> {
+        let members = self.members().await?;
         let p = self.providers();
         let advertised = p.values().filter(|s| s.contains(&self.me)).count();
         let peers: BTreeSet<&Peer> = p.values().flatten().filter(|x| **x != self.me).collect();
         Ok(RouterStatus {
             connected_peers: peers.len(),
             advertised_keys: advertised,
+            listen: vec![format!("memory:{}", self.me.addr)],
+            peers: members
+                .into_iter()
+                .map(|p| PeerLink {
+                    id: p.id,
+                    registry: Some(p.addr),
+                    address: Some(format!("memory:{}", p.addr)),
+                    connected: true,
+                })
+                .collect(),
         })
     }
 

@@ -72,12 +72,37 @@ impl std::fmt::Debug for UpstreamBlob {
     }
 }
 
+/// How a registry the agent pulls through stands now, for the status page. It names no
+/// credentials, only whether there are some.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryState {
+    /// The registry.
+    pub registry: Registry,
+    /// Where it is reached.
+    pub endpoint: String,
+    /// Whether credentials are configured for it.
+    pub credentials: bool,
+    /// The last `ratelimit-remaining` it reported.
+    pub remaining: Option<i64>,
+    /// The last `ratelimit-limit` it reported.
+    pub limit: Option<i64>,
+    /// How much longer it is left alone after a `429`.
+    pub rate_limited_for: Option<Duration>,
+    /// How much longer it is left alone after it could not be reached.
+    pub unreachable_for: Option<Duration>,
+    /// The last time it could not be used, and why.
+    pub last_problem: Option<(std::time::SystemTime, String)>,
+}
+
 /// Pull access to upstream registries.
 #[async_trait::async_trait]
 pub trait Upstream: Send + Sync + 'static {
     /// Whether the agent may pull through from `registry`. For any other registry every
     /// call fails with [`UpstreamError::NotAllowed`] without contacting anything.
     fn allows(&self, registry: &Registry) -> bool;
+
+    /// The registries it pulls through from, in a stable order, and how each stands.
+    fn states(&self) -> Vec<RegistryState>;
 
     /// `HEAD` of a manifest by tag or digest: its digest, media type and size. (Docker Hub
     /// does not count a `HEAD` as a pull.)
@@ -364,6 +389,25 @@ fn body(data: Bytes, offset: u64, fault: Option<Fault>) -> BlobStream {
 impl Upstream for MemoryUpstream {
     fn allows(&self, registry: &Registry) -> bool {
         self.allowed.contains(registry)
+    }
+
+    fn states(&self) -> Vec<RegistryState> {
+        let outage = self.lock().outage.as_ref().map(ToString::to_string);
+        self.allowed
+            .iter()
+            .map(|registry| RegistryState {
+                registry: registry.clone(),
+                endpoint: format!("memory://{registry}"),
+                credentials: false,
+                remaining: None,
+                limit: None,
+                rate_limited_for: None,
+                unreachable_for: None,
+                last_problem: outage
+                    .clone()
+                    .map(|why| (std::time::SystemTime::now(), why)),
+            })
+            .collect()
     }
 
     async fn head_manifest(

@@ -24,6 +24,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod singleflight;
 pub mod state;
+pub mod status;
 pub mod transfer;
 
 use std::sync::Arc;
@@ -49,7 +50,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     ops_app(state).fallback_service(v2)
 }
 
-/// The operational endpoints alone (`/livez`, `/readyz`, `/metrics`), for a listener of
+/// The operational endpoints alone (`/livez`, `/readyz`, `/metrics`, `/status`), for a listener of
 /// their own: probes and scrapes that no registry client can starve, and a port that
 /// exposes no content.
 pub fn ops_app(state: Arc<AppState>) -> Router {
@@ -57,5 +58,6 @@ pub fn ops_app(state: Arc<AppState>) -> Router {
         .route("/livez", get(ops::livez))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/status", get(status::status))
         .with_state(state)
 }

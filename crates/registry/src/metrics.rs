@@ -90,9 +90,19 @@ pub struct FetchLabels {
 /// Labels of peer failures.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    /// `unreachable`, `bad-status`, `not-found` or `bad-range`.
+    /// One of [`PEER_FAILURE_REASONS`].
     pub reason: &'static str,
 }
+
+/// Why an attempt at a peer failed (each series exists from the start, at zero, so that
+/// dashboards and alerts see a rate rather than no data).
+pub const PEER_FAILURE_REASONS: [&str; 5] = [
+    "unreachable",
+    "bad-status",
+    "not-found",
+    "bad-range",
+    "spool",
+];
 
 /// The registry's metrics. Cheap to clone (the families are shared handles).
 #[derive(Debug, Clone)]
@@ -186,6 +196,9 @@ impl Metrics {
             "Peers left out because they failed recently",
             me.peers_skipped.clone(),
         );
+        for reason in PEER_FAILURE_REASONS {
+            drop(me.peer_failures.get_or_create(&ReasonLabels { reason }));
+        }
         registry.register(
             "mirrorlet_peer_failures",
             "Failed attempts at peers, by reason",

@@ -109,6 +109,24 @@ pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next)
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
+    if matches!(served.route, "manifest" | "blob") && method != "other" {
+        let registry = ns.as_deref().and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "ns")
+                .map(|(_, v)| v.into_owned())
+        });
+        state.recent.record(crate::status::Served {
+            at: std::time::SystemTime::now(),
+            method,
+            path: path.clone(),
+            registry,
+            status,
+            source,
+            requester,
+            bytes: length.parse().ok(),
+            elapsed,
+        });
+    }
     let query = ns.as_deref().unwrap_or("");
     let ms = elapsed.as_secs_f64() * 1000.0;
     if status >= 500 {

@@ -15,6 +15,7 @@ use crate::pullthrough::tags::Tags;
 use crate::pullthrough::{Fetched, Miss};
 use crate::ratelimit::RateLimiter;
 use crate::singleflight::SingleFlight;
+use crate::status::{NodeInfo, Recent};
 use crate::transfer::Transfers;
 
 /// Answers whether the agent is ready (or live): `Err` carries the reason it is not.
@@ -96,6 +97,12 @@ pub struct AppState {
     pub ready: ReadyCheck,
     /// What `/livez` reports (by default: live while it serves HTTP).
     pub live: ReadyCheck,
+    /// What the status page says about this node.
+    pub node: NodeInfo,
+    /// When the state was built (the agent started).
+    pub started: std::time::SystemTime,
+    /// Requests served recently, for the status page.
+    pub recent: Recent,
 }
 
 impl AppState {
@@ -137,6 +144,9 @@ impl AppState {
             metrics_registry,
             ready,
             live: Arc::new(|| Box::pin(async { Ok(()) })),
+            node: NodeInfo::default(),
+            started: std::time::SystemTime::now(),
+            recent: Recent::default(),
         })
     }
 

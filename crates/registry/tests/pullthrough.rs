@@ -588,3 +588,112 @@ async fn the_owner_dying_mid_blob_does_not_fail_the_pull() {
         "the follower continued from where the owner stopped: {from_offset:?}"
     );
 }
+
+#[tokio::test]
+async fn the_status_page_shows_peers_recent_requests_and_upstream_state() {
+    let up = Arc::new(MemoryUpstream::new([registry()]));
+    let image = push(&up, "v1", 7);
+    let (_net, nodes) = cluster(2, &up, pull()).await;
+    let http = reqwest::Client::new();
+    let (n1, n2) = (&nodes[0].0, &nodes[1].0);
+    pull_image(http.clone(), n1, "v1", &image).await;
+    // A miss, and a peer that failed.
+    let (s, _) = get(
+        &http,
+        &url(n1, "blobs", Digest::sha256_of(b"nowhere").as_str()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let n2_peer = mirrorlet_oci::Peer {
+        id: "n2".into(),
+        addr: n2.addr,
+    };
+    n1.state
+        .failed_peers
+        .mark(&n2_peer, Duration::from_secs(60), "reset <mid-body>");
+    up.set_outage(Some(UpstreamError::Unavailable("registry down".into())));
+
+    let json: serde_json::Value = http
+        .get(format!("{}/status?format=json", n1.base))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(json["node"]["id"], "n1");
+    assert_eq!(json["node"]["ready"], true);
+    let peers = json["peers"].as_array().expect("peers");
+    assert_eq!(peers.len(), 1, "{json:#}");
+    assert_eq!(peers[0]["id"], "n2");
+    assert_eq!(peers[0]["registry"], n2.addr.to_string());
+    assert_eq!(peers[0]["last_failure"]["reason"], "reset <mid-body>");
+    assert!(peers[0]["skipped_for_seconds"].as_f64().expect("skipped") > 50.0);
+    // Newest first: the miss, then the image's blobs and manifest, each with its source.
+    let recent = json["served"]["recent"].as_array().expect("recent");
+    assert_eq!(recent.len(), 2 + image.blobs.len() + 1, "{json:#}");
+    assert_eq!(recent[0]["status"], 404);
+    assert_eq!(recent[0]["source"], "upstream-fallthrough");
+    assert_eq!(recent[0]["registry"], REGISTRY);
+    let manifest = recent
+        .iter()
+        .find(|r| {
+            r["method"] == "GET"
+                && r["path"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("/manifests/sha256:"))
+        })
+        .expect("manifest GET listed");
+    assert_eq!(manifest["status"], 200);
+    // (Fetched by its owner: this node, or the other one.)
+    assert!(
+        manifest["source"] == "upstream" || manifest["source"] == "peer",
+        "{manifest}"
+    );
+    assert_eq!(manifest["requester"], "containerd");
+    // Four content GETs served, one not: a hit ratio of 0.8.
+    let ratio = json["served"]["hit_ratio"].as_f64().expect("ratio");
+    assert!((ratio - 0.8).abs() < 1e-9, "{json:#}");
+    let upstream = json["upstream"].as_array().expect("upstream");
+    assert_eq!(upstream.len(), 1);
+    assert_eq!(upstream[0]["registry"], REGISTRY);
+    assert_eq!(upstream[0]["credentials"], false);
+    assert!(
+        upstream[0]["last_problem"]["what"]
+            .as_str()
+            .is_some_and(|w| w.contains("registry down")),
+        "{json:#}"
+    );
+
+    let page = http
+        .get(format!("{}/status", n1.base))
+        .send()
+        .await
+        .expect("status");
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .expect("type")
+            .starts_with("text/html")
+    );
+    let html = page.text().await.expect("html");
+    for want in [
+        "Recently served",
+        "Peers",
+        "Upstream registries",
+        "80.0%",
+        "reset &lt;mid-body&gt;",
+        REGISTRY,
+    ] {
+        assert!(html.contains(want), "{want} in the page:\n{html}");
+    }
+    assert!(!html.contains("<mid-body>"), "text is escaped");
+    assert!(!html.contains("<script"), "no JavaScript");
+    let bad = http
+        .get(format!("{}/status?format=xml", n1.base))
+        .send()
+        .await
+        .expect("status");
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+}

@@ -12,14 +12,17 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode};
 use mirrorlet_oci::manifest::{self, Descriptor, Manifest};
 use mirrorlet_oci::{
-    BlobStream, Digest, Reference, Registry, Repository, Upstream, UpstreamBlob, UpstreamError,
+    BlobStream, Digest, Reference, Registry, RegistryState, Repository, Upstream, UpstreamBlob,
+    UpstreamError,
 };
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use reqwest::Url;
 
 use crate::auth::{self, Auth, Challenge, TokenFailure};
 use crate::config::UpstreamConfig;
 use crate::limits::{self, Limits};
-use crate::metrics::UpstreamMetrics;
+use crate::metrics::{RegistryLabels, UpstreamMetrics};
 
 /// Redirects followed per request at most.
 const MAX_REDIRECTS: usize = 5;
@@ -91,6 +94,12 @@ impl Client {
             .user_agent(concat!("mirrorlet/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(ClientError::Build)?;
+        // Each registry's 429 count exists from the start, at zero.
+        for registry in &config.registries {
+            drop(metrics.rate_limited.get_or_create(&RegistryLabels {
+                registry: registry.to_string(),
+            }));
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
@@ -433,6 +442,32 @@ impl Client {
 impl Upstream for Client {
     fn allows(&self, registry: &Registry) -> bool {
         self.inner.allowed.contains(registry)
+    }
+
+    fn states(&self) -> Vec<RegistryState> {
+        let me = &self.inner;
+        me.config
+            .registries
+            .iter()
+            .map(|registry| {
+                let labels = RegistryLabels {
+                    registry: registry.to_string(),
+                };
+                let gauge =
+                    |family: &Family<RegistryLabels, Gauge>| family.get(&labels).map(|g| g.get());
+                let standing = me.limits.standing(registry);
+                RegistryState {
+                    registry: registry.clone(),
+                    endpoint: me.config.endpoint(registry).to_string(),
+                    credentials: me.config.credentials.get(registry).is_some(),
+                    remaining: gauge(&me.metrics.ratelimit_remaining),
+                    limit: gauge(&me.metrics.ratelimit_limit),
+                    rate_limited_for: standing.rate_limited_for,
+                    unreachable_for: standing.unreachable_for,
+                    last_problem: standing.last_problem,
+                }
+            })
+            .collect()
     }
 
     async fn head_manifest(

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 use mirrorlet_oci::{Registry, UpstreamError};
@@ -24,7 +24,17 @@ pub(crate) const UNREACHABLE_BACKOFF: Duration = Duration::from_secs(5);
 pub(crate) struct Limits {
     blocked_until: Mutex<HashMap<Registry, Instant>>,
     down_until: Mutex<HashMap<Registry, Instant>>,
+    /// The last time each registry could not be used, and why (for the status page).
+    last_problem: Mutex<HashMap<Registry, (SystemTime, String)>>,
     default_retry_after: Duration,
+}
+
+/// Where a registry stands: left alone for how much longer after a 429 or after failing
+/// to answer, and its last problem.
+pub(crate) struct Standing {
+    pub(crate) rate_limited_for: Option<Duration>,
+    pub(crate) unreachable_for: Option<Duration>,
+    pub(crate) last_problem: Option<(SystemTime, String)>,
 }
 
 impl Limits {
@@ -32,6 +42,7 @@ impl Limits {
         Self {
             blocked_until: Mutex::new(HashMap::new()),
             down_until: Mutex::new(HashMap::new()),
+            last_problem: Mutex::new(HashMap::new()),
             default_retry_after,
         }
     }
@@ -47,6 +58,8 @@ impl Limits {
             .get(registry)
             .is_some_and(|t| *t + Duration::from_secs(1) >= now);
         map.insert(registry.clone(), now + UNREACHABLE_BACKOFF);
+        drop(map);
+        self.problem(registry, format!("unreachable: {why}"));
         if !was_down {
             tracing::warn!(%registry, why, retry_in = ?UNREACHABLE_BACKOFF, "upstream registry unreachable; serving what the cluster holds");
         }
@@ -80,6 +93,35 @@ impl Limits {
         }
     }
 
+    fn problem(&self, registry: &Registry, why: String) {
+        self.last_problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(registry.clone(), (SystemTime::now(), why));
+    }
+
+    /// Where `registry` stands now.
+    pub(crate) fn standing(&self, registry: &Registry) -> Standing {
+        let now = Instant::now();
+        let left = |map: &Mutex<HashMap<Registry, Instant>>| {
+            map.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(registry)
+                .filter(|until| **until > now)
+                .map(|until| until.saturating_duration_since(now))
+        };
+        Standing {
+            rate_limited_for: left(&self.blocked_until),
+            unreachable_for: left(&self.down_until),
+            last_problem: self
+                .last_problem
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(registry)
+                .cloned(),
+        }
+    }
+
     /// Records a 429 from `registry` with its `Retry-After` header, if any; returns the
     /// error to give the caller.
     pub(crate) fn limited(
@@ -100,6 +142,13 @@ impl Limits {
             let previous = map.insert(registry.clone(), now + wait);
             previous.is_some_and(|t| t + Duration::from_secs(1) >= now)
         };
+        self.problem(
+            registry,
+            format!(
+                "rate limited (429); left alone for {}",
+                humantime::format_duration(wait)
+            ),
+        );
         metrics
             .rate_limited
             .get_or_create(&RegistryLabels {

@@ -6,7 +6,7 @@ use libp2p::PeerId;
 use libp2p::kad::store::RecordStore;
 use libp2p::kad::{ProviderRecord, RecordKey};
 use libp2p::request_response::OutboundRequestId;
-use mirrorlet_oci::{RouterError, RouterStatus};
+use mirrorlet_oci::RouterError;
 
 use super::{ANNOUNCE_IN_FLIGHT, Command, EventLoop};
 use crate::behaviour::{WITHDRAW_BATCH, WithdrawRequest};
@@ -101,10 +101,7 @@ impl EventLoop {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
             Command::Status { reply } => {
-                let _ = reply.send(RouterStatus {
-                    connected_peers: self.connected_peers(),
-                    advertised_keys: self.advertised.len(),
-                });
+                let _ = reply.send(self.status());
             }
         }
     }

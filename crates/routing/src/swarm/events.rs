@@ -49,6 +49,7 @@ impl EventLoop {
                 if let Some(ip) = ip_of(remote) {
                     state.ip = Some(ip);
                 }
+                state.remote = Some(remote.clone());
                 if num_established.get() == 1 {
                     tracing::info!(peer = %peer_id, addr = %remote, "peer connected");
                 }

@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use futures_util::StreamExt;
 use libp2p::kad::QueryId;
 use libp2p::{Multiaddr, PeerId, Swarm};
-use mirrorlet_oci::{Peer, RouterError, RouterStatus};
+use mirrorlet_oci::{Peer, PeerLink, RouterError, RouterStatus};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -68,6 +68,8 @@ struct PeerState {
     disconnected_at: Option<std::time::Instant>,
     /// Addresses it listens on (dialled, or from identify), to restore it in the routing table.
     addrs: Vec<Multiaddr>,
+    /// The remote address of its latest connection.
+    remote: Option<Multiaddr>,
 }
 
 pub(crate) struct EventLoop {
@@ -160,6 +162,30 @@ impl EventLoop {
 
     pub(super) fn connected_peers(&self) -> usize {
         self.peers.values().filter(|p| p.connections > 0).count()
+    }
+
+    /// What the status page shows: listeners and every peer known, sorted by id.
+    pub(super) fn status(&self) -> RouterStatus {
+        let mut peers: Vec<PeerLink> = self
+            .peers
+            .iter()
+            .map(|(id, p)| PeerLink {
+                id: id.to_string(),
+                registry: p
+                    .ip
+                    .zip(p.http_port)
+                    .map(|(ip, port)| SocketAddr::new(ip, port)),
+                address: p.remote.as_ref().map(ToString::to_string),
+                connected: p.connections > 0,
+            })
+            .collect();
+        peers.sort_by(|a, b| a.id.cmp(&b.id));
+        RouterStatus {
+            connected_peers: self.connected_peers(),
+            advertised_keys: self.advertised.len(),
+            listen: self.swarm.listeners().map(ToString::to_string).collect(),
+            peers,
+        }
     }
 
     /// Connected peers that identified as mirrorlet agents (they told their registry port),

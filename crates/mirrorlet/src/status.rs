@@ -1,0 +1,303 @@
+//! `mirrorlet status`: a running agent's status page (`GET /status?format=json` on its
+//! operational listener), printed for a terminal.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::Context;
+use mirrorlet_registry::status::{bytes, human};
+use serde_json::Value;
+
+use crate::cli::{StatusArgs, StatusOutput};
+
+/// Fetches and prints the status.
+pub(crate) async fn print(args: &StatusArgs) -> anyhow::Result<()> {
+    let url = format!("{}/status?format=json", args.url);
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(15))
+        .build()?;
+    let response = http
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url} (is the agent's --metrics-listen there?)"))?;
+    let status = response.status();
+    let body = response
+        .text()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    anyhow::ensure!(status.is_success(), "GET {url}: {status}: {}", body.trim());
+    let report: Value = serde_json::from_str(&body)
+        .with_context(|| format!("GET {url}: not a mirrorlet status report"))?;
+    match args.output {
+        StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        StatusOutput::Text => print!("{}", text(&report)),
+    }
+    Ok(())
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "–".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Left-aligned columns, two spaces apart, indented by two.
+fn table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |out: &mut String, cells: &mut dyn Iterator<Item = String>| {
+        let cells: Vec<String> = cells.collect();
+        let last = cells.len().saturating_sub(1);
+        let mut text = String::from("  ");
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == last {
+                text.push_str(cell);
+            } else {
+                let _ = write!(text, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(out, &mut head.iter().map(|h| (*h).to_owned()));
+    if rows.is_empty() {
+        out.push_str("  (none)\n");
+    }
+    for row in rows {
+        line(out, &mut row.iter().cloned());
+    }
+}
+
+/// The report as text.
+pub(crate) fn text(r: &Value) -> String {
+    let node = &r["node"];
+    let mut out = String::new();
+    let state = |ok: &Value, yes: &str, why: &Value| {
+        if ok.as_bool() == Some(true) {
+            yes.to_owned()
+        } else {
+            format!("NOT {yes} ({})", s(why))
+        }
+    };
+    let _ = writeln!(
+        out,
+        "mirrorlet {} on {}: {}, {}, up {}",
+        s(&node["version"]),
+        s(&node["id"]),
+        state(&node["ready"], "ready", &node["not_ready"]),
+        state(&node["live"], "live", &node["not_live"]),
+        human(&node["uptime_seconds"]),
+    );
+    let listen = &node["listen"];
+    let p2p: Vec<String> = listen["p2p"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(s)
+        .collect();
+    let _ = writeln!(
+        out,
+        "listening: registry {}, operations {}, peer-to-peer {}",
+        s(&listen["registry"]),
+        s(&listen["operations"]),
+        if node["p2p"].as_bool() == Some(true) {
+            p2p.join(" ")
+        } else {
+            "off".to_owned()
+        },
+    );
+    let served = &r["served"];
+    let ratio = served["hit_ratio"]
+        .as_f64()
+        .map_or_else(|| "–".to_owned(), |x| format!("{:.1}%", x * 100.0));
+    let by_source: Vec<String> = served["content_gets_by_source"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k} {}", s(v)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "serving: hit ratio {ratio} ({}); {} peers connected, {} keys advertised",
+        if by_source.is_empty() {
+            "nothing yet".to_owned()
+        } else {
+            by_source.join(", ")
+        },
+        s(&r["connected_peers"]),
+        s(&r["advertised_keys"]),
+    );
+    if !r["router_error"].is_null() {
+        let _ = writeln!(out, "router: {}", s(&r["router_error"]));
+    }
+
+    out.push_str("\npeers\n");
+    let rows: Vec<Vec<String>> = r["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let failure = match &p["last_failure"] {
+                Value::Null => "–".to_owned(),
+                f => {
+                    let skipped = if p["skipped_for_seconds"].is_number() {
+                        format!(" (skipped {} more)", human(&p["skipped_for_seconds"]))
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "{} ago: {}{skipped}",
+                        human(&f["seconds_ago"]),
+                        s(&f["reason"])
+                    )
+                }
+            };
+            let connected = if p["connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "gone"
+            };
+            vec![
+                s(&p["id"]),
+                s(&p["registry"]),
+                connected.to_owned(),
+                failure,
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &["PEER", "REGISTRY", "STATE", "LAST FAILURE"],
+        &rows,
+    );
+
+    out.push_str("\nupstream registries\n");
+    let rows: Vec<Vec<String>> = r["upstream"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|u| {
+            let budget = match (&u["ratelimit_remaining"], &u["ratelimit_limit"]) {
+                (Value::Null, _) => "–".to_owned(),
+                (left, Value::Null) => s(left),
+                (left, limit) => format!("{} of {}", s(left), s(limit)),
+            };
+            let state = if u["rate_limited_for_seconds"].is_number() {
+                format!(
+                    "rate limited, {} more",
+                    human(&u["rate_limited_for_seconds"])
+                )
+            } else if u["unreachable_for_seconds"].is_number() {
+                format!(
+                    "unreachable, retry in {}",
+                    human(&u["unreachable_for_seconds"])
+                )
+            } else {
+                "ok".to_owned()
+            };
+            let problem = match &u["last_problem"] {
+                Value::Null => "–".to_owned(),
+                p => format!("{} ago: {}", human(&p["seconds_ago"]), s(&p["what"])),
+            };
+            let credentials = if u["credentials"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            };
+            vec![
+                s(&u["registry"]),
+                s(&u["endpoint"]),
+                credentials.to_owned(),
+                budget,
+                state,
+                problem,
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &[
+            "REGISTRY",
+            "ENDPOINT",
+            "CREDENTIALS",
+            "RATE LIMIT LEFT",
+            "STATE",
+            "LAST PROBLEM",
+        ],
+        &rows,
+    );
+
+    out.push_str("\nrecently served (newest first)\n");
+    let rows: Vec<Vec<String>> = served["recent"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|q| {
+            vec![
+                human(&q["seconds_ago"]),
+                s(&q["status"]),
+                s(&q["source"]),
+                s(&q["requester"]),
+                bytes(&q["bytes"]),
+                format!(
+                    "{} {} ({})",
+                    s(&q["method"]),
+                    s(&q["path"]),
+                    s(&q["registry"])
+                ),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &["AGO", "STATUS", "FROM", "FOR", "SIZE", "REQUEST"],
+        &rows,
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_report_reads_as_aligned_sections() {
+        let report = json!({
+            "node": {"id": "12D3KooWabc", "version": "0.1.0", "uptime_seconds": 3725.0,
+                     "ready": false, "not_ready": "containerd: connection refused", "live": true,
+                     "not_live": null, "listen": {"registry": "[::]:5000", "operations": "[::]:5002",
+                     "p2p": ["/ip4/10.0.0.5/tcp/5001"]}, "p2p": true, "containerd_namespace": "k8s.io"},
+            "router_error": null, "connected_peers": 1, "advertised_keys": 42,
+            "peers": [{"id": "12D3KooWxyz", "registry": "10.0.0.6:5000", "address": "/ip4/10.0.0.6/tcp/5001",
+                       "connected": true, "last_failure": {"seconds_ago": 12.0, "reason": "reset"},
+                       "skipped_for_seconds": 48.0}],
+            "served": {"hit_ratio": 0.75, "content_gets_by_source": {"local": 2, "peer": 1, "upstream-fallthrough": 1},
+                       "recent": [{"seconds_ago": 0.2, "method": "GET", "path": "/v2/library/nginx/blobs/sha256:aa",
+                                   "registry": "docker.io", "status": 200, "source": "peer", "requester": "containerd",
+                                   "bytes": 3_145_728, "ms": 4.2}]},
+            "upstream": [{"registry": "docker.io", "endpoint": "https://registry-1.docker.io/", "credentials": true,
+                          "ratelimit_remaining": 97, "ratelimit_limit": 100, "rate_limited_for_seconds": null,
+                          "unreachable_for_seconds": 3.0, "last_problem": {"seconds_ago": 2.0, "what": "unreachable: timeout"}}]
+        });
+        let text = text(&report);
+        for want in [
+            "mirrorlet 0.1.0 on 12D3KooWabc: NOT ready (containerd: connection refused), live, up 1h 2m 5s",
+            "serving: hit ratio 75.0% (local 2, peer 1, upstream-fallthrough 1); 1 peers connected, 42 keys advertised",
+            "  12D3KooWxyz  10.0.0.6:5000  connected  12s ago: reset (skipped 48s more)",
+            "  docker.io  https://registry-1.docker.io/  yes          97 of 100        unreachable, retry in 3s  2s ago: unreachable: timeout",
+            "  now  200     peer  containerd  3.0 MiB  GET /v2/library/nginx/blobs/sha256:aa (docker.io)",
+        ] {
+            assert!(text.contains(want), "{want:?} in:\n{text}");
+        }
+    }
+}
