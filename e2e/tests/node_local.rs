@@ -534,12 +534,12 @@ async fn e_agent_recovers_when_containerd_restarts() {
         }
     };
     assert_eq!(status(manifest_url.clone()).await, 200);
-    let images_before = c
-        .node(1)
-        .metric("mirrorlet_store_images", &[])
+    // Serving reads containerd directly; the inventory follows its events a moment later
+    // (a CRI pull makes several image records, one event each). Wait for it to match
+    // containerd's own list, so a late event cannot pass for the reconnected feed below.
+    let images_before = inventory_in_step(&c, 1)
         .await
-        .expect("metrics");
-
+        .expect("the inventory matches containerd's image list");
     c.node_mut(1).stop_containerd();
     // Stay down long enough for several failed reconnection attempts.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -574,19 +574,13 @@ async fn e_agent_recovers_when_containerd_restarts() {
         .pull(&Cluster::image_ref(&multi_arch()), PULL)
         .await
         .expect("pull after restart");
-    let node = c.node(1);
-    wait_until(
-        Duration::from_secs(20),
-        "the agent to see the new image",
-        || async {
-            node.metric("mirrorlet_store_images", &[])
-                .await
-                .unwrap_or(0.0)
-                > images_before
-        },
-    )
-    .await
-    .expect("inventory updated after reconnect");
+    let images_after = inventory_in_step(&c, 1)
+        .await
+        .expect("inventory updated after reconnect");
+    assert!(
+        images_after > images_before,
+        "the image pulled after the restart is counted ({images_before} -> {images_after})"
+    );
     assert!(
         c.node_mut(1).agent_running(),
         "the agent was never restarted"
@@ -596,6 +590,25 @@ async fn e_agent_recovers_when_containerd_restarts() {
         log.contains("reconnected"),
         "the agent logs the reconnection:\n{log}"
     );
+}
+
+/// Waits until node `i`'s agent counts as many images as its containerd lists, and returns
+/// the count.
+async fn inventory_in_step(c: &Cluster, i: usize) -> Result<f64> {
+    let node = c.node(i);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = node.ctr(&["images", "ls", "-q"])?;
+        let listed = listed.lines().filter(|l| !l.trim().is_empty()).count() as f64;
+        let counted = node.metric("mirrorlet_store_images", &[]).await?;
+        if counted == listed {
+            return Ok(counted);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("the agent counts {counted} images, containerd lists {listed}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 trait MapReady {
