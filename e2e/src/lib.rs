@@ -7,7 +7,6 @@
 
 pub mod browser;
 pub mod cluster;
-pub mod cri;
 pub mod deps;
 pub mod images;
 pub mod net;

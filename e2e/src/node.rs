@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::cri::Cri;
 use crate::deps;
 use crate::net::Host;
 use crate::process::{Proc, run};
 use crate::wait::wait_until;
+use mirrorlet_containerd::cri::Cri;
 
 /// The agent's port on every node.
 pub const AGENT_PORT: u16 = 5000;
@@ -77,7 +77,7 @@ state = "{d}/containerd/state"
 "#
         );
         std::fs::write(dir.join("containerd/config.toml"), config)?;
-        let cri = Cri::new(&dir.join("containerd/containerd.sock"))?;
+        let cri = Cri::new(&dir.join("containerd/containerd.sock"));
         Ok(Self {
             index,
             host,

@@ -278,7 +278,7 @@ async fn pull_and_catch_server(
     c: &Cluster,
     holders: [usize; 2],
 ) -> (
-    tokio::task::JoinHandle<anyhow::Result<String>>,
+    tokio::task::JoinHandle<Result<String, mirrorlet_containerd::cri::CriError>>,
     usize,
     [f64; 2],
 ) {

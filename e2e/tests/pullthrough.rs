@@ -39,7 +39,10 @@ async fn cluster(
 }
 
 /// Every node pulls `image` through the CRI at the same moment.
-async fn pull_everywhere(c: &Cluster, image: &TestImage) -> Vec<anyhow::Result<String>> {
+async fn pull_everywhere(
+    c: &Cluster,
+    image: &TestImage,
+) -> Vec<Result<String, mirrorlet_containerd::cri::CriError>> {
     let name = Cluster::image_ref(image);
     join_all(c.nodes.iter().map(|n| {
         let (cri, name) = (n.cri.clone(), name.clone());
@@ -585,5 +588,91 @@ async fn i_ipv6_only_nodes_pull_through_their_agents_and_from_each_other() {
     assert!(
         served >= 4_000_000.0,
         "node 2's agent served its layers: {served}"
+    );
+}
+
+/// Runs `mirrorlet preheat ARGS` in node `i`'s namespace against its containerd, waiting
+/// for its agent; returns (success, stdout and stderr).
+async fn preheat(c: &Cluster, i: usize, images: &[String]) -> (bool, String) {
+    let node = c.node(i);
+    let bin = mirrorlet_e2e::deps::mirrorlet_bin().expect("binary");
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &node.host.netns])
+        .arg(bin)
+        .args(["preheat", "--containerd-socket"])
+        .arg(node.socket())
+        .args(["--agent-url", "http://127.0.0.1:5002", "--timeout", "2m"])
+        .args(images);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("join")
+        .expect("run preheat");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn j_preheat_puts_images_on_every_node_for_one_upstream_fetch() {
+    let first = TestImage::single("e2e/pt-preheat", "v1", &[3_000_000, 2_000_000]);
+    let second = TestImage::single("e2e/pt-preheat-b", "v1", &[1_000_000]);
+    let c = cluster(
+        3,
+        vec![first.clone(), second.clone()],
+        PullThrough::default(),
+        None,
+        vec![],
+    )
+    .await;
+    let names = vec![Cluster::image_ref(&first), Cluster::image_ref(&second)];
+    let mark = c.upstream.access_log().len();
+    let runs = join_all((1..=3).map(|i| preheat(&c, i, &names))).await;
+    for (i, (ok, out)) in runs.iter().enumerate() {
+        assert!(ok, "node {} preheats:\n{out}", i + 1);
+        for name in &names {
+            assert!(
+                out.contains(&format!("pulled {name} in ")),
+                "{name} in:\n{out}"
+            );
+        }
+        assert!(out.contains("0/2 images"), "progress is shown:\n{out}");
+        assert!(out.contains("2 images on this node"), "{out}");
+    }
+    for node in &c.nodes {
+        for name in &names {
+            assert!(
+                node.cri.has(name).await.expect("status"),
+                "{name} on node {}",
+                node.index
+            );
+        }
+    }
+    // Through the agents: each manifest and blob fetched once for the whole cluster.
+    let log = c.upstream.access_log().split_off(mark);
+    for image in [&first, &second] {
+        let (manifest, blobs) = digests(&c, image).await;
+        for d in std::iter::once(&manifest).chain(&blobs) {
+            let n = log
+                .iter()
+                .filter(|a| a.is_content_get() && a.path.ends_with(d.as_str()))
+                .count();
+            assert_eq!(n, 1, "one GET of {d}: {log:#?}");
+        }
+    }
+
+    // An image that does not exist is named, and the exit status says so.
+    let missing = format!("{REGISTRY}/e2e/nowhere:v1");
+    let (ok, out) = preheat(&c, 1, std::slice::from_ref(&missing)).await;
+    assert!(!ok, "{out}");
+    assert!(out.contains(&format!("FAILED {missing}")), "{out}");
+    assert!(out.contains("1 of 1 images not pulled"), "{out}");
+    // A malformed reference is refused before anything is pulled.
+    let (ok, out) = preheat(&c, 1, &["Nginx:1".to_owned()]).await;
+    assert!(
+        !ok && out.contains("Nginx:1") && out.contains("not an image reference"),
+        "{out}"
     );
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::{
-    AbortRequest, InfoRequest, ListContentRequest, ListStatusesRequest, ReadContentRequest,
+    AbortRequest, InfoRequest, ListContentRequest, ListStatusesRequest, ReadContentRequest, Status,
 };
 use containerd_client::tonic::transport::Channel;
 use futures_util::{StreamExt, TryStreamExt, stream};
@@ -93,21 +93,25 @@ impl Content {
         Ok(out)
     }
 
-    /// Aborts the unfinished downloads (ingests) of `digest`: those whose expected digest it
-    /// is, or whose reference names it (a pull's references end in the digest, e.g.
-    /// `layer-sha256:...`). Returns how many were aborted.
-    pub(crate) async fn abort_ingests(&self, digest: &Digest) -> Result<usize, StoreError> {
+    /// The unfinished downloads (ingests) in the namespace.
+    pub(crate) async fn statuses(&self) -> Result<Vec<Status>, StoreError> {
         let req = request(&self.namespace, ListStatusesRequest { filters: vec![] });
-        let statuses = self
+        Ok(self
             .client
             .clone()
             .list_statuses(req)
             .await
             .map_err(|s| unavailable("content list statuses", &s))?
             .into_inner()
-            .statuses;
+            .statuses)
+    }
+
+    /// Aborts the unfinished downloads (ingests) of `digest`: those whose expected digest it
+    /// is, or whose reference names it (a pull's references end in the digest, e.g.
+    /// `layer-sha256:...`). Returns how many were aborted.
+    pub(crate) async fn abort_ingests(&self, digest: &Digest) -> Result<usize, StoreError> {
         let mut aborted = 0;
-        for status in statuses {
+        for status in self.statuses().await? {
             if status.expected != digest.as_str() && !status.r#ref.ends_with(digest.as_str()) {
                 continue;
             }

@@ -6,6 +6,7 @@
 
 mod client;
 mod content;
+pub mod cri;
 mod events;
 mod files;
 mod media;
@@ -52,6 +53,17 @@ pub struct Config {
     pub media_type_cache: NonZeroUsize,
 }
 
+/// A download under way in containerd's content store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ingest {
+    /// Its reference (a pull's ends in the digest, e.g. `layer-sha256:...`).
+    pub reference: String,
+    /// Bytes written so far.
+    pub offset: u64,
+    /// Bytes expected (0 if unknown).
+    pub total: u64,
+}
+
 /// A [`Store`] over containerd.
 pub struct ContainerdStore {
     channel: Channel,
@@ -85,6 +97,21 @@ impl ContainerdStore {
             content,
             media_types: MediaTypes::new(config.media_type_cache),
         }
+    }
+
+    /// The downloads under way in the namespace (containerd's ingests), for progress.
+    pub async fn ingests(&self) -> Result<Vec<Ingest>, StoreError> {
+        Ok(self
+            .content
+            .statuses()
+            .await?
+            .into_iter()
+            .map(|s| Ingest {
+                reference: s.r#ref,
+                offset: u64::try_from(s.offset).unwrap_or(0),
+                total: u64::try_from(s.total).unwrap_or(0),
+            })
+            .collect())
     }
 
     fn images(&self) -> ImagesClient<Channel> {

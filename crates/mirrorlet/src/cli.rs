@@ -53,6 +53,9 @@ pub(crate) enum Command {
     WaitDaemonset(WaitDaemonsetArgs),
     /// Print a running agent's status page (its peers, what it served, upstream state).
     Status(StatusArgs),
+    /// Pull images into this node's containerd through the agent (so the whole cluster
+    /// fetches each once), with progress.
+    Preheat(PreheatArgs),
     /// Print the version.
     Version,
 }
@@ -393,6 +396,50 @@ pub(crate) struct WaitDaemonsetArgs {
     pub(crate) service_account_dir: PathBuf,
 }
 
+/// Flags of `mirrorlet preheat`.
+#[derive(Debug, Args)]
+pub(crate) struct PreheatArgs {
+    /// Images to pull, as `docker pull` takes them (`nginx:1.25`, `ghcr.io/org/app`,
+    /// `name@sha256:...`); comma-separated in the environment variable.
+    #[arg(env = "MIRRORLET_PREHEAT_IMAGES", value_delimiter = ',', default_value = "", value_parser = parse_image)]
+    pub(crate) images: Vec<OptionalImage>,
+    /// containerd's gRPC socket (its CRI image service pulls, as kubelet's pulls do).
+    #[arg(
+        long,
+        env = "MIRRORLET_CONTAINERD_SOCKET",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub(crate) containerd_socket: PathBuf,
+    /// Wait until the agent at this URL (its operational listener) is ready before pulling,
+    /// so the pulls go through it. Empty: do not wait.
+    #[arg(long, env = "MIRRORLET_PREHEAT_AGENT", default_value = "")]
+    pub(crate) agent_url: String,
+    /// Time allowed for each image.
+    #[arg(long, env = "MIRRORLET_PREHEAT_TIMEOUT", default_value = "30m", value_parser = parse_positive_duration)]
+    pub(crate) timeout: Duration,
+    /// Images pulled at once.
+    #[arg(long, env = "MIRRORLET_PREHEAT_PARALLEL", default_value = "2", value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub(crate) parallel: u32,
+    /// After pulling, keep running until terminated (the chart runs it beside the agent).
+    #[arg(long, env = "MIRRORLET_PREHEAT_HOLD", default_value = "false", action = clap::ArgAction::Set)]
+    pub(crate) hold: bool,
+}
+
+/// An image flag entry (empty entries are ignored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OptionalImage(pub(crate) Option<mirrorlet_oci::ImageName>);
+
+fn parse_image(s: &str) -> Result<OptionalImage, String> {
+    if s.trim().is_empty() {
+        return Ok(OptionalImage(None));
+    }
+    mirrorlet_oci::ImageName::parse_familiar(s.trim())
+        .map(|i| OptionalImage(Some(i)))
+        .map_err(|e| {
+            format!("not an image reference like nginx:1.25 or ghcr.io/org/app@sha256:...: {e}")
+        })
+}
+
 /// Flags of `mirrorlet status`.
 #[derive(Debug, Args)]
 pub(crate) struct StatusArgs {
@@ -730,6 +777,22 @@ mod tests {
                 vec!["run", "--max-peer-streams", "0"],
                 "--max-peer-streams",
                 "0",
+            ),
+            (vec!["preheat", "nginx", "Nginx:1"], "IMAGES", "Nginx:1"),
+            (
+                vec!["preheat", "--parallel", "0", "nginx"],
+                "--parallel",
+                "0",
+            ),
+            (
+                vec!["status", "--url", "127.0.0.1:5002"],
+                "--url",
+                "127.0.0.1:5002",
+            ),
+            (
+                vec!["wait-daemonset", "--daemonset", "Bad_Name"],
+                "--daemonset",
+                "Bad_Name",
             ),
         ] {
             let err = Cli::try_parse_from(std::iter::once("mirrorlet").chain(args.iter().copied()))

@@ -1,12 +1,13 @@
 //! The `mirrorlet` binary: the node agent (`run`), containerd mirror configuration
 //! (`configure`, `cleanup`), the chart's uninstall wait (`wait-daemonset`), a running
-//! agent's status (`status`) and `version`.
+//! agent's status (`status`), pulling images ahead of need (`preheat`) and `version`.
 //! It only assembles the library crates.
 
 mod cli;
 mod health;
 mod hosts;
 mod kube;
+mod preheat;
 mod run;
 mod status;
 mod telemetry;
@@ -28,6 +29,20 @@ fn main() -> ExitCode {
             .and_then(|rt| rt.block_on(run::run(*args))),
         Command::WaitDaemonset(args) => small_runtime().and_then(|rt| rt.block_on(wait(args))),
         Command::Status(args) => small_runtime().and_then(|rt| rt.block_on(status::print(&args))),
+        Command::Preheat(args) => small_runtime().and_then(|rt| {
+            rt.block_on(async {
+                // Held or not, a failure is reported; held, the pod stays (and says so).
+                let result = preheat::run(&args).await;
+                if args.hold {
+                    if let Err(e) = &result {
+                        tracing::error!("{e:#}");
+                    }
+                    tracing::info!("preheat done; holding until terminated");
+                    return terminated().await;
+                }
+                result
+            })
+        }),
         Command::Configure(args) => hosts::configure(&args.options())
             .map(|files| {
                 for f in files {

@@ -127,6 +127,43 @@ impl ImageName {
         Ok(Self::new(registry, repository, reference))
     }
 
+    /// Reads an image reference as `docker pull` and kubelet take one: a name without a
+    /// registry is Docker Hub's (`nginx` is `docker.io/library/nginx`), a name without a
+    /// tag or digest means `:latest`, and a digest wins over a tag beside it.
+    pub fn parse_familiar(s: &str) -> Result<Self, ReferenceError> {
+        let bad = || ReferenceError::InvalidImageName(s.to_owned());
+        if s.is_empty() || s.contains(char::is_whitespace) || s.contains("://") {
+            return Err(bad());
+        }
+        let (name, digest) = match s.split_once('@') {
+            Some((name, digest)) => (name, Some(Digest::parse(digest)?)),
+            None => (s, None),
+        };
+        // A tag is after the last colon that follows the last slash (a colon before it is
+        // a registry's port).
+        let (name, tag) = match name.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, Some(t)),
+            _ => (name, None),
+        };
+        let (registry, path) = match name.split_once('/') {
+            Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => {
+                (first, rest)
+            }
+            _ => ("docker.io", name),
+        };
+        let registry = match registry {
+            "index.docker.io" | "registry-1.docker.io" => Registry::docker_hub(),
+            r => Registry::parse(r)?,
+        };
+        let repository = Repository::parse_for(&registry, path)?;
+        let reference = match (digest, tag) {
+            (Some(d), _) => Reference::Digest(d),
+            (None, Some(t)) => Reference::Tag(Tag::parse(t)?),
+            (None, None) => Reference::Tag(Tag::parse("latest")?),
+        };
+        Ok(Self::new(registry, repository, reference))
+    }
+
     /// The tag, if the name carries one.
     pub fn tag(&self) -> Option<&Tag> {
         match &self.reference {
@@ -155,6 +192,43 @@ mod tests {
     use super::*;
 
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn familiar_references_read_as_docker_and_kubelet_read_them() {
+        for (given, want) in [
+            ("nginx", "docker.io/library/nginx:latest"),
+            ("nginx:1.25", "docker.io/library/nginx:1.25"),
+            ("bitnami/redis:7", "docker.io/bitnami/redis:7"),
+            (
+                "index.docker.io/library/alpine",
+                "docker.io/library/alpine:latest",
+            ),
+            ("ghcr.io/org/app", "ghcr.io/org/app:latest"),
+            (
+                "registry.e2e.test:5000/team/app:v2",
+                "registry.e2e.test:5000/team/app:v2",
+            ),
+            ("localhost/app", "localhost/app:latest"),
+            (
+                &format!("nginx:1.25@{D}"),
+                &format!("docker.io/library/nginx@{D}"),
+            ),
+        ] {
+            let name = ImageName::parse_familiar(given).unwrap_or_else(|e| panic!("{given}: {e}"));
+            assert_eq!(name.to_string(), want, "{given}");
+        }
+        for bad in [
+            "",
+            "Nginx",
+            "nginx:bad tag",
+            "nginx:-x",
+            "https://ghcr.io/org/app",
+            "ghcr.io/org/app@sha256:short",
+            "ghcr.io//app",
+        ] {
+            assert!(ImageName::parse_familiar(bad).is_err(), "{bad:?} refused");
+        }
+    }
 
     #[test]
     fn tags() {
