@@ -2,7 +2,8 @@
 # Installs what building and the end-to-end tests need on Debian, if missing:
 # protoc (containerd-client's build script), containerd, the Distribution registry,
 # skopeo, iproute2 (ip, tc), apache2-utils (htpasswd), python3-yaml (the chart's values
-# table check) and chromium (the status page's browser test). Idempotent; needs root.
+# table check), chromium (the status page's browser test) and prometheus (evaluates the
+# dashboard's queries). Idempotent; needs root.
 set -euo pipefail
 
 need=()
@@ -15,6 +16,7 @@ command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v make >/dev/null || need+=(make)
 python3 -c 'import yaml' 2>/dev/null || need+=(python3-yaml)
 command -v chromium >/dev/null || need+=(chromium)
+[ -x /usr/bin/prometheus ] || need+=(prometheus)
 
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}"

@@ -7,11 +7,13 @@
 
 pub mod browser;
 pub mod cluster;
+pub mod dashboard;
 pub mod deps;
 pub mod images;
 pub mod net;
 pub mod node;
 pub mod process;
+pub mod prometheus;
 pub mod upstream;
 pub mod wait;
 

@@ -2,21 +2,23 @@
 //! Docker-Hub-like front whose budget runs out): the status page over HTTP, in the
 //! terminal (`mirrorlet status`) and in a real browser (headless Chromium, with a
 //! screenshot), and every query of the chart's Grafana dashboard checked against the
-//! metrics the agents export.
+//! metrics the agents export and evaluated by a real Prometheus scraping them (with a
+//! screenshot of the dashboard's panels drawn from the results).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use mirrorlet_e2e::cluster::PullThrough;
+use mirrorlet_e2e::dashboard;
+use mirrorlet_e2e::prometheus::{self, Prometheus};
 use mirrorlet_e2e::{Cluster, Options, REGISTRY, TestImage};
 use serde_json::Value;
 
 const PULL: Duration = Duration::from_secs(180);
 
-/// Three nodes behind a front that allows one counted pull: node 1 pulls an image through
-/// the cluster, node 2 pulls it from the nodes, and a second image meets the 429.
-async fn busy_cluster(tag: &str) -> Cluster {
+/// Three nodes behind a front that allows one counted pull, and two images there.
+async fn ops_cluster(tag: &str) -> (Cluster, TestImage, TestImage) {
     let image = TestImage::single(&format!("e2e/ops-{tag}"), "v1", &[2_000_000, 1_000_000]);
     let other = TestImage::single(&format!("e2e/ops-{tag}-other"), "v1", &[500_000]);
     let c = Cluster::start(Options {
@@ -31,15 +33,46 @@ async fn busy_cluster(tag: &str) -> Cluster {
     .await
     .expect("cluster starts");
     c.wait_members().await.expect("agents see each other");
-    let name = Cluster::image_ref(&image);
+    (c, image, other)
+}
+
+/// Node 1 pulls `image` through the cluster, node 2 pulls it from the nodes, and `other`
+/// meets the 429.
+async fn busy(c: &Cluster, image: &TestImage, other: &TestImage) {
+    let name = Cluster::image_ref(image);
     c.node(1).cri.pull(&name, PULL).await.expect("node 1 pulls");
     c.node(2).cri.pull(&name, PULL).await.expect("node 2 pulls");
     c.node(1)
         .cri
-        .pull(&Cluster::image_ref(&other), Duration::from_secs(60))
+        .pull(&Cluster::image_ref(other), Duration::from_secs(60))
         .await
         .expect_err("the budget is spent");
+}
+
+/// [`ops_cluster`] after [`busy`].
+async fn busy_cluster(tag: &str) -> Cluster {
+    let (c, image, other) = ops_cluster(tag).await;
+    busy(&c, &image, &other).await;
     c
+}
+
+/// Keeps a screenshot when `MIRRORLET_SCREENSHOTS=DIR` is set (the README's pictures come
+/// from here).
+fn keep_screenshot(png: &std::path::Path, name: &str) {
+    if let Ok(keep) = std::env::var("MIRRORLET_SCREENSHOTS") {
+        std::fs::create_dir_all(&keep).expect("dir");
+        std::fs::copy(png, PathBuf::from(keep).join(name)).expect("copy");
+    }
+}
+
+/// A real PNG of some substance.
+fn assert_screenshot(png: &std::path::Path) {
+    let bytes = std::fs::read(png).expect("screenshot");
+    assert!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 20_000,
+        "a real screenshot ({} bytes)",
+        bytes.len()
+    );
 }
 
 async fn get_json(url: &str) -> Value {
@@ -149,17 +182,8 @@ async fn a_the_status_page_over_http_in_a_terminal_and_in_a_browser() {
     ] {
         assert!(page.dom.contains(want), "{want:?} in the rendered DOM");
     }
-    let png = std::fs::read(&page.png).expect("screenshot");
-    assert!(
-        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 20_000,
-        "a real screenshot ({} bytes)",
-        png.len()
-    );
-    // `MIRRORLET_SCREENSHOTS=DIR` keeps it (the README's picture comes from here).
-    if let Ok(keep) = std::env::var("MIRRORLET_SCREENSHOTS") {
-        std::fs::create_dir_all(&keep).expect("dir");
-        std::fs::copy(&page.png, PathBuf::from(keep).join("status-page.png")).expect("copy");
-    }
+    assert_screenshot(&page.png);
+    keep_screenshot(&page.png, "status-page.png");
 }
 
 /// A vector selector in a query: a metric name and the label names it matches on.
@@ -334,6 +358,129 @@ async fn b_every_dashboard_query_names_metrics_and_labels_the_agents_export() {
         "{queries} dashboard queries checked; labels verified on {} metrics with samples",
         checked.len()
     );
+}
+
+#[tokio::test]
+async fn c_the_dashboard_evaluated_by_prometheus_has_data_in_every_panel() {
+    let (c, image, other) = ops_cluster("prom").await;
+    let targets: Vec<String> = c
+        .nodes
+        .iter()
+        .map(|n| n.ops_url().trim_start_matches("http://").to_owned())
+        .collect();
+    let dir = c.dir().join("prometheus");
+    let prom = Prometheus::start(&dir, &targets)
+        .await
+        .expect("Prometheus scrapes the agents");
+    let start = prometheus::now();
+    // Quiet, pulls, quiet, one more node, quiet: long enough for rates over a few scrapes
+    // to take in each.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    busy(&c, &image, &other).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    c.node(3)
+        .cri
+        .pull(&Cluster::image_ref(&image), PULL)
+        .await
+        .expect("node 3 pulls from the nodes");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let end = prometheus::now();
+
+    let path = mirrorlet_e2e::deps::workspace().join("charts/mirrorlet/dashboards/mirrorlet.json");
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard")).expect("json");
+    let panels = dashboard::panels(&json);
+    // Grafana's $__rate_interval is at least four scrape intervals.
+    let rate_interval = 4 * prometheus::SCRAPE_EVERY.as_secs() + 1;
+    let range = (end - start).ceil() as u64;
+    let mut results = Vec::new();
+    let mut empty = Vec::new();
+    for panel in &panels {
+        let mut per_target = Vec::new();
+        for (expr, _) in &panel.targets {
+            let query = dashboard::expand(expr, rate_interval, range);
+            // Prometheus itself parses and evaluates every query.
+            let series = prom
+                .query_range(&query, start, end, prometheus::SCRAPE_EVERY)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e:#}", panel.title));
+            per_target.push(series);
+        }
+        let has_data = per_target
+            .iter()
+            .flatten()
+            .any(|s| s.points.iter().any(|p| p.1.is_finite()));
+        if panel.kind != "row" && !has_data {
+            empty.push(panel.title.clone());
+        }
+        results.push(per_target);
+    }
+    assert!(
+        empty.is_empty(),
+        "panels without data after real pulls: {empty:?}"
+    );
+    // Counters that appear with their first event show no increase in a rate: the pulls
+    // above must show in every panel about pulls (the agents create these series at zero).
+    let peak = |title: &str| {
+        let i = panels
+            .iter()
+            .position(|p| p.title == title)
+            .unwrap_or_else(|| panic!("a panel {title:?}"));
+        results[i]
+            .iter()
+            .flatten()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .filter(|v| v.is_finite())
+            .fold(0.0, f64::max)
+    };
+    for title in [
+        "Pulls by source",
+        "Bytes served by source",
+        "Served to other nodes",
+        "Request latency (p99)",
+        "Pull-through fetches",
+        "Upstream requests",
+        "Downloaded from upstream",
+        "429 answers",
+        "Lookup latency",
+    ] {
+        assert!(peak(title) > 0.0, "{title} shows the pulls");
+    }
+    let hit_ratio = results[panels
+        .iter()
+        .position(|p| p.title == "Hit ratio")
+        .expect("hit ratio")][0]
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .filter(|v| v.is_finite())
+        .fold(f64::NAN, f64::max);
+    assert!(
+        hit_ratio > 0.0 && hit_ratio <= 1.0,
+        "nodes 2 and 3 pulled from the cluster: hit ratio {hit_ratio}"
+    );
+
+    // The preview of the dashboard with these results, in a real browser.
+    let title = json["title"].as_str().unwrap_or("mirrorlet");
+    let html = dashboard::preview(title, &panels, &results, start, end);
+    let page_path = dir.join("dashboard.html");
+    std::fs::write(&page_path, html).expect("preview");
+    let bottom = panels
+        .iter()
+        .map(|p| p.grid.1 + p.grid.3)
+        .max()
+        .unwrap_or(0);
+    let page = mirrorlet_e2e::browser::render(
+        &format!("file://{}", page_path.display()),
+        &dir.join("browser"),
+        1600,
+        bottom * 30 + 70,
+    )
+    .expect("chromium renders the preview");
+    for panel in &panels {
+        assert!(page.dom.contains(&panel.title), "{} drawn", panel.title);
+    }
+    assert_screenshot(&page.png);
+    keep_screenshot(&page.png, "dashboard.png");
 }
 
 #[test]

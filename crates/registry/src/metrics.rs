@@ -72,9 +72,12 @@ pub struct SourceLabels {
 /// Labels of lookups.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LookupLabels {
-    /// `found` or `not-found`.
+    /// One of [`LOOKUP_OUTCOMES`].
     pub outcome: &'static str,
 }
+
+/// How a lookup ends: a peer found, or none within the time allowed.
+pub const LOOKUP_OUTCOMES: [&str; 2] = ["found", "not-found"];
 
 /// Labels of pull-through fetches.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -86,6 +89,19 @@ pub struct FetchLabels {
     /// way here), `revalidated` (a tag checked upstream), `failed`.
     pub role: &'static str,
 }
+
+/// The pull-through fetches' (kind, role) pairs that occur.
+const FETCH_SERIES: [(&str, &str); 9] = [
+    ("blob", "fetched"),
+    ("blob", "followed"),
+    ("blob", "joined"),
+    ("blob", "failed"),
+    ("manifest", "fetched"),
+    ("manifest", "followed"),
+    ("manifest", "from-holders"),
+    ("tag", "revalidated"),
+    ("tag", "joined"),
+];
 
 /// Labels of peer failures.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -196,8 +212,47 @@ impl Metrics {
             "Peers left out because they failed recently",
             me.peers_skipped.clone(),
         );
+        // Series that dashboards divide by or take quantiles of exist from the start, at
+        // zero, so that their first events count in a rate (a series that appears with its
+        // first event shows no increase) and a quiet node shows a value, not "no data".
         for reason in PEER_FAILURE_REASONS {
             drop(me.peer_failures.get_or_create(&ReasonLabels { reason }));
+        }
+        for outcome in LOOKUP_OUTCOMES {
+            drop(me.lookups.get_or_create(&LookupLabels { outcome }));
+        }
+        // Pulls by containerd, as the hit ratio counts them: served (200) from each source,
+        // or sent upstream (404).
+        let sources = [
+            (Source::Local, 200),
+            (Source::Peer, 200),
+            (Source::Upstream, 200),
+            (Source::UpstreamFallthrough, 404),
+        ];
+        for route in ["manifest", "blob"] {
+            for (source, status) in sources {
+                let source = source.as_str();
+                drop(me.requests.get_or_create(&RequestLabels {
+                    route,
+                    method: "GET",
+                    status,
+                    source,
+                    requester: "containerd",
+                }));
+                drop(
+                    me.durations
+                        .get_or_create(&DurationLabels { route, source }),
+                );
+            }
+        }
+        for (kind, role) in FETCH_SERIES {
+            drop(me.fetches.get_or_create(&FetchLabels { kind, role }));
+        }
+        for (source, _) in &sources[..3] {
+            for requester in ["containerd", "peer"] {
+                let source = source.as_str();
+                drop(me.bytes.get_or_create(&SourceLabels { source, requester }));
+            }
         }
         registry.register(
             "mirrorlet_peer_failures",

@@ -13,7 +13,7 @@ use http::{HeaderValue, StatusCode};
 use mirrorlet_oci::Peer;
 use mirrorlet_oci::glob::Glob;
 
-use crate::metrics::{LookupLabels, Metrics};
+use crate::metrics::{LOOKUP_OUTCOMES, LookupLabels, Metrics};
 use crate::state::AppState;
 
 /// The header an agent sets on requests to another agent. A request carrying it is
@@ -162,7 +162,11 @@ impl Candidates {
         let Some(started) = self.started.take() else {
             return;
         };
-        let outcome = if found { "found" } else { "not-found" };
+        let outcome = if found {
+            LOOKUP_OUTCOMES[0]
+        } else {
+            LOOKUP_OUTCOMES[1]
+        };
         let lookup_us = started.elapsed().as_micros() as u64;
         tracing::debug!(outcome, lookup_us, "lookup");
         self.metrics

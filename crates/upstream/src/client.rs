@@ -94,11 +94,8 @@ impl Client {
             .user_agent(concat!("mirrorlet/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(ClientError::Build)?;
-        // Each registry's 429 count exists from the start, at zero.
         for registry in &config.registries {
-            drop(metrics.rate_limited.get_or_create(&RegistryLabels {
-                registry: registry.to_string(),
-            }));
+            metrics.start_at_zero(registry.as_str());
         }
         Ok(Self {
             inner: Arc::new(Inner {

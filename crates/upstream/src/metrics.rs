@@ -72,6 +72,25 @@ impl UpstreamMetrics {
         me
     }
 
+    /// Creates `registry`'s main series at zero: its 429s, bytes received and successful
+    /// requests of each kind. A counter that appears with its first event shows no
+    /// increase in Prometheus (a cluster's first pull is a burst within one scrape), and a
+    /// quiet registry should show zero rather than no data.
+    pub(crate) fn start_at_zero(&self, registry: &str) {
+        let labels = RegistryLabels {
+            registry: registry.to_owned(),
+        };
+        drop(self.rate_limited.get_or_create(&labels));
+        drop(self.bytes.get_or_create(&labels));
+        for kind in ["manifest", "head", "blob", "token"] {
+            drop(self.requests.get_or_create(&RequestLabels {
+                registry: registry.to_owned(),
+                kind,
+                status: "200".to_owned(),
+            }));
+        }
+    }
+
     pub(crate) fn request(&self, registry: &str, kind: &'static str, status: Option<u16>) {
         self.requests
             .get_or_create(&RequestLabels {
