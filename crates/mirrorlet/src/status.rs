@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::Context;
-use mirrorlet_registry::status::{bytes, human};
+use mirrorlet_registry::status::{bytes, human, text as value, upstream_rows};
 use serde_json::Value;
 
 use crate::cli::{StatusArgs, StatusOutput};
@@ -35,14 +35,6 @@ pub(crate) async fn print(args: &StatusArgs) -> anyhow::Result<()> {
         StatusOutput::Text => print!("{}", text(&report)),
     }
     Ok(())
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "–".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// Left-aligned columns, two spaces apart, indented by two.
@@ -84,14 +76,14 @@ pub(crate) fn text(r: &Value) -> String {
         if ok.as_bool() == Some(true) {
             yes.to_owned()
         } else {
-            format!("NOT {yes} ({})", s(why))
+            format!("NOT {yes} ({})", value(why))
         }
     };
     let _ = writeln!(
         out,
         "mirrorlet {} on {}: {}, {}, up {}",
-        s(&node["version"]),
-        s(&node["id"]),
+        value(&node["version"]),
+        value(&node["id"]),
         state(&node["ready"], "ready", &node["not_ready"]),
         state(&node["live"], "live", &node["not_live"]),
         human(&node["uptime_seconds"]),
@@ -101,13 +93,13 @@ pub(crate) fn text(r: &Value) -> String {
         .as_array()
         .into_iter()
         .flatten()
-        .map(s)
+        .map(value)
         .collect();
     let _ = writeln!(
         out,
         "listening: registry {}, operations {}, peer-to-peer {}",
-        s(&listen["registry"]),
-        s(&listen["operations"]),
+        value(&listen["registry"]),
+        value(&listen["operations"]),
         if node["p2p"].as_bool() == Some(true) {
             p2p.join(" ")
         } else {
@@ -122,7 +114,7 @@ pub(crate) fn text(r: &Value) -> String {
         .as_object()
         .into_iter()
         .flatten()
-        .map(|(k, v)| format!("{k} {}", s(v)))
+        .map(|(k, v)| format!("{k} {}", value(v)))
         .collect();
     let _ = writeln!(
         out,
@@ -132,11 +124,11 @@ pub(crate) fn text(r: &Value) -> String {
         } else {
             by_source.join(", ")
         },
-        s(&r["connected_peers"]),
-        s(&r["advertised_keys"]),
+        value(&r["connected_peers"]),
+        value(&r["advertised_keys"]),
     );
     if !r["router_error"].is_null() {
-        let _ = writeln!(out, "router: {}", s(&r["router_error"]));
+        let _ = writeln!(out, "router: {}", value(&r["router_error"]));
     }
 
     out.push_str("\npeers\n");
@@ -156,7 +148,7 @@ pub(crate) fn text(r: &Value) -> String {
                     format!(
                         "{} ago: {}{skipped}",
                         human(&f["seconds_ago"]),
-                        s(&f["reason"])
+                        value(&f["reason"])
                     )
                 }
             };
@@ -166,8 +158,8 @@ pub(crate) fn text(r: &Value) -> String {
                 "gone"
             };
             vec![
-                s(&p["id"]),
-                s(&p["registry"]),
+                value(&p["id"]),
+                value(&p["registry"]),
                 connected.to_owned(),
                 failure,
             ]
@@ -180,45 +172,16 @@ pub(crate) fn text(r: &Value) -> String {
     );
 
     out.push_str("\nupstream registries\n");
-    let rows: Vec<Vec<String>> = r["upstream"]
-        .as_array()
+    let rows: Vec<Vec<String>> = upstream_rows(r)
         .into_iter()
-        .flatten()
         .map(|u| {
-            let budget = match (&u["ratelimit_remaining"], &u["ratelimit_limit"]) {
-                (Value::Null, _) => "–".to_owned(),
-                (left, Value::Null) => s(left),
-                (left, limit) => format!("{} of {}", s(left), s(limit)),
-            };
-            let state = if u["rate_limited_for_seconds"].is_number() {
-                format!(
-                    "rate limited, {} more",
-                    human(&u["rate_limited_for_seconds"])
-                )
-            } else if u["unreachable_for_seconds"].is_number() {
-                format!(
-                    "unreachable, retry in {}",
-                    human(&u["unreachable_for_seconds"])
-                )
-            } else {
-                "ok".to_owned()
-            };
-            let problem = match &u["last_problem"] {
-                Value::Null => "–".to_owned(),
-                p => format!("{} ago: {}", human(&p["seconds_ago"]), s(&p["what"])),
-            };
-            let credentials = if u["credentials"].as_bool() == Some(true) {
-                "yes"
-            } else {
-                "no"
-            };
             vec![
-                s(&u["registry"]),
-                s(&u["endpoint"]),
-                credentials.to_owned(),
-                budget,
-                state,
-                problem,
+                u.registry,
+                u.endpoint,
+                u.credentials.to_owned(),
+                u.budget,
+                u.trouble.unwrap_or_else(|| "ok".to_owned()),
+                u.problem,
             ]
         })
         .collect();
@@ -243,15 +206,15 @@ pub(crate) fn text(r: &Value) -> String {
         .map(|q| {
             vec![
                 human(&q["seconds_ago"]),
-                s(&q["status"]),
-                s(&q["source"]),
-                s(&q["requester"]),
+                value(&q["status"]),
+                value(&q["source"]),
+                value(&q["requester"]),
                 bytes(&q["bytes"]),
                 format!(
                     "{} {} ({})",
-                    s(&q["method"]),
-                    s(&q["path"]),
-                    s(&q["registry"])
+                    value(&q["method"]),
+                    value(&q["path"]),
+                    value(&q["registry"])
                 ),
             ]
         })
@@ -294,7 +257,7 @@ mod tests {
             "mirrorlet 0.1.0 on 12D3KooWabc: NOT ready (containerd: connection refused), live, up 1h 2m 5s",
             "serving: hit ratio 75.0% (local 2, peer 1, upstream-fallthrough 1); 1 peers connected, 42 keys advertised",
             "  12D3KooWxyz  10.0.0.6:5000  connected  12s ago: reset (skipped 48s more)",
-            "  docker.io  https://registry-1.docker.io/  yes          97 of 100        unreachable, retry in 3s  2s ago: unreachable: timeout",
+            "  docker.io  https://registry-1.docker.io/  yes          97 of 100        unreachable, retrying in 3s  2s ago: unreachable: timeout",
             "  now  200     peer  containerd  3.0 MiB  GET /v2/library/nginx/blobs/sha256:aa (docker.io)",
         ] {
             assert!(text.contains(want), "{want:?} in:\n{text}");

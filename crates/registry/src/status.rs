@@ -231,16 +231,81 @@ pub async fn report(state: &AppState) -> Value {
     })
 }
 
-fn esc(v: &Value) -> String {
-    let text = match v {
+/// A JSON value as text (`–` for none).
+pub fn text(v: &Value) -> String {
+    match v {
         Value::Null => "–".to_owned(),
         Value::String(s) => s.clone(),
         other => other.to_string(),
-    };
+    }
+}
+
+fn esc(v: &Value) -> String {
+    escape(&text(v))
+}
+
+fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+/// One upstream registry of a report, as the page and the terminal show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamRow {
+    /// The registry's name.
+    pub registry: String,
+    /// Where it is reached.
+    pub endpoint: String,
+    /// `yes` if the agent has credentials for it.
+    pub credentials: &'static str,
+    /// What is left of its rate-limit budget (`3 of 100`, `–` when it reports none).
+    pub budget: String,
+    /// Why it is left alone for now (rate limited, unreachable), if it is.
+    pub trouble: Option<String>,
+    /// Its last problem and how long ago.
+    pub problem: String,
+}
+
+/// The upstream registries of a report.
+pub fn upstream_rows(report: &Value) -> Vec<UpstreamRow> {
+    report["upstream"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|u| UpstreamRow {
+            registry: text(&u["registry"]),
+            endpoint: text(&u["endpoint"]),
+            credentials: if u["credentials"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            budget: match (&u["ratelimit_remaining"], &u["ratelimit_limit"]) {
+                (Value::Null, _) => "–".to_owned(),
+                (left, Value::Null) => text(left),
+                (left, limit) => format!("{} of {}", text(left), text(limit)),
+            },
+            trouble: if u["rate_limited_for_seconds"].is_number() {
+                Some(format!(
+                    "rate limited, {} more",
+                    human(&u["rate_limited_for_seconds"])
+                ))
+            } else if u["unreachable_for_seconds"].is_number() {
+                Some(format!(
+                    "unreachable, retrying in {}",
+                    human(&u["unreachable_for_seconds"])
+                ))
+            } else {
+                None
+            },
+            problem: match &u["last_problem"] {
+                Value::Null => "–".to_owned(),
+                p => format!("{} ago: {}", human(&p["seconds_ago"]), text(&p["what"])),
+            },
+        })
+        .collect()
 }
 
 /// A JSON number of seconds as text (`12s`, `3m 4s`; `now` under a second; `–` if none).
@@ -371,39 +436,19 @@ fn html(r: &Value) -> String {
     out.push_str("</table></section>");
 
     out.push_str("<section><h2>Upstream registries</h2><table><tr><th>registry</th><th>endpoint</th><th>credentials</th><th>rate limit left</th><th>state</th><th>last problem</th></tr>");
-    for u in r["upstream"].as_array().into_iter().flatten() {
-        let budget = match (&u["ratelimit_remaining"], &u["ratelimit_limit"]) {
-            (Value::Null, _) => "–".to_owned(),
-            (left, Value::Null) => esc(left),
-            (left, limit) => format!("{} of {}", esc(left), esc(limit)),
-        };
-        let state = if u["rate_limited_for_seconds"].is_number() {
-            format!(
-                "<span class=\"bad\">rate limited, {} more</span>",
-                human(&u["rate_limited_for_seconds"])
-            )
-        } else if u["unreachable_for_seconds"].is_number() {
-            format!(
-                "<span class=\"bad\">unreachable, retrying in {}</span>",
-                human(&u["unreachable_for_seconds"])
-            )
-        } else {
-            badge(true, "ok", "")
-        };
-        let problem = match &u["last_problem"] {
-            Value::Null => "–".to_owned(),
-            p => format!("{} ago: {}", human(&p["seconds_ago"]), esc(&p["what"])),
+    for u in upstream_rows(r) {
+        let state = match &u.trouble {
+            Some(why) => format!("<span class=\"bad\">{}</span>", escape(why)),
+            None => badge(true, "ok", ""),
         };
         let _ = write!(
             out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{budget}</td><td>{state}</td><td>{problem}</td></tr>",
-            esc(&u["registry"]),
-            esc(&u["endpoint"]),
-            if u["credentials"].as_bool() == Some(true) {
-                "yes"
-            } else {
-                "no"
-            },
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{state}</td><td>{}</td></tr>",
+            escape(&u.registry),
+            escape(&u.endpoint),
+            u.credentials,
+            escape(&u.budget),
+            escape(&u.problem),
         );
     }
     out.push_str("</table></section>");
