@@ -34,6 +34,7 @@ lint: setup
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	python3 charts/mirrorlet/ci/values-table.py --check
+	shellcheck e2e/setup.sh e2e/kind/*.sh e2e/bench/*.sh
 
 bench: setup
 	bash e2e/bench/run.sh

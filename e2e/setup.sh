@@ -2,8 +2,8 @@
 # Installs what building and the end-to-end tests need on Debian, if missing:
 # protoc (containerd-client's build script), containerd, the Distribution registry,
 # skopeo, iproute2 (ip, tc), apache2-utils (htpasswd), python3-yaml (the chart's values
-# table check), chromium (the status page's browser test) and prometheus (evaluates the
-# dashboard's queries). Idempotent; needs root.
+# table check), chromium (the status page's browser test), prometheus (evaluates the
+# dashboard's queries) and shellcheck (lints the kind suite). Idempotent; needs root.
 set -euo pipefail
 
 need=()
@@ -17,6 +17,7 @@ command -v make >/dev/null || need+=(make)
 python3 -c 'import yaml' 2>/dev/null || need+=(python3-yaml)
 command -v chromium >/dev/null || need+=(chromium)
 [ -x /usr/bin/prometheus ] || need+=(prometheus)
+command -v shellcheck >/dev/null || need+=(shellcheck)
 
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}"
