@@ -31,16 +31,23 @@ fn main() -> ExitCode {
         Command::Status(args) => small_runtime().and_then(|rt| rt.block_on(status::print(&args))),
         Command::Preheat(args) => small_runtime().and_then(|rt| {
             rt.block_on(async {
-                // Held or not, a failure is reported; held, the pod stays (and says so).
-                let result = preheat::run(&args).await;
-                if args.hold {
-                    if let Err(e) = &result {
-                        tracing::error!("{e:#}");
-                    }
-                    tracing::info!("preheat done; holding until terminated");
-                    return terminated().await;
+                if !args.hold {
+                    return preheat::run(&args).await;
                 }
-                result
+                // Held (beside the agent, as PID 1 of its container): SIGTERM ends it at
+                // any point, and a failure is logged while the pod stays.
+                let stop = terminated();
+                tokio::pin!(stop);
+                tokio::select! {
+                    result = preheat::run(&args) => {
+                        if let Err(e) = &result {
+                            tracing::error!("{e:#}");
+                        }
+                        tracing::info!("preheat done; holding until terminated");
+                    }
+                    r = &mut stop => return r,
+                }
+                stop.await
             })
         }),
         Command::Configure(args) => hosts::configure(&args.options())

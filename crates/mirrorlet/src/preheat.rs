@@ -19,6 +19,8 @@ use crate::cli::PreheatArgs;
 
 /// How long to wait for the agent to be ready before pulling anyway.
 const AGENT_WAIT: Duration = Duration::from_secs(120);
+/// Longest wait for containerd's list of downloads, for progress.
+const PROGRESS_WAIT: Duration = Duration::from_secs(1);
 
 /// Pulls the images; fails naming those that could not be pulled.
 pub(crate) async fn run(args: &PreheatArgs) -> anyhow::Result<()> {
@@ -70,7 +72,8 @@ pub(crate) async fn run(args: &PreheatArgs) -> anyhow::Result<()> {
                 progress.done += 1;
             }
             _ = tick.tick() => {
-                if let Ok(ingests) = store.ingests().await {
+                // Bounded, so that a wedged content API cannot stop the pulls' own timeouts.
+                if let Ok(Ok(ingests)) = tokio::time::timeout(PROGRESS_WAIT, store.ingests()).await {
                     progress.show(&ingests, started.elapsed());
                 }
             }
