@@ -1,11 +1,14 @@
 //! Headless Chromium (Debian's `chromium`), for tests of the pages the agent renders: the
 //! DOM as the browser built it, and a screenshot.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 /// Where Debian puts it.
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -55,6 +58,7 @@ fn run(dir: &Path, args: &[String], what: &str) -> Result<String> {
     let out_path = dir.join("chromium.out");
     let err_path = dir.join("chromium.err");
     let mut child = Command::new(CHROMIUM)
+        .process_group(0)
         .args([
             "--headless",
             "--no-sandbox",
@@ -79,7 +83,8 @@ fn run(dir: &Path, args: &[String], what: &str) -> Result<String> {
             break status;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
+            // Chromium's own children (renderer, GPU, zygote) are in its process group.
+            let _ = kill(Pid::from_raw(-(child.id() as i32)), Signal::SIGKILL);
             let _ = child.wait();
             anyhow::bail!("chromium {what}: no result within {LIMIT:?}");
         }

@@ -24,6 +24,14 @@ pub struct Panel {
     pub targets: Vec<(String, String)>,
 }
 
+/// The chart's dashboard, parsed.
+pub fn load() -> anyhow::Result<Value> {
+    let path = crate::deps::workspace().join("charts/mirrorlet/dashboards/mirrorlet.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
 /// The dashboard's panels, in order.
 pub fn panels(dashboard: &Value) -> Vec<Panel> {
     let n = |v: &Value| u32::try_from(v.as_u64().unwrap_or(0)).unwrap_or(0);

@@ -320,9 +320,7 @@ async fn b_every_dashboard_query_names_metrics_and_labels_the_agents_export() {
         );
     }
     let (types, samples) = exported(&text);
-    let path = mirrorlet_e2e::deps::workspace().join("charts/mirrorlet/dashboards/mirrorlet.json");
-    let dashboard: Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard")).expect("json");
+    let dashboard = dashboard::load().expect("the chart's dashboard");
     let mut checked = BTreeSet::new();
     let mut queries = 0;
     for panel in dashboard["panels"].as_array().expect("panels") {
@@ -410,9 +408,7 @@ async fn c_the_dashboard_evaluated_by_prometheus_has_data_in_every_panel() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     let end = prometheus::now();
 
-    let path = mirrorlet_e2e::deps::workspace().join("charts/mirrorlet/dashboards/mirrorlet.json");
-    let json: Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard")).expect("json");
+    let json = dashboard::load().expect("the chart's dashboard");
     let panels = dashboard::panels(&json);
     // Grafana's $__rate_interval is at least four scrape intervals.
     let rate_interval = 4 * prometheus::SCRAPE_EVERY.as_secs() + 1;

@@ -199,7 +199,7 @@ async fn not_ready(api: &Api, namespace: &str, ds: &Value) -> anyhow::Result<Str
     let pods = api
         .get(&format!(
             "/api/v1/namespaces/{namespace}/pods?labelSelector={}",
-            utf8_percent_encode(&selector)
+            form_urlencoded::byte_serialize(selector.as_bytes()).collect::<String>()
         ))
         .await?;
     let mut pending: Vec<String> = pods["items"]
@@ -250,18 +250,6 @@ fn waiting_reason(pod: &Value) -> Option<String> {
             None => reason.to_owned(),
         })
     })
-}
-
-/// Percent-encodes a label selector for a query string.
-fn utf8_percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[cfg(test)]

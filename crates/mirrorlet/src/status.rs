@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::Context;
-use mirrorlet_registry::status::{bytes, human, text as value, upstream_rows};
+use mirrorlet_registry::status::{
+    bytes, hit_ratio_text, human, peer_rows, text as value, upstream_rows,
+};
 use serde_json::Value;
 
 use crate::cli::{StatusArgs, StatusOutput};
@@ -107,9 +109,7 @@ pub(crate) fn text(r: &Value) -> String {
         },
     );
     let served = &r["served"];
-    let ratio = served["hit_ratio"]
-        .as_f64()
-        .map_or_else(|| "–".to_owned(), |x| format!("{:.1}%", x * 100.0));
+    let ratio = hit_ratio_text(r);
     let by_source: Vec<String> = served["content_gets_by_source"]
         .as_object()
         .into_iter()
@@ -132,37 +132,11 @@ pub(crate) fn text(r: &Value) -> String {
     }
 
     out.push_str("\npeers\n");
-    let rows: Vec<Vec<String>> = r["peers"]
-        .as_array()
+    let rows: Vec<Vec<String>> = peer_rows(r)
         .into_iter()
-        .flatten()
         .map(|p| {
-            let failure = match &p["last_failure"] {
-                Value::Null => "–".to_owned(),
-                f => {
-                    let skipped = if p["skipped_for_seconds"].is_number() {
-                        format!(" (skipped {} more)", human(&p["skipped_for_seconds"]))
-                    } else {
-                        String::new()
-                    };
-                    format!(
-                        "{} ago: {}{skipped}",
-                        human(&f["seconds_ago"]),
-                        value(&f["reason"])
-                    )
-                }
-            };
-            let connected = if p["connected"].as_bool() == Some(true) {
-                "connected"
-            } else {
-                "gone"
-            };
-            vec![
-                value(&p["id"]),
-                value(&p["registry"]),
-                connected.to_owned(),
-                failure,
-            ]
+            let state = if p.connected { "connected" } else { "gone" };
+            vec![p.id, p.registry, state.to_owned(), p.failure]
         })
         .collect();
     table(
@@ -256,7 +230,7 @@ mod tests {
         for want in [
             "mirrorlet 0.1.0 on 12D3KooWabc: NOT ready (containerd: connection refused), live, up 1h 2m 5s",
             "serving: hit ratio 75.0% (local 2, peer 1, upstream-fallthrough 1); 1 peers connected, 42 keys advertised",
-            "  12D3KooWxyz  10.0.0.6:5000  connected  12s ago: reset (skipped 48s more)",
+            "  12D3KooWxyz  10.0.0.6:5000  connected  12s ago: reset (skipped for 48s more)",
             "  docker.io  https://registry-1.docker.io/  yes          97 of 100        unreachable, retrying in 3s  2s ago: unreachable: timeout",
             "  now  200     peer  containerd  3.0 MiB  GET /v2/library/nginx/blobs/sha256:aa (docker.io)",
         ] {

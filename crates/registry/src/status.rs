@@ -251,6 +251,56 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// The hit ratio of a report as text (`75.0%`, `–` before any pull).
+pub fn hit_ratio_text(report: &Value) -> String {
+    report["served"]["hit_ratio"]
+        .as_f64()
+        .map_or_else(|| "–".to_owned(), |x| format!("{:.1}%", x * 100.0))
+}
+
+/// One peer of a report, as the page and the terminal show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRow {
+    /// Its peer id.
+    pub id: String,
+    /// Where its registry listens.
+    pub registry: String,
+    /// Its connection's address.
+    pub address: String,
+    /// Whether a connection is open.
+    pub connected: bool,
+    /// Its last failure, how long ago, and how long it is still skipped (`–` if none).
+    pub failure: String,
+}
+
+/// The peers of a report.
+pub fn peer_rows(report: &Value) -> Vec<PeerRow> {
+    report["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| PeerRow {
+            id: text(&p["id"]),
+            registry: text(&p["registry"]),
+            address: text(&p["address"]),
+            connected: p["connected"].as_bool() == Some(true),
+            failure: match &p["last_failure"] {
+                Value::Null => "–".to_owned(),
+                f => format!(
+                    "{} ago: {}{}",
+                    human(&f["seconds_ago"]),
+                    text(&f["reason"]),
+                    if p["skipped_for_seconds"].is_number() {
+                        format!(" (skipped for {} more)", human(&p["skipped_for_seconds"]))
+                    } else {
+                        String::new()
+                    }
+                ),
+            },
+        })
+        .collect()
+}
+
 /// One upstream registry of a report, as the page and the terminal show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamRow {
@@ -369,9 +419,7 @@ fn html(r: &Value) -> String {
     );
 
     let served = &r["served"];
-    let ratio = served["hit_ratio"]
-        .as_f64()
-        .map_or_else(|| "–".to_owned(), |x| format!("{:.1}%", x * 100.0));
+    let ratio = hit_ratio_text(r);
     let _ = write!(
         out,
         "<section><h2>Serving</h2><div class=\"cards\"><div><b>{ratio}</b>hit ratio</div>"
@@ -410,27 +458,15 @@ fn html(r: &Value) -> String {
     out.push_str("</table></section>");
 
     out.push_str("<section><h2>Peers</h2><table><tr><th>peer</th><th>registry</th><th>connection</th><th>state</th><th>last failure</th></tr>");
-    for p in r["peers"].as_array().into_iter().flatten() {
-        let failure = match &p["last_failure"] {
-            Value::Null => "–".to_owned(),
-            f => format!(
-                "{} ago: {}{}",
-                human(&f["seconds_ago"]),
-                esc(&f["reason"]),
-                match p["skipped_for_seconds"].as_f64() {
-                    Some(_) => format!(" (skipped for {} more)", human(&p["skipped_for_seconds"])),
-                    None => String::new(),
-                }
-            ),
-        };
+    for p in peer_rows(r) {
         let _ = write!(
             out,
             "<tr><td class=\"id\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&p["id"]),
-            esc(&p["registry"]),
-            esc(&p["address"]),
-            badge(p["connected"].as_bool() == Some(true), "connected", "gone"),
-            failure
+            escape(&p.id),
+            escape(&p.registry),
+            escape(&p.address),
+            badge(p.connected, "connected", "gone"),
+            escape(&p.failure),
         );
     }
     out.push_str("</table></section>");
