@@ -19,6 +19,12 @@ pub struct P2pMetrics {
     pub withdrawals_received: Counter,
     /// Providers left out of lookups because their connections dropped.
     pub providers_skipped_disconnected: Counter,
+    /// Providers found in the DHT but left out of lookups for want of an address.
+    pub providers_without_address: Counter,
+    /// Announcements that failed (timed out) and were queued again.
+    pub announce_retries: Counter,
+    /// Keys whose announcements failed every attempt (left to the next republication).
+    pub announce_failures: Counter,
 }
 
 impl P2pMetrics {
@@ -54,6 +60,21 @@ impl P2pMetrics {
             "mirrorlet_p2p_providers_skipped_disconnected",
             "Providers left out of lookups because their connections had dropped",
             me.providers_skipped_disconnected.clone(),
+        );
+        registry.register(
+            "mirrorlet_p2p_providers_without_address",
+            "Providers found in the DHT but left out of lookups because no address for them was known",
+            me.providers_without_address.clone(),
+        );
+        registry.register(
+            "mirrorlet_p2p_announce_retries",
+            "Announcements to the nodes closest to a key that timed out and were queued again",
+            me.announce_retries.clone(),
+        );
+        registry.register(
+            "mirrorlet_p2p_announce_failures",
+            "Keys whose announcements timed out every attempt, left to the next republication",
+            me.announce_failures.clone(),
         );
         me
     }

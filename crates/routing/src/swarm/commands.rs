@@ -8,7 +8,7 @@ use libp2p::kad::{ProviderRecord, RecordKey};
 use libp2p::request_response::OutboundRequestId;
 use mirrorlet_oci::RouterError;
 
-use super::{ANNOUNCE_IN_FLIGHT, Command, EventLoop};
+use super::{Command, EventLoop};
 use crate::behaviour::{WITHDRAW_BATCH, WithdrawRequest};
 
 impl EventLoop {
@@ -17,7 +17,7 @@ impl EventLoop {
             Command::Advertise { keys, reply } => {
                 // The record goes into the local store at once (so peers asking this node
                 // find it, and Kademlia republishes it); the announcements to the nodes
-                // closest to each key are paced (see ANNOUNCE_IN_FLIGHT).
+                // closest to each key are paced (see pacing.rs).
                 let local = *self.swarm.local_peer_id();
                 let mut failed = Vec::new();
                 let mut first_error = None;
@@ -32,7 +32,7 @@ impl EventLoop {
                     {
                         Ok(()) => {
                             if self.advertised.insert(key.clone()) {
-                                self.to_announce.push_back(key);
+                                self.announcements.push(key);
                             }
                         }
                         Err(e) => {
@@ -120,12 +120,9 @@ impl EventLoop {
         }
     }
 
-    /// Starts announcements from the queue while fewer than [`ANNOUNCE_IN_FLIGHT`] run.
+    /// Starts announcements from the queue while the pacing window has room.
     pub(super) fn announce_more(&mut self) {
-        while self.announcing.len() < ANNOUNCE_IN_FLIGHT {
-            let Some(key) = self.to_announce.pop_front() else {
-                return;
-            };
+        while let Some((key, attempt)) = self.announcements.next() {
             if !self.advertised.contains(&key) {
                 continue; // withdrawn while queued
             }
@@ -135,9 +132,7 @@ impl EventLoop {
                 .kad
                 .start_providing(RecordKey::new(&key))
             {
-                Ok(id) => {
-                    self.announcing.insert(id);
-                }
+                Ok(id) => self.announcements.started(id, key, attempt),
                 Err(e) => tracing::warn!(%key, error = ?e, "announcing a key failed"),
             }
         }

@@ -12,6 +12,7 @@ use mirrorlet_oci::Peer;
 
 use super::EventLoop;
 use super::addr::{ip_of, socket_of};
+use super::pacing::Ended;
 use crate::behaviour::{BehaviourEvent, KAD_PROTOCOL, WithdrawResponse, http_port_of};
 
 impl EventLoop {
@@ -127,12 +128,17 @@ impl EventLoop {
                         self.lookups.remove(&id);
                     }
                     QueryResult::StartProviding(result) => {
-                        if let Err(e) = result {
-                            tracing::debug!(error = ?e, "announcing a key did not reach enough peers");
+                        match self.announcements.ended(&id, result.is_ok()) {
+                            Some(Ended::Announced) | None => {}
+                            Some(Ended::Retrying) => {
+                                self.metrics.announce_retries.inc();
+                            }
+                            Some(Ended::GaveUp(key)) => {
+                                self.metrics.announce_failures.inc();
+                                tracing::debug!(%key, "announcing a key failed repeatedly; the next republication tries again");
+                            }
                         }
-                        if self.announcing.remove(&id) {
-                            self.announce_more();
-                        }
+                        self.announce_more();
                     }
                     _ => {}
                 }
@@ -202,11 +208,14 @@ impl EventLoop {
                 self.metrics.providers_skipped_disconnected.inc();
                 continue;
             }
-            if let Some(addr) = self.http_addr(&p) {
-                found.push(Peer {
+            match self.http_addr(&p) {
+                Some(addr) => found.push(Peer {
                     id: p.to_string(),
                     addr,
-                });
+                }),
+                None => {
+                    self.metrics.providers_without_address.inc();
+                }
             }
         }
         let Some(tx) = self.lookups.get(&id) else {

@@ -3,7 +3,7 @@
 //! Pending lookups live in a map keyed by query id. The loop never panics: a closed
 //! channel is just a finished conversation.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use futures_util::StreamExt;
@@ -16,18 +16,15 @@ use tokio_util::sync::CancellationToken;
 mod addr;
 mod commands;
 mod events;
+mod pacing;
 
 use addr::socket_of;
 pub use addr::socket_to_multiaddr;
+use pacing::Announcements;
 
 use crate::behaviour::Behaviour;
 use crate::config::P2pConfig;
 use crate::metrics::P2pMetrics;
-
-/// Announcement queries (to the nodes closest to a key) run at once. Starting thousands
-/// together overwhelms the peers' stream limits and drops announcements; Kademlia's own
-/// republication is paced the same way.
-const ANNOUNCE_IN_FLIGHT: usize = 64;
 
 /// Requests to the swarm task.
 #[derive(Debug)]
@@ -78,10 +75,8 @@ pub(crate) struct EventLoop {
     resolved_tx: mpsc::Sender<Vec<SocketAddr>>,
     resolved_rx: mpsc::Receiver<Vec<SocketAddr>>,
     lookups: HashMap<QueryId, mpsc::Sender<Peer>>,
-    /// Keys advertised but not yet announced to the nodes closest to them.
-    to_announce: VecDeque<String>,
-    /// Announcement queries running.
-    announcing: HashSet<QueryId>,
+    /// Announcements to the nodes closest to each key, queued and running.
+    announcements: Announcements<QueryId>,
     /// Withdrawals waiting for their requests to peers to finish, with whom to tell.
     withdrawals: Vec<(
         HashSet<libp2p::request_response::OutboundRequestId>,
@@ -115,8 +110,7 @@ impl EventLoop {
             resolved_tx,
             resolved_rx,
             lookups: HashMap::new(),
-            to_announce: VecDeque::new(),
-            announcing: HashSet::new(),
+            announcements: Announcements::new(),
             withdrawals: Vec::new(),
             peers: HashMap::new(),
             advertised: HashSet::new(),
