@@ -52,6 +52,20 @@ pub enum StartError {
     },
 }
 
+/// An error and its causes, `: `-separated (libp2p's transport errors show nothing
+/// themselves: the cause, e.g. "Too many open files", is their source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.dedup();
+    parts.join(": ")
+}
+
 /// A handle to the running router. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct P2pRouter {
@@ -102,14 +116,14 @@ impl P2pRouter {
                     .listen_on(v4.clone())
                     .map_err(|e| StartError::Listen {
                         addr: v4.clone(),
-                        reason: e.to_string(),
+                        reason: error_chain(&e),
                     })?;
                 vec![v4]
             }
             (Err(e), None) => {
                 return Err(StartError::Listen {
                     addr,
-                    reason: e.to_string(),
+                    reason: error_chain(&e),
                 });
             }
         };

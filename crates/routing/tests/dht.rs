@@ -404,3 +404,17 @@ async fn a_node_listening_on_the_ipv6_wildcard_takes_ipv6_and_ipv4_peers() {
         n.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_port_in_use_is_named_with_its_cause() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let cfg = P2pConfig::new(addr, 5000, Keypair::generate_ed25519());
+    let err = P2pRouter::start(cfg, P2pMetrics::default(), CancellationToken::new())
+        .expect_err("the port is taken");
+    let text = err.to_string();
+    assert!(
+        text.contains(&addr.port().to_string()) && text.to_lowercase().contains("in use"),
+        "{text}"
+    );
+}
