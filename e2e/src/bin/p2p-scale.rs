@@ -9,7 +9,9 @@
 //! This is the routing layer alone (no registry, store or upstream) and N swarms share
 //! this machine's cores, so times are inflated; the shares are what it is for.
 //!
-//! Usage: p2p-scale [NODES,...] (default 10,40,60)
+//! Usage: p2p-scale [NODES,...] [OUT_DIR] (default 10,40,60; with OUT_DIR, the table also
+//! goes to OUT_DIR/scale.md and a plot of found share and lookup latency against node
+//! count to OUT_DIR/scale.svg)
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -95,9 +97,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-async fn run(n: usize) -> Result<()> {
+/// What one node count measured (for the plot): found share and p99 latency, per moment.
+struct Row {
+    nodes: usize,
+    found: [f64; 2],
+    p99_ms: [f64; 2],
+    line: String,
+}
+
+async fn run(n: usize) -> Result<Row> {
     let shutdown = CancellationToken::new();
-    let rss_before = rss_kib();
     let started = Instant::now();
     let mut nodes: Vec<Node> = Vec::new();
     for k in 0..n {
@@ -123,7 +132,9 @@ async fn run(n: usize) -> Result<()> {
     }
     let mut rng = Lcg(7);
     let mut cells = Vec::new();
-    for after in AFTER {
+    let mut found_share = [0.0; 2];
+    let mut p99 = [f64::NAN; 2];
+    for (moment, after) in AFTER.into_iter().enumerate() {
         tokio::time::sleep(after.saturating_sub(announced.elapsed())).await;
         let mut found = 0;
         let mut latencies = Vec::new();
@@ -149,6 +160,8 @@ async fn run(n: usize) -> Result<()> {
             }
         }
         latencies.sort_by(f64::total_cmp);
+        found_share[moment] = found as f64 * 100.0 / LOOKUPS as f64;
+        p99[moment] = percentile(&latencies, 0.99);
         cells.push(format!(
             "{:>5.1}% (p50 {:>5.1} ms, p99 {:>6.1} ms)",
             found as f64 * 100.0 / LOOKUPS as f64,
@@ -165,8 +178,10 @@ async fn run(n: usize) -> Result<()> {
     for node in &nodes {
         conns.push(node.router.status().await?.connected_peers);
     }
-    let per_node_kib = rss_kib().saturating_sub(rss_before) / n as u64;
-    println!(
+    // The whole process's memory over this count's nodes: an upper bound (what earlier,
+    // smaller counts left in the allocator is included).
+    let per_node_kib = rss_kib() / n as u64;
+    let line = format!(
         "| {n:>5} | {} | {} | {retries:>5} / {gave_up} of {} | {:>4} / {:>4} | {per_node_kib:>6} KiB | {start_s:>5.1} s |",
         cells[0],
         cells[1],
@@ -174,16 +189,105 @@ async fn run(n: usize) -> Result<()> {
         conns.iter().sum::<usize>() / n,
         conns.iter().max().copied().unwrap_or(0),
     );
+    println!("{line}");
     shutdown.cancel();
     for node in nodes {
         let _ = node.task.await;
     }
+    Ok(Row {
+        nodes: n,
+        found: found_share,
+        p99_ms: p99,
+        line,
+    })
+}
+
+/// Found share (left) and p99 lookup latency (right) against node count, at both moments.
+fn plot(rows: &[Row], path: &std::path::Path) -> Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(500);
+    let max_n = rows.iter().map(|r| r.nodes).max().unwrap_or(10) as f64 * 1.05;
+    let colors = [RGBColor(230, 120, 20), RGBColor(30, 110, 200)];
+    let labels = AFTER.map(|a| format!("{} s after", a.as_secs()));
+
+    let mut chart = ChartBuilder::on(&left)
+        .caption(
+            "keys found (every node announcing at once)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0.0..max_n, 0.0..105.0)?;
+    chart
+        .configure_mesh()
+        .x_desc("nodes")
+        .y_desc("% of lookups finding the holder")
+        .draw()?;
+    for m in 0..2 {
+        let points: Vec<(f64, f64)> = rows.iter().map(|r| (r.nodes as f64, r.found[m])).collect();
+        let color = colors[m];
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(labels[m].as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        chart.draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 3, color.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
+        .border_style(BLACK)
+        .draw()?;
+
+    let max_ms = rows
+        .iter()
+        .flat_map(|r| r.p99_ms)
+        .filter(|v| v.is_finite())
+        .fold(1.0, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&right)
+        .caption("lookup latency to the holder, p99", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..max_n, 0.0..max_ms)?;
+    chart.configure_mesh().x_desc("nodes").y_desc("ms").draw()?;
+    for m in 0..2 {
+        let points: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|r| r.p99_ms[m].is_finite())
+            .map(|r| (r.nodes as f64, r.p99_ms[m]))
+            .collect();
+        let color = colors[m];
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(labels[m].as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        chart.draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 3, color.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
     Ok(())
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let counts: Vec<usize> = match std::env::args().nth(1) {
+    let mut args = std::env::args().skip(1);
+    let counts: Vec<usize> = match args.next() {
         Some(list) => list
             .split(',')
             .map(|s| s.trim().parse().context("node counts, e.g. 10,40,60"))
@@ -194,16 +298,31 @@ async fn main() -> Result<()> {
         counts.iter().all(|&n| (2..=1000).contains(&n)),
         "node counts from 2 to 1000"
     );
-    println!(
-        "{KEYS} keys per node, announced by every node at once; {LOOKUPS} lookups of a random key from a random other node, found within {LOOKUP_LIMIT:?}"
-    );
-    println!(
-        "| nodes | found {:?} after (latency) | found {:?} after (latency) | announcements retried / given up | connections per node (mean / max) | memory per node | start-up |",
+    let out = args.next().map(std::path::PathBuf::from);
+    let head = format!(
+        "{KEYS} keys per node, announced by every node at once; {LOOKUPS} lookups of a random key from a random other node, found within {LOOKUP_LIMIT:?}\n\
+         | nodes | found {:?} after (latency) | found {:?} after (latency) | announcements retried / given up | connections per node (mean / max) | process RSS per node (upper bound) | start-up |\n\
+         |---|---|---|---|---|---|---|",
         AFTER[0], AFTER[1]
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("{head}");
+    let mut rows = Vec::new();
     for n in counts {
-        run(n).await?;
+        rows.push(run(n).await?);
+    }
+    if let Some(dir) = out {
+        std::fs::create_dir_all(&dir)?;
+        let table: Vec<&str> = rows.iter().map(|r| r.line.as_str()).collect();
+        std::fs::write(
+            dir.join("scale.md"),
+            format!("{head}\n{}\n", table.join("\n")),
+        )?;
+        plot(&rows, &dir.join("scale.svg"))?;
+        println!(
+            "wrote {} and {}",
+            dir.join("scale.md").display(),
+            dir.join("scale.svg").display()
+        );
     }
     Ok(())
 }
