@@ -73,32 +73,16 @@ impl Slot {
             &["link", "set", &veth, "master", &self.bridge(), "up"],
         )?;
         let addr = Ipv4Addr::new(198, 18, self.k, octet);
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ],
-        )?;
         let addr6 = Ipv6Addr::new(0xfd00, 0x198, 0x18, self.k.into(), 0, 0, 0, octet.into());
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("{addr6}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ],
-        )?;
+        // The IPv6 address is usable at once (no duplicate address detection).
+        for (cidr, extra) in [
+            (format!("{addr}/24"), None),
+            (format!("{addr6}/64"), Some("nodad")),
+        ] {
+            let mut args = vec!["-n", &netns, "addr", "add", &cidr, "dev", "eth0"];
+            args.extend(extra);
+            run("ip", &args)?;
+        }
         run("ip", &["-n", &netns, "link", "set", "eth0", "up"])?;
         run("ip", &["-n", &netns, "link", "set", "lo", "up"])?;
         Ok(Host {

@@ -2,11 +2,10 @@
 //! through the node's registry configuration (hosts.toml, so through the agent) and ends
 //! as an image kubelet sees, unpacked.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Generated CRI types (`runtime.v1`).
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
@@ -54,19 +53,8 @@ const SHORT: Duration = Duration::from_secs(30);
 impl Cri {
     /// A client of containerd's socket (connected on first use).
     pub fn new(socket: &Path) -> Self {
-        let socket: PathBuf = socket.to_owned();
-        let channel = Endpoint::from_static("http://cri.sock")
-            .connect_timeout(Duration::from_secs(5))
-            .connect_with_connector_lazy(tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
-            }));
         Self {
-            client: ImageServiceClient::new(channel),
+            client: ImageServiceClient::new(crate::client::channel(socket)),
         }
     }
 

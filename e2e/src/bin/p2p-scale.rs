@@ -208,66 +208,71 @@ fn plot(rows: &[Row], path: &std::path::Path) -> Result<()> {
     let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(500);
-    let max_n = rows.iter().map(|r| r.nodes).max().unwrap_or(10) as f64 * 1.05;
-    let colors = [RGBColor(230, 120, 20), RGBColor(30, 110, 200)];
-    let labels = AFTER.map(|a| format!("{} s after", a.as_secs()));
-
-    let mut chart = ChartBuilder::on(&left)
-        .caption(
-            "keys found (every node announcing at once)",
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(48)
-        .build_cartesian_2d(0.0..max_n, 0.0..105.0)?;
-    chart
-        .configure_mesh()
-        .x_desc("nodes")
-        .y_desc("% of lookups finding the holder")
-        .draw()?;
-    for m in 0..2 {
-        let points: Vec<(f64, f64)> = rows.iter().map(|r| (r.nodes as f64, r.found[m])).collect();
-        let color = colors[m];
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(labels[m].as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
-        chart.draw_series(
-            points
-                .into_iter()
-                .map(|p| Circle::new(p, 3, color.filled())),
-        )?;
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerLeft)
-        .border_style(BLACK)
-        .draw()?;
-
+    // Each moment's points, leaving out values there are none of.
+    let series = |value: fn(&Row, usize) -> f64| {
+        [0, 1].map(|m| {
+            rows.iter()
+                .filter(|r| value(r, m).is_finite())
+                .map(|r| (r.nodes as f64, value(r, m)))
+                .collect::<Vec<_>>()
+        })
+    };
     let max_ms = rows
         .iter()
         .flat_map(|r| r.p99_ms)
         .filter(|v| v.is_finite())
         .fold(1.0, f64::max)
         * 1.1;
-    let mut chart = ChartBuilder::on(&right)
-        .caption("lookup latency to the holder, p99", ("sans-serif", 18))
+    panel(
+        &left,
+        rows,
+        "keys found (every node announcing at once)",
+        ("% of lookups finding the holder", 105.0),
+        series(|r, m| r.found[m]),
+        SeriesLabelPosition::LowerLeft,
+    )?;
+    panel(
+        &right,
+        rows,
+        "lookup latency to the holder, p99",
+        ("ms", max_ms),
+        series(|r, m| r.p99_ms[m]),
+        SeriesLabelPosition::UpperLeft,
+    )?;
+    root.present()?;
+    Ok(())
+}
+
+/// One chart: a line per moment after the announcement, against node count.
+fn panel(
+    area: &plotters::drawing::DrawingArea<
+        plotters::backend::SVGBackend<'_>,
+        plotters::coord::Shift,
+    >,
+    rows: &[Row],
+    caption: &str,
+    (y_desc, y_max): (&str, f64),
+    lines: [Vec<(f64, f64)>; 2],
+    legend: plotters::chart::SeriesLabelPosition,
+) -> Result<()> {
+    use plotters::prelude::*;
+    let max_n = rows.iter().map(|r| r.nodes).max().unwrap_or(10) as f64 * 1.05;
+    let colors = [RGBColor(230, 120, 20), RGBColor(30, 110, 200)];
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(56)
-        .build_cartesian_2d(0.0..max_n, 0.0..max_ms)?;
-    chart.configure_mesh().x_desc("nodes").y_desc("ms").draw()?;
-    for m in 0..2 {
-        let points: Vec<(f64, f64)> = rows
-            .iter()
-            .filter(|r| r.p99_ms[m].is_finite())
-            .map(|r| (r.nodes as f64, r.p99_ms[m]))
-            .collect();
-        let color = colors[m];
+        .build_cartesian_2d(0.0..max_n, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("nodes")
+        .y_desc(y_desc)
+        .draw()?;
+    for ((points, color), after) in lines.into_iter().zip(colors).zip(AFTER) {
         chart
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(labels[m].as_str())
+            .label(format!("{} s after", after.as_secs()))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
         chart.draw_series(
             points
@@ -277,10 +282,9 @@ fn plot(rows: &[Row], path: &std::path::Path) -> Result<()> {
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(legend)
         .border_style(BLACK)
         .draw()?;
-    root.present()?;
     Ok(())
 }
 
