@@ -106,7 +106,11 @@ async fn a_the_status_page_over_http_in_a_terminal_and_in_a_browser() {
             .iter()
             .find(|p| p["id"] == id.as_str())
             .unwrap_or_else(|| panic!("{id} listed: {json:#}"));
-        assert_eq!(peer["connected"], true);
+        // Connected, or idle if their connection closed for want of use; never unreachable.
+        assert!(
+            peer["state"] == "connected" || peer["state"] == "idle",
+            "{peer:#}"
+        );
         assert!(
             peer["registry"]
                 .as_str()
@@ -178,7 +182,6 @@ async fn a_the_status_page_over_http_in_a_terminal_and_in_a_browser() {
     for want in [
         ids[0].as_str(),
         ids[1].as_str(),
-        "connected",
         REGISTRY,
         "recently served",
         "e2e/ops-status",

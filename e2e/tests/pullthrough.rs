@@ -9,7 +9,7 @@ use futures_util::future::join_all;
 use mirrorlet_e2e::cluster::{PullThrough, default_nodes};
 use mirrorlet_e2e::wait::wait_until;
 use mirrorlet_e2e::{Cluster, Options, REGISTRY, TestImage};
-use mirrorlet_oci::rendezvous;
+use mirrorlet_routing::closest_first;
 
 const PULL: Duration = Duration::from_secs(180);
 
@@ -89,7 +89,7 @@ fn owner_of(c: &Cluster, key: &str) -> usize {
         .iter()
         .map(|n| (n.index, n.peer_id().expect("peer id in the agent log")))
         .collect();
-    rendezvous::rank(key, ids, |(_, id)| id.clone())[0].0
+    closest_first(key, ids, |(_, id)| id.parse().expect("a peer id"))[0].0
 }
 
 async fn sum(c: &Cluster, metric: &str, filter: &[(&str, &str)]) -> f64 {

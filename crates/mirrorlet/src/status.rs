@@ -134,10 +134,7 @@ pub(crate) fn text(r: &Value) -> String {
     out.push_str("\npeers\n");
     let rows: Vec<Vec<String>> = peer_rows(r)
         .into_iter()
-        .map(|p| {
-            let state = if p.connected { "connected" } else { "gone" };
-            vec![p.id, p.registry, state.to_owned(), p.failure]
-        })
+        .map(|p| vec![p.id, p.registry, p.state, p.failure])
         .collect();
     table(
         &mut out,
@@ -216,7 +213,7 @@ mod tests {
                      "p2p": ["/ip4/10.0.0.5/tcp/5001"]}, "p2p": true, "containerd_namespace": "k8s.io"},
             "router_error": null, "connected_peers": 1, "advertised_keys": 42,
             "peers": [{"id": "12D3KooWxyz", "registry": "10.0.0.6:5000", "address": "/ip4/10.0.0.6/tcp/5001",
-                       "connected": true, "last_failure": {"seconds_ago": 12.0, "reason": "reset"},
+                       "state": "connected", "last_failure": {"seconds_ago": 12.0, "reason": "reset"},
                        "skipped_for_seconds": 48.0}],
             "served": {"hit_ratio": 0.75, "content_gets_by_source": {"local": 2, "peer": 1, "upstream-fallthrough": 1},
                        "recent": [{"seconds_ago": 0.2, "method": "GET", "path": "/v2/library/nginx/blobs/sha256:aa",

@@ -12,7 +12,7 @@ use crate::digest::Digest;
 use crate::manifest::{DOCKER_MANIFEST, Descriptor, OCI_INDEX, OCI_MANIFEST, OCTET_STREAM};
 use crate::name::{Registry, Repository};
 use crate::reference::{ImageName, Reference, Tag};
-use crate::routing::{Peer, Router};
+use crate::routing::{LinkState, Owner, Peer, Router};
 use crate::store::{ByteRange, Store, StoreError, StoreEvent};
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -471,7 +471,7 @@ pub async fn check_router(a: &dyn Router, b: &dyn Router, a_peer: &Peer) {
         let peers = a.status().await.expect("status").peers;
         if peers
             .iter()
-            .any(|p| p.id == b_id && p.connected && p.registry.is_some())
+            .any(|p| p.id == b_id && p.state == LinkState::Connected && p.registry.is_some())
         {
             break;
         }
@@ -492,23 +492,31 @@ pub async fn check_router(a: &dyn Router, b: &dyn Router, a_peer: &Peer) {
     })
     .await;
 
-    // Each is the other's member, with the address its registry listens on; never itself.
+    // Both rank the same owners for a key, each itself included once (as `Me`), the other
+    // with the address its registry listens on.
+    let key = format!("sha256:{}", "3".repeat(64));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let of_a = a.members().await.expect("members");
-        let of_b = b.members().await.expect("members");
-        assert!(of_a.iter().all(|p| p.id != a.local_id()), "{of_a:?}");
-        assert!(of_b.iter().all(|p| p.id != b.local_id()), "{of_b:?}");
-        let b_knows_a = of_b
+        let of_a = a.owners(&key).await.expect("owners");
+        let of_b = b.owners(&key).await.expect("owners");
+        let ids = |list: &[Owner], me: &dyn Router| -> Vec<String> {
+            list.iter()
+                .map(|o| match o {
+                    Owner::Me => me.local_id(),
+                    Owner::Peer(p) => p.id.clone(),
+                })
+                .collect()
+        };
+        let mine = |list: &[Owner]| list.iter().filter(|o| **o == Owner::Me).count();
+        let b_lists_a = of_b
             .iter()
-            .any(|p| p.id == a.local_id() && p.addr == a_peer.addr);
-        let a_knows_b = of_a.iter().any(|p| p.id == b.local_id());
-        if b_knows_a && a_knows_b {
+            .any(|o| matches!(o, Owner::Peer(p) if p.id == a.local_id() && p.addr == a_peer.addr));
+        if mine(&of_a) == 1 && mine(&of_b) == 1 && b_lists_a && ids(&of_a, a) == ids(&of_b, b) {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "members: a knows {of_a:?}, b knows {of_b:?}"
+            "owners of {key}: a ranks {of_a:?}, b ranks {of_b:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

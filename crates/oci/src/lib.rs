@@ -27,7 +27,10 @@ pub use manifest::{Descriptor, Manifest};
 pub use memory::MemoryStore;
 pub use name::{Registry, Repository};
 pub use reference::{ImageName, Reference, Tag};
-pub use routing::{MemoryNetwork, MemoryRouter, Peer, PeerLink, Router, RouterError, RouterStatus};
+pub use routing::{
+    LinkState, MemoryNetwork, MemoryRouter, Owner, Peer, PeerLink, Router, RouterError,
+    RouterStatus,
+};
 pub use store::{
     BlobStream, ByteRange, ImageContent, Inventory, Store, StoreError, StoreEvent, TagTarget,
 };

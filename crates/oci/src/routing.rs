@@ -23,6 +23,14 @@ pub enum RouterError {
     /// The router's task has stopped (shutdown or failure).
     #[error("the router has stopped")]
     Stopped,
+    /// An answer from the network took too long.
+    #[error("{what} took longer than {after:?}")]
+    TimedOut {
+        /// What was asked.
+        what: &'static str,
+        /// How long the caller waited.
+        after: std::time::Duration,
+    },
     /// Some keys could not be announced (e.g. the local record store is full); the others were.
     #[error("{} keys not advertised: {reason}", failed.len())]
     Advertise {
@@ -56,8 +64,30 @@ pub struct PeerLink {
     pub registry: Option<SocketAddr>,
     /// The transport address of a connection to it (or where it was last reached).
     pub address: Option<String>,
-    /// Whether a connection is open.
-    pub connected: bool,
+    /// Its connection's state.
+    pub state: LinkState,
+}
+
+/// The state of the connection to another agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// A connection is open.
+    Connected,
+    /// No connection is open (connections close when idle); nothing says it is gone.
+    Idle,
+    /// A dial to it failed lately: it is left out of lookups for a while.
+    Unreachable,
+}
+
+impl LinkState {
+    /// `connected`, `idle` or `unreachable`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connected => "connected",
+            Self::Idle => "idle",
+            Self::Unreachable => "unreachable",
+        }
+    }
 }
 
 /// Content routing between nodes. Keys are digests (`sha256:...`) and tags
@@ -84,10 +114,20 @@ pub trait Router: Send + Sync + 'static {
     /// This node's identity, as its peers know it.
     fn local_id(&self) -> String;
 
-    /// The other agents this node is connected to now, with their registry addresses:
-    /// the membership over which one node is chosen to fetch something for the whole
-    /// cluster. Never this node.
-    async fn members(&self) -> Result<Vec<Peer>, RouterError>;
+    /// The nodes that fetch `key` for the whole cluster, best first: the owner, then its
+    /// backups. Every node that asks gets the same order (up to the views of a network
+    /// that is changing), without a central server; this node is in the list at its
+    /// rank, so the owners ahead of it are the ones to ask before fetching itself.
+    async fn owners(&self, key: &str) -> Result<Vec<Owner>, RouterError>;
+}
+
+/// A node ranked by [`Router::owners`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// This node.
+    Me,
+    /// Another agent, with its registry address.
+    Peer(Peer),
 }
 
 /// A shared in-memory "network" that [`MemoryRouter`]s announce into, for tests.
@@ -126,6 +166,18 @@ impl MemoryRouter {
         for set in self.providers().values_mut() {
             set.remove(&self.me);
         }
+    }
+
+    /// The other members of the network.
+    fn members(&self) -> Vec<Peer> {
+        self.network
+            .members
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|p| **p != self.me)
+            .cloned()
+            .collect()
     }
 
     fn providers(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeSet<Peer>>> {
@@ -170,7 +222,7 @@ impl Router for MemoryRouter {
     }
 
     async fn status(&self) -> Result<RouterStatus, RouterError> {
-        let members = self.members().await?;
+        let members = self.members();
         let p = self.providers();
         let advertised = p.values().filter(|s| s.contains(&self.me)).count();
         let peers: BTreeSet<&Peer> = p.values().flatten().filter(|x| **x != self.me).collect();
@@ -184,7 +236,7 @@ impl Router for MemoryRouter {
                     id: p.id,
                     registry: Some(p.addr),
                     address: Some(format!("memory:{}", p.addr)),
-                    connected: true,
+                    state: LinkState::Connected,
                 })
                 .collect(),
         })
@@ -194,15 +246,14 @@ impl Router for MemoryRouter {
         self.me.id.clone()
     }
 
-    async fn members(&self) -> Result<Vec<Peer>, RouterError> {
-        Ok(self
-            .network
-            .members
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|p| **p != self.me)
-            .cloned()
-            .collect())
+    /// Rendezvous hashing over every member of the network: the same order everywhere.
+    async fn owners(&self, key: &str) -> Result<Vec<Owner>, RouterError> {
+        let mut all = vec![Owner::Me];
+        all.extend(self.members().into_iter().map(Owner::Peer));
+        let me = self.me.id.clone();
+        Ok(crate::rendezvous::rank(key, all, |o| match o {
+            Owner::Me => me.clone(),
+            Owner::Peer(p) => p.id.clone(),
+        }))
     }
 }

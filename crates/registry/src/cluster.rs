@@ -1,12 +1,12 @@
 //! The cluster view of the registry: which node fetches something from upstream for
-//! everyone, and the headers agents use between themselves. The owner of a key (a digest
-//! or a tag) is chosen by rendezvous hashing over the agents this node is connected to,
-//! itself included, so every node that agrees on the membership picks the same owner
-//! without talking; the next ranks are the backups. Peers that failed recently are left
+//! everyone, and the headers agents use between themselves. The owners of a key (a digest
+//! or a tag) are ranked by the router ([`mirrorlet_oci::Router::owners`]: in the DHT, the
+//! agents whose ids are closest to the key), so every node picks the same owner without
+//! a central server; the next ranks are the backups. Peers that failed recently are left
 //! out, so a dead owner is passed over at once (other nodes may still pick it until they
 //! notice: at worst a few duplicate fetches).
 
-use mirrorlet_oci::{Digest, Peer, rendezvous};
+use mirrorlet_oci::{Digest, Owner, Peer};
 
 use crate::state::AppState;
 
@@ -27,15 +27,6 @@ pub fn fetching_key(digest: &Digest) -> String {
     format!("fetching:{digest}")
 }
 
-/// A candidate owner.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Owner {
-    /// This node.
-    Me,
-    /// Another agent.
-    Peer(Peer),
-}
-
 /// Peers ranked above this node for `key`, best first, at most `max`: the owner and its
 /// backups to ask before fetching here. Empty when this node owns the key.
 pub async fn ahead_of_me(state: &AppState, key: &str, max: usize) -> Vec<Peer> {
@@ -50,24 +41,23 @@ pub async fn ahead_of_me(state: &AppState, key: &str, max: usize) -> Vec<Peer> {
         .collect()
 }
 
-/// The owners of `key`, best first: this node and the connected agents that have not
-/// failed recently, ranked by rendezvous hashing.
+/// The owners of `key`, best first, as the router ranks them, leaving out peers that
+/// failed recently; only this node when peers are off or the ranking fails.
 pub async fn owners(state: &AppState, key: &str) -> Vec<Owner> {
-    let me = state.router.local_id();
-    let mut members = vec![Owner::Me];
-    if state.peers.enabled {
-        match state.router.members().await {
-            Ok(peers) => members.extend(
-                peers
-                    .into_iter()
-                    .filter(|p| !state.failed_peers.is_failed(p))
-                    .map(Owner::Peer),
-            ),
-            Err(e) => tracing::debug!(error = %e, "no membership; fetching alone"),
+    if !state.peers.enabled {
+        return vec![Owner::Me];
+    }
+    match state.router.owners(key).await {
+        Ok(ranked) => ranked
+            .into_iter()
+            .filter(|o| match o {
+                Owner::Me => true,
+                Owner::Peer(p) => !state.failed_peers.is_failed(p),
+            })
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "no ranking of owners; fetching alone");
+            vec![Owner::Me]
         }
     }
-    rendezvous::rank(key, members, |o| match o {
-        Owner::Me => me.clone(),
-        Owner::Peer(p) => p.id.clone(),
-    })
 }

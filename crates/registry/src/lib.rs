@@ -3,7 +3,7 @@
 //!
 //! A request is answered from the node's own content store, else from a peer found
 //! through the router, else, for registries the agent pulls through, from the one fetch
-//! of it the cluster makes (its owner, chosen by rendezvous hashing, fetches it upstream
+//! of it the cluster makes (its owner, ranked by the router, fetches it upstream
 //! and everyone streams from it), else with a 404 and an OCI error body, which makes
 //! containerd go on to its next host (the upstream registry). This crate knows neither
 //! containerd, libp2p nor HTTP-client details of registries: it meets them through the

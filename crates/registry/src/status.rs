@@ -152,7 +152,7 @@ pub async fn report(state: &AppState) -> Value {
                 "id": p.id,
                 "registry": p.registry.map(|a| a.to_string()),
                 "address": p.address,
-                "connected": p.connected,
+                "state": p.state.as_str(),
                 "last_failure": failure.map(|f| json!({"seconds_ago": ago(f.at), "reason": f.reason})),
                 "skipped_for_seconds": skipped.map(secs),
             })
@@ -267,8 +267,8 @@ pub struct PeerRow {
     pub registry: String,
     /// Its connection's address.
     pub address: String,
-    /// Whether a connection is open.
-    pub connected: bool,
+    /// `connected`, `idle` (connections close when idle) or `unreachable`.
+    pub state: String,
     /// Its last failure, how long ago, and how long it is still skipped (`–` if none).
     pub failure: String,
 }
@@ -283,7 +283,7 @@ pub fn peer_rows(report: &Value) -> Vec<PeerRow> {
             id: text(&p["id"]),
             registry: text(&p["registry"]),
             address: text(&p["address"]),
-            connected: p["connected"].as_bool() == Some(true),
+            state: text(&p["state"]),
             failure: match &p["last_failure"] {
                 Value::Null => "–".to_owned(),
                 f => format!(
@@ -391,6 +391,16 @@ fn badge(ok: bool, yes: &str, no: &str) -> String {
     }
 }
 
+/// A peer's state: unreachable in red, the others plain (idle is normal: connections close
+/// when they have nothing to do).
+fn state_badge(state: &str) -> String {
+    match state {
+        "unreachable" => badge(false, "", state),
+        "connected" => badge(true, state, ""),
+        other => escape(other),
+    }
+}
+
 /// Renders the report as a page.
 fn html(r: &Value) -> String {
     let node = &r["node"];
@@ -465,7 +475,7 @@ fn html(r: &Value) -> String {
             escape(&p.id),
             escape(&p.registry),
             escape(&p.address),
-            badge(p.connected, "connected", "gone"),
+            state_badge(&p.state),
             escape(&p.failure),
         );
     }

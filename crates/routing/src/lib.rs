@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use futures_util::StreamExt;
 use futures_util::stream::{self, BoxStream};
 use libp2p::{Multiaddr, PeerId, Swarm};
-use mirrorlet_oci::{Peer, Router, RouterError, RouterStatus};
+use mirrorlet_oci::{Owner, Peer, Router, RouterError, RouterStatus};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,13 +28,16 @@ use tokio_util::sync::CancellationToken;
 pub use behaviour::{KAD_PROTOCOL, WithdrawRequest, WithdrawResponse};
 pub use config::P2pConfig;
 pub use metrics::P2pMetrics;
-pub use swarm::socket_to_multiaddr;
+pub use swarm::{closest_first, socket_to_multiaddr};
 
 use crate::behaviour::Behaviour;
 use crate::swarm::{Command, EventLoop};
 
 /// Providers buffered per lookup before the consumer reads them.
 const LOOKUP_BUFFER: usize = 16;
+/// How long a caller waits for the ranking of a key's owners (one DHT query, usually a few
+/// milliseconds in a cluster) before it fetches alone.
+const OWNERS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why the router could not start.
 #[derive(Debug, thiserror::Error)]
@@ -86,8 +89,7 @@ impl P2pRouter {
         let transport = transport::build(&key, config.psk).map_err(StartError::Transport)?;
         let behaviour = Behaviour::new(&key, &config);
         let swarm_config = libp2p::swarm::Config::with_tokio_executor()
-            // A connection that closes means the peer went away: keep idle ones open.
-            .with_idle_connection_timeout(std::time::Duration::from_secs(3600));
+            .with_idle_connection_timeout(config.idle_timeout);
         let mut swarm = Swarm::new(transport, behaviour, peer_id, swarm_config);
         let addr = socket_to_multiaddr(config.listen);
         let listening = swarm.listen_on(addr.clone());
@@ -199,7 +201,18 @@ impl Router for P2pRouter {
         self.peer_id.to_string()
     }
 
-    async fn members(&self) -> Result<Vec<Peer>, RouterError> {
-        self.call(|reply| Command::Members { reply }).await
+    /// The agents closest to the key in the DHT (those that answered a `FIND_NODE` query),
+    /// this node among them, closest first.
+    async fn owners(&self, key: &str) -> Result<Vec<Owner>, RouterError> {
+        let key = key.to_owned();
+        tokio::time::timeout(
+            OWNERS_WAIT,
+            self.call(|reply| Command::Owners { key, reply }),
+        )
+        .await
+        .map_err(|_| RouterError::TimedOut {
+            what: "ranking the owners of a key",
+            after: OWNERS_WAIT,
+        })?
     }
 }

@@ -9,7 +9,7 @@ use prometheus_client::registry::Registry;
 pub struct P2pMetrics {
     /// Peers with at least one open connection.
     pub connected_peers: Gauge,
-    /// Connected peers known to be agents with a registry (the pull-through membership).
+    /// Connected peers known to be agents with a registry (connections close when idle).
     pub members: Gauge,
     /// Keys this node advertises.
     pub advertised_keys: Gauge,
@@ -17,8 +17,10 @@ pub struct P2pMetrics {
     pub routing_table_peers: Gauge,
     /// Provider entries removed because their peer withdrew them.
     pub withdrawals_received: Counter,
-    /// Providers left out of lookups because their connections dropped.
-    pub providers_skipped_disconnected: Counter,
+    /// Providers left out of lookups because a dial to them failed lately.
+    pub providers_skipped_unreachable: Counter,
+    /// Dials to known peers that failed (each marks the peer unreachable for a while).
+    pub peers_unreachable: Counter,
     /// Providers found in the DHT but left out of lookups for want of an address.
     pub providers_without_address: Counter,
     /// Announcements that failed (timed out) and were queued again.
@@ -57,9 +59,14 @@ impl P2pMetrics {
             me.withdrawals_received.clone(),
         );
         registry.register(
-            "mirrorlet_p2p_providers_skipped_disconnected",
-            "Providers left out of lookups because their connections had dropped",
-            me.providers_skipped_disconnected.clone(),
+            "mirrorlet_p2p_providers_skipped_unreachable",
+            "Providers left out of lookups because a dial to them failed lately",
+            me.providers_skipped_unreachable.clone(),
+        );
+        registry.register(
+            "mirrorlet_p2p_peers_unreachable",
+            "Dials to known peers that failed (the peer is left out of lookups for a minute)",
+            me.peers_unreachable.clone(),
         );
         registry.register(
             "mirrorlet_p2p_providers_without_address",

@@ -418,3 +418,83 @@ async fn a_port_in_use_is_named_with_its_cause() {
         "{text}"
     );
 }
+
+/// Connections close when idle, so a node does not stay connected to every other: the
+/// network still finds providers (with their registry addresses) and every node still
+/// ranks the same owners for a key, dialling whom it needs.
+#[tokio::test]
+async fn with_every_connection_closed_when_idle_lookups_and_owner_rankings_still_work() {
+    let idle = |c: &mut P2pConfig| {
+        c.idle_timeout = Duration::from_millis(500);
+        c.rebootstrap = Duration::from_secs(60);
+    };
+    let seed = start_with(idle).await;
+    let seed_addr = seed.addr.clone();
+    let mut nodes = vec![seed];
+    for _ in 0..5 {
+        nodes.push(
+            start_with(|c| {
+                idle(c);
+                c.bootstrap = vec![seed_addr.clone()];
+            })
+            .await,
+        );
+    }
+    for n in &nodes[1..] {
+        wait_connected(n, 1).await;
+    }
+    let key = "sha256:idle-connections";
+    nodes[1]
+        .router
+        .advertise(vec![key.into()])
+        .await
+        .expect("advertise");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !finds(&nodes[5], key, &nodes[1]).await {
+        assert!(Instant::now() < deadline, "found while connected");
+    }
+    // Every connection closes once idle.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for n in &nodes {
+        while n.router.status().await.expect("status").connected_peers != 0 {
+            assert!(Instant::now() < deadline, "idle connections close");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for asker in [&nodes[0], &nodes[3], &nodes[5]] {
+        assert!(
+            finds(asker, key, &nodes[1]).await,
+            "found with no connection open"
+        );
+    }
+    let ids = |n: &Node, owners: Vec<mirrorlet_oci::Owner>| -> Vec<String> {
+        owners
+            .into_iter()
+            .map(|o| match o {
+                mirrorlet_oci::Owner::Me => n.router.peer_id().to_string(),
+                mirrorlet_oci::Owner::Peer(p) => p.id,
+            })
+            .collect()
+    };
+    let first = ids(
+        &nodes[0],
+        nodes[0].router.owners(key).await.expect("owners"),
+    );
+    assert_eq!(first.len(), nodes.len(), "every node ranked: {first:?}");
+    for n in &nodes[1..] {
+        assert_eq!(ids(n, n.router.owners(key).await.expect("owners")), first);
+    }
+    let expected = mirrorlet_routing::closest_first(
+        key,
+        nodes.iter().map(|n| n.router.peer_id()).collect(),
+        |p| *p,
+    );
+    let expected: Vec<String> = expected.iter().map(ToString::to_string).collect();
+    assert_eq!(first, expected, "closest to the key first");
+    for n in &nodes {
+        assert_eq!(n.metrics.providers_without_address.get(), 0);
+    }
+    for n in nodes {
+        n.stop().await;
+    }
+}

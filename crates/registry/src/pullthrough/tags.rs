@@ -1,6 +1,6 @@
 //! Tags: fresh while upstream is up, served from the cluster when it is not.
 //!
-//! A tag's owner (rendezvous hashing of `registry/repo:tag`) resolves it with a `HEAD`
+//! A tag's owner (the router's ranking for `registry/repo:tag`) resolves it with a `HEAD`
 //! upstream (Docker Hub does not count those) at most once per revalidation window, for
 //! the whole cluster; every other node asks the owner. So a moved tag, `latest` included,
 //! is seen everywhere within the window, and rolling out an image the cluster already holds

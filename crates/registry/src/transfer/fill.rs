@@ -4,7 +4,7 @@
 //!
 //! 1. peers that hold the whole blob (found by its digest in the DHT), hedged;
 //! 2. peers downloading it right now (found by its `fetching:` key), for a fresh copy only;
-//! 3. its owner in the cluster (rendezvous hashing), asked to fetch it for everyone, then
+//! 3. its owner in the cluster (the router's ranking), asked to fetch it for everyone, then
 //!    the next rank; this node when it is the owner;
 //! 4. the upstream registry directly.
 //!

@@ -60,15 +60,24 @@ impl EventLoop {
                         .stop_providing(&RecordKey::new(key));
                     self.advertised.remove(key);
                 }
-                let connected: Vec<PeerId> = self
+                // The records are on the nodes closest to each key, which this node cannot
+                // list without a query per key: tell the peers it is connected to and those
+                // in its routing table (all of a small cluster; in a large one, records
+                // elsewhere expire with their TTL, and a dead provider costs each node one
+                // failed attempt before the registry skips it).
+                let mut told: HashSet<PeerId> = self
                     .peers
                     .iter()
                     .filter(|(_, p)| p.connections > 0)
                     .map(|(id, _)| *id)
                     .collect();
+                for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+                    told.extend(bucket.iter().map(|e| *e.node.key.preimage()));
+                }
+                told.retain(|p| !self.is_unreachable(p));
                 let mut sent = HashSet::new();
                 for batch in keys.chunks(WITHDRAW_BATCH) {
-                    for peer in &connected {
+                    for peer in &told {
                         let req = WithdrawRequest {
                             keys: batch.to_vec(),
                         };
@@ -94,9 +103,7 @@ impl EventLoop {
                     .get_providers(RecordKey::new(&key));
                 self.lookups.insert(id, tx);
             }
-            Command::Members { reply } => {
-                let _ = reply.send(self.members());
-            }
+            Command::Owners { key, reply } => self.rank_owners(key, reply),
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }

@@ -33,6 +33,15 @@ impl EventLoop {
                 if let Some(sa) = socket_of(&address) {
                     self.own.insert(sa);
                 }
+                if self.is_reachable_listen_addr(&address) {
+                    // Announcements carry this node's external addresses: with them, a
+                    // node that holds the record can pass this node on to anyone asking,
+                    // whether or not this node is in its own routing table.
+                    self.swarm.add_external_address(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.swarm.remove_external_address(&address);
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -44,15 +53,23 @@ impl EventLoop {
                     ConnectedPoint::Dialer { address, .. } => address,
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr,
                 };
+                let new = !self.peers.contains_key(&peer_id);
                 let state = self.peers.entry(peer_id).or_default();
                 state.connections = num_established.get();
-                state.disconnected_at = None;
+                state.idle_since = None;
+                if state.unreachable_at.take().is_some() {
+                    tracing::info!(peer = %peer_id, addr = %remote, "peer reachable again");
+                }
                 if let Some(ip) = ip_of(remote) {
                     state.ip = Some(ip);
                 }
                 state.remote = Some(remote.clone());
-                if num_established.get() == 1 {
-                    tracing::info!(peer = %peer_id, addr = %remote, "peer connected");
+                // Connections open and close as they are needed (idle ones close): only a
+                // peer met for the first time is news.
+                if new {
+                    tracing::info!(peer = %peer_id, addr = %remote, "new peer");
+                } else if num_established.get() == 1 {
+                    tracing::debug!(peer = %peer_id, addr = %remote, "peer connected");
                 }
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     self.learn_address(peer_id, address.clone());
@@ -65,11 +82,43 @@ impl EventLoop {
                 cause,
                 ..
             } => {
+                let now = std::time::Instant::now();
                 let state = self.peers.entry(peer_id).or_default();
                 state.connections = 0;
-                state.disconnected_at = Some(std::time::Instant::now());
-                tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
+                state.idle_since = Some(now);
+                tracing::debug!(peer = %peer_id, cause = ?cause.as_ref().map(ToString::to_string), "peer connection closed");
+                // Closed by the other side or broken: the peer may have died. Dial it once
+                // to see (a failed dial marks it unreachable); an idle close on its side
+                // looks the same, hence at most one check per LIVENESS_CHECK_EVERY.
+                if matches!(cause, Some(libp2p::swarm::ConnectionError::IO(_)))
+                    && state
+                        .checked_at
+                        .is_none_or(|at| at.elapsed() >= super::LIVENESS_CHECK_EVERY)
+                {
+                    state.checked_at = Some(now);
+                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer_id)
+                        .addresses(state.addrs.clone())
+                        .condition(
+                            libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing,
+                        )
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(peer = %peer_id, error = %e, "liveness dial not started");
+                    }
+                }
                 self.refresh_gauges();
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error: error @ libp2p::swarm::DialError::Transport(_),
+                ..
+            } => {
+                let state = self.peers.entry(peer).or_default();
+                if state.unreachable_at.is_none() {
+                    tracing::info!(%peer, %error, "peer unreachable; left out of lookups for {}s", super::UNREACHABLE_FOR.as_secs());
+                }
+                state.unreachable_at = Some(std::time::Instant::now());
+                self.metrics.peers_unreachable.inc();
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, %error, "dial failed");
@@ -127,6 +176,11 @@ impl EventLoop {
                     QueryResult::GetProviders(Err(_)) => {
                         self.lookups.remove(&id);
                     }
+                    QueryResult::GetClosestPeers(Ok(kad::GetClosestPeersOk { peers, .. }))
+                    | QueryResult::GetClosestPeers(Err(kad::GetClosestPeersError::Timeout {
+                        peers,
+                        ..
+                    })) => self.owners_found(id, peers),
                     QueryResult::StartProviding(result) => {
                         match self.announcements.ended(&id, result.is_ok()) {
                             Some(Ended::Announced) | None => {}
@@ -191,8 +245,8 @@ impl EventLoop {
         }
     }
 
-    /// Sends found providers to the lookup's stream, skipping this node and peers whose
-    /// connections dropped. Finishes the query when the consumer is gone or has enough.
+    /// Sends found providers to the lookup's stream, skipping this node and peers that could
+    /// not be dialled lately. Finishes the query when the consumer is gone or has enough.
     pub(super) fn forward(&mut self, id: QueryId, providers: HashSet<PeerId>) {
         let local = *self.swarm.local_peer_id();
         let mut found = Vec::new();
@@ -200,12 +254,8 @@ impl EventLoop {
             if p == local {
                 continue;
             }
-            if self
-                .peers
-                .get(&p)
-                .is_some_and(|s| s.disconnected_at.is_some())
-            {
-                self.metrics.providers_skipped_disconnected.inc();
+            if self.is_unreachable(&p) {
+                self.metrics.providers_skipped_unreachable.inc();
                 continue;
             }
             match self.http_addr(&p) {
@@ -240,9 +290,12 @@ impl EventLoop {
         }
     }
 
-    /// Where a peer's registry listens: its address from the connection, identify or the
-    /// routing table, and the port it announced (else the same port as ours).
+    /// Where a peer's registry listens: its address from a connection or identify, else
+    /// what Kademlia knows (the routing table, and the addresses that provider records and
+    /// answers to running queries carried), and the port it announced (else the same port
+    /// as ours: the chart gives every agent the same).
     pub(super) fn http_addr(&mut self, peer: &PeerId) -> Option<SocketAddr> {
+        use libp2p::swarm::NetworkBehaviour as _;
         let state = self.peers.get(peer);
         let port = state
             .and_then(|s| s.http_port)
@@ -250,11 +303,31 @@ impl EventLoop {
         if let Some(ip) = state.and_then(|s| s.ip) {
             return Some(SocketAddr::new(ip, port));
         }
-        let bucket = self.swarm.behaviour_mut().kad.kbucket(*peer)?;
-        let ip = bucket
-            .iter()
-            .find(|e| e.node.key.preimage() == peer)
-            .and_then(|e| e.node.value.iter().find_map(ip_of))?;
+        // The addresses Kademlia would dial the peer at (asking it costs nothing: it only
+        // reads the routing table and the queries).
+        let known = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .handle_pending_outbound_connection(
+                libp2p::swarm::ConnectionId::new_unchecked(0),
+                Some(*peer),
+                &[],
+                libp2p::core::Endpoint::Dialer,
+            )
+            .unwrap_or_default();
+        let ip = known.iter().find_map(ip_of)?;
         Some(SocketAddr::new(ip, port))
+    }
+
+    /// Whether peers can reach this node at `addr`, one of its listen addresses: not an
+    /// unspecified or IPv6 link-local address, and not loopback unless this node listens
+    /// on loopback only (tests, one host).
+    pub(super) fn is_reachable_listen_addr(&self, addr: &libp2p::Multiaddr) -> bool {
+        ip_of(addr).is_some_and(|ip| {
+            !ip.is_unspecified()
+                && (!ip.is_loopback() || self.config.listen.ip().is_loopback())
+                && !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
+        })
     }
 }

@@ -9,17 +9,20 @@ use std::net::{IpAddr, SocketAddr};
 use futures_util::StreamExt;
 use libp2p::kad::QueryId;
 use libp2p::{Multiaddr, PeerId, Swarm};
-use mirrorlet_oci::{Peer, PeerLink, RouterError, RouterStatus};
+use mirrorlet_oci::{LinkState, Owner, Peer, PeerLink, RouterError, RouterStatus};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 mod addr;
 mod commands;
 mod events;
+mod owners;
 mod pacing;
 
 use addr::socket_of;
 pub use addr::socket_to_multiaddr;
+use owners::OwnerQueries;
+pub use owners::closest_first;
 use pacing::Announcements;
 
 use crate::behaviour::Behaviour;
@@ -47,10 +50,22 @@ pub(crate) enum Command {
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
-    Members {
-        reply: oneshot::Sender<Vec<Peer>>,
+    Owners {
+        key: String,
+        reply: oneshot::Sender<Vec<Owner>>,
     },
 }
+
+/// How long a peer that could not be dialled is left out of lookups and rankings (unless
+/// it connects again sooner).
+pub(crate) const UNREACHABLE_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+/// A peer whose connection breaks is dialled at once to see whether it is gone (then it is
+/// left out of lookups), at most this often: an idle connection that the other side closed
+/// looks the same as a peer that died.
+const LIVENESS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// Addresses dialled at most from one DNS bootstrap answer: enough to join, without
+/// connecting to every node of a large cluster at once.
+const BOOTSTRAP_DIALS: usize = 8;
 
 #[derive(Debug, Default)]
 struct PeerState {
@@ -58,11 +73,16 @@ struct PeerState {
     ip: Option<IpAddr>,
     /// Its registry port (from identify).
     http_port: Option<u16>,
-    /// Open connections.
+    /// Open connections. Connections close when idle (see `IDLE_CONNECTION_TIMEOUT`), so
+    /// none open says nothing about whether the peer is alive.
     connections: u32,
-    /// When all its connections closed: it is left out of lookups until it reconnects,
-    /// and forgotten once records naming it have expired.
-    disconnected_at: Option<std::time::Instant>,
+    /// When its last connection closed; it is forgotten once records naming it have expired.
+    idle_since: Option<std::time::Instant>,
+    /// When a dial to it failed: it is left out of lookups and rankings for
+    /// [`UNREACHABLE_FOR`], or until it connects again.
+    unreachable_at: Option<std::time::Instant>,
+    /// When a connection of its broke and it was dialled to see whether it is still there.
+    checked_at: Option<std::time::Instant>,
     /// Addresses it listens on (dialled, or from identify), to restore it in the routing table.
     addrs: Vec<Multiaddr>,
     /// The remote address of its latest connection.
@@ -75,6 +95,8 @@ pub(crate) struct EventLoop {
     resolved_tx: mpsc::Sender<Vec<SocketAddr>>,
     resolved_rx: mpsc::Receiver<Vec<SocketAddr>>,
     lookups: HashMap<QueryId, mpsc::Sender<Peer>>,
+    /// Rankings of the owners of keys, running and recent.
+    owner_queries: OwnerQueries,
     /// Announcements to the nodes closest to each key, queued and running.
     announcements: Announcements<QueryId>,
     /// Withdrawals waiting for their requests to peers to finish, with whom to tell.
@@ -110,6 +132,7 @@ impl EventLoop {
             resolved_tx,
             resolved_rx,
             lookups: HashMap::new(),
+            owner_queries: OwnerQueries::default(),
             announcements: Announcements::new(),
             withdrawals: Vec::new(),
             peers: HashMap::new(),
@@ -170,7 +193,16 @@ impl EventLoop {
                     .zip(p.http_port)
                     .map(|(ip, port)| SocketAddr::new(ip, port)),
                 address: p.remote.as_ref().map(ToString::to_string),
-                connected: p.connections > 0,
+                state: if p.connections > 0 {
+                    LinkState::Connected
+                } else if p
+                    .unreachable_at
+                    .is_some_and(|at| at.elapsed() < UNREACHABLE_FOR)
+                {
+                    LinkState::Unreachable
+                } else {
+                    LinkState::Idle
+                },
             })
             .collect();
         peers.sort_by(|a, b| a.id.cmp(&b.id));
@@ -182,29 +214,45 @@ impl EventLoop {
         }
     }
 
-    /// Connected peers that identified as mirrorlet agents (they told their registry port),
-    /// with their registry addresses.
-    pub(super) fn members(&self) -> Vec<Peer> {
+    /// Connected peers that identified as mirrorlet agents (they told their registry port).
+    fn members_connected(&self) -> usize {
         self.peers
-            .iter()
-            .filter(|(_, p)| p.connections > 0)
-            .filter_map(|(id, p)| {
-                Some(Peer {
-                    id: id.to_string(),
-                    addr: SocketAddr::new(p.ip?, p.http_port?),
-                })
-            })
-            .collect()
+            .values()
+            .filter(|p| p.connections > 0 && p.ip.is_some() && p.http_port.is_some())
+            .count()
     }
 
-    /// Runs every `rebootstrap`: re-bootstraps when alone, drops abandoned lookups,
-    /// refreshes gauges.
+    /// Whether a dial to `peer` failed within [`UNREACHABLE_FOR`].
+    pub(super) fn is_unreachable(&self, peer: &PeerId) -> bool {
+        self.peers
+            .get(peer)
+            .and_then(|p| p.unreachable_at)
+            .is_some_and(|at| at.elapsed() < UNREACHABLE_FOR)
+    }
+
+    fn routing_table_len(&mut self) -> usize {
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|b| b.num_entries())
+            .sum()
+    }
+
+    /// Runs every `rebootstrap`: when the node has no connection (idle ones close), dials
+    /// its bootstrap peers and checks its routing table with a Kademlia bootstrap, so a node
+    /// whose peers all restarted finds them again; drops abandoned lookups and old
+    /// rankings; refreshes gauges.
     pub(super) fn housekeeping(&mut self) {
         if self.connected_peers() == 0 {
             self.bootstrap();
+            if self.routing_table_len() > 0 {
+                let _ = self.swarm.behaviour_mut().kad.bootstrap();
+            }
         } else {
             self.heal_routing_table();
         }
+        self.owner_queries.expire();
         let abandoned: Vec<QueryId> = self
             .lookups
             .iter()
@@ -214,15 +262,16 @@ impl EventLoop {
         for id in abandoned {
             self.finish_lookup(id);
         }
-        // Peers gone for longer than a record lives cannot be named by any record: forget them.
+        // Peers not seen for longer than a record lives cannot be named by any record:
+        // forget them.
         let ttl = self.config.provider_ttl;
         self.peers
-            .retain(|_, p| p.disconnected_at.is_none_or(|at| at.elapsed() < ttl));
+            .retain(|_, p| p.idle_since.is_none_or(|at| at.elapsed() < ttl));
         self.refresh_gauges();
     }
 
     pub(super) fn refresh_gauges(&mut self) {
-        let members = self.members().len();
+        let members = self.members_connected();
         self.metrics
             .members
             .set(i64::try_from(members).unwrap_or(i64::MAX));
@@ -233,20 +282,14 @@ impl EventLoop {
         self.metrics
             .advertised_keys
             .set(i64::try_from(self.advertised.len()).unwrap_or(i64::MAX));
-        let table: usize = self
-            .swarm
-            .behaviour_mut()
-            .kad
-            .kbuckets()
-            .map(|b| b.num_entries())
-            .sum();
+        let table = self.routing_table_len();
         self.metrics
             .routing_table_peers
             .set(i64::try_from(table).unwrap_or(i64::MAX));
     }
 
     /// Dials the static bootstrap peers and resolves the DNS name (in the background, then
-    /// [`EventLoop::dial_addrs`]). Called when the node has no connections; once connected,
+    /// [`EventLoop::dial_addrs`]). Called when the node knows no peer; once it knows some,
     /// Kademlia's own periodic bootstrap refreshes the routing table.
     pub(super) fn bootstrap(&mut self) {
         for addr in self.config.bootstrap.clone() {
@@ -280,16 +323,23 @@ impl EventLoop {
             .filter(|p| p.connections > 0)
             .filter_map(|p| p.ip)
             .collect();
-        for sa in addrs {
-            // Peers share the port, so an address is ours if its IP is; and an IP we are
-            // connected to is a peer we already know.
-            let own_ip = self.own.iter().any(|o| o.ip() == sa.ip());
-            if self.own.contains(&sa)
-                || (own_ip && sa.port() == self.config.listen.port())
-                || connected.contains(&sa.ip())
-            {
-                continue;
-            }
+        let mut candidates: Vec<SocketAddr> = addrs
+            .into_iter()
+            .filter(|sa| {
+                // Peers share the port, so an address is ours if its IP is; and an IP we
+                // are connected to is a peer we already know.
+                let own_ip = self.own.iter().any(|o| o.ip() == sa.ip());
+                !(self.own.contains(sa)
+                    || (own_ip && sa.port() == self.config.listen.port())
+                    || connected.contains(&sa.ip()))
+            })
+            .collect();
+        // A few, chosen at random (every node dialling the same first addresses of a large
+        // cluster would make those the hubs of the network); Kademlia finds the rest.
+        let order = std::collections::hash_map::RandomState::new();
+        candidates.sort_by_key(|sa| std::hash::BuildHasher::hash_one(&order, sa));
+        candidates.truncate(BOOTSTRAP_DIALS);
+        for sa in candidates {
             let addr = socket_to_multiaddr(sa);
             if let Err(e) = self.swarm.dial(addr.clone()) {
                 tracing::debug!(%addr, error = %e, "dial of a DNS bootstrap address failed");
