@@ -10,9 +10,9 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{PeerId, identify, request_response};
 use mirrorlet_oci::Peer;
 
-use super::EventLoop;
 use super::addr::{ip_of, socket_of};
 use super::pacing::Ended;
+use super::{EventLoop, PeerState};
 use crate::behaviour::{BehaviourEvent, KAD_PROTOCOL, WithdrawResponse, http_port_of};
 
 impl EventLoop {
@@ -87,24 +87,17 @@ impl EventLoop {
                 state.connections = 0;
                 state.idle_since = Some(now);
                 tracing::debug!(peer = %peer_id, cause = ?cause.as_ref().map(ToString::to_string), "peer connection closed");
-                // Closed by the other side or broken: the peer may have died. Dial it once
-                // to see (a failed dial marks it unreachable); an idle close on its side
-                // looks the same, hence at most one check per LIVENESS_CHECK_EVERY.
+                // Closed by the other side or broken: the peer may have died, or closed a
+                // connection it had no use for (the two look the same here). Probe its
+                // listener with a bare TCP connect: refused means gone.
                 if matches!(cause, Some(libp2p::swarm::ConnectionError::IO(_)))
                     && state
                         .checked_at
                         .is_none_or(|at| at.elapsed() >= super::LIVENESS_CHECK_EVERY)
+                    && let Some(sa) = state.addrs.iter().find_map(socket_of)
                 {
                     state.checked_at = Some(now);
-                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer_id)
-                        .addresses(state.addrs.clone())
-                        .condition(
-                            libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing,
-                        )
-                        .build();
-                    if let Err(e) = self.swarm.dial(opts) {
-                        tracing::debug!(peer = %peer_id, error = %e, "liveness dial not started");
-                    }
+                    self.probe(peer_id, sa);
                 }
                 self.refresh_gauges();
             }
@@ -113,12 +106,8 @@ impl EventLoop {
                 error: error @ libp2p::swarm::DialError::Transport(_),
                 ..
             } => {
-                let state = self.peers.entry(peer).or_default();
-                if state.unreachable_at.is_none() {
-                    tracing::info!(%peer, %error, "peer unreachable; left out of lookups for {}s", super::UNREACHABLE_FOR.as_secs());
-                }
-                state.unreachable_at = Some(std::time::Instant::now());
-                self.metrics.peers_unreachable.inc();
+                tracing::debug!(%peer, %error, "dial failed");
+                self.mark_unreachable(peer, "a dial to it failed");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, %error, "dial failed");
@@ -300,7 +289,7 @@ impl EventLoop {
         let port = state
             .and_then(|s| s.http_port)
             .unwrap_or(self.config.http_port);
-        if let Some(ip) = state.and_then(|s| s.ip) {
+        if let Some(ip) = state.and_then(PeerState::registry_ip) {
             return Some(SocketAddr::new(ip, port));
         }
         // The addresses Kademlia would dial the peer at (asking it costs nothing: it only

@@ -59,10 +59,12 @@ pub(crate) enum Command {
 /// How long a peer that could not be dialled is left out of lookups and rankings (unless
 /// it connects again sooner).
 pub(crate) const UNREACHABLE_FOR: std::time::Duration = std::time::Duration::from_secs(60);
-/// A peer whose connection breaks is dialled at once to see whether it is gone (then it is
-/// left out of lookups), at most this often: an idle connection that the other side closed
-/// looks the same as a peer that died.
-const LIVENESS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// A peer whose connection breaks is probed (a bare TCP connect to where it listens) to see
+/// whether it is gone, at most this often: an idle connection the other side closed looks
+/// the same as a peer that died.
+const LIVENESS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a probe may take before the peer counts as unreachable.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Addresses dialled at most from one DNS bootstrap answer: enough to join, without
 /// connecting to every node of a large cluster at once.
 const BOOTSTRAP_DIALS: usize = 8;
@@ -89,11 +91,31 @@ struct PeerState {
     remote: Option<Multiaddr>,
 }
 
+impl PeerState {
+    /// The address to reach its registry at: an address it listens on (dialled, or told
+    /// through identify) of the same family as its latest connection, else that
+    /// connection's address. An inbound connection's source address is not always where
+    /// the peer listens (a node with several addresses, or loopback, where it is
+    /// 127.0.0.1 whatever the peer's address).
+    fn registry_ip(&self) -> Option<IpAddr> {
+        let seen = self.ip?;
+        let listening = self
+            .addrs
+            .iter()
+            .filter_map(addr::ip_of)
+            .find(|ip| ip.is_ipv4() == seen.is_ipv4());
+        Some(listening.unwrap_or(seen))
+    }
+}
+
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     resolved_tx: mpsc::Sender<Vec<SocketAddr>>,
     resolved_rx: mpsc::Receiver<Vec<SocketAddr>>,
+    /// Results of liveness probes: the peer, and whether its listener answered.
+    probed_tx: mpsc::Sender<(PeerId, bool)>,
+    probed_rx: mpsc::Receiver<(PeerId, bool)>,
     lookups: HashMap<QueryId, mpsc::Sender<Peer>>,
     /// Rankings of the owners of keys, running and recent.
     owner_queries: OwnerQueries,
@@ -122,6 +144,7 @@ impl EventLoop {
         shutdown: CancellationToken,
     ) -> Self {
         let (resolved_tx, resolved_rx) = mpsc::channel(4);
+        let (probed_tx, probed_rx) = mpsc::channel(64);
         let mut own = HashSet::new();
         if !config.listen.ip().is_unspecified() {
             own.insert(config.listen);
@@ -131,6 +154,8 @@ impl EventLoop {
             commands,
             resolved_tx,
             resolved_rx,
+            probed_tx,
+            probed_rx,
             lookups: HashMap::new(),
             owner_queries: OwnerQueries::default(),
             announcements: Announcements::new(),
@@ -155,6 +180,7 @@ impl EventLoop {
                 },
                 event = self.swarm.select_next_some() => self.on_event(event),
                 Some(addrs) = self.resolved_rx.recv() => self.dial_addrs(addrs),
+                Some((peer, up)) = self.probed_rx.recv() => self.probed(peer, up),
                 _ = tick.tick() => self.housekeeping(),
                 () = self.shutdown.cancelled() => break,
             }
@@ -189,7 +215,7 @@ impl EventLoop {
             .map(|(id, p)| PeerLink {
                 id: id.to_string(),
                 registry: p
-                    .ip
+                    .registry_ip()
                     .zip(p.http_port)
                     .map(|(ip, port)| SocketAddr::new(ip, port)),
                 address: p.remote.as_ref().map(ToString::to_string),
@@ -220,6 +246,47 @@ impl EventLoop {
             .values()
             .filter(|p| p.connections > 0 && p.ip.is_some() && p.http_port.is_some())
             .count()
+    }
+
+    /// Connects to `peer`'s listener at `addr` and closes at once (in the background; the
+    /// answer comes back to [`EventLoop::probed`]).
+    pub(super) fn probe(&self, peer: PeerId, addr: SocketAddr) {
+        let tx = self.probed_tx.clone();
+        tokio::spawn(async move {
+            let up = matches!(
+                tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
+                Ok(Ok(_))
+            );
+            let _ = tx.send((peer, up)).await;
+        });
+    }
+
+    /// A probe's answer: a peer whose listener did not answer (and that has not connected
+    /// since) is unreachable.
+    fn probed(&mut self, peer: PeerId, up: bool) {
+        let Some(state) = self.peers.get(&peer) else {
+            return;
+        };
+        if up || state.connections > 0 {
+            return;
+        }
+        self.mark_unreachable(
+            peer,
+            "its listener refused a probe after its connection broke",
+        );
+    }
+
+    /// Leaves `peer` out of lookups and rankings for [`UNREACHABLE_FOR`].
+    pub(super) fn mark_unreachable(&mut self, peer: PeerId, why: &str) {
+        let state = self.peers.entry(peer).or_default();
+        if state
+            .unreachable_at
+            .is_none_or(|at| at.elapsed() >= UNREACHABLE_FOR)
+        {
+            tracing::info!(%peer, why, "peer unreachable; left out of lookups for {}s", UNREACHABLE_FOR.as_secs());
+        }
+        state.unreachable_at = Some(std::time::Instant::now());
+        self.metrics.peers_unreachable.inc();
     }
 
     /// Whether a dial to `peer` failed within [`UNREACHABLE_FOR`].
@@ -345,5 +412,27 @@ impl EventLoop {
                 tracing::debug!(%addr, error = %e, "dial of a DNS bootstrap address failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_is_reached_where_it_listens_not_where_its_connection_came_from() {
+        let listening: Multiaddr = "/ip4/127.1.0.5/tcp/4001".parse().expect("addr");
+        let v6: Multiaddr = "/ip6/fd00::5/tcp/4001".parse().expect("addr");
+        let mut p = PeerState {
+            ip: Some("127.0.0.1".parse().expect("ip")),
+            addrs: vec![v6, listening],
+            ..PeerState::default()
+        };
+        assert_eq!(p.registry_ip(), Some("127.1.0.5".parse().expect("ip")));
+        // Nothing announced in the connection's family: the connection's address.
+        p.addrs.truncate(1);
+        assert_eq!(p.registry_ip(), Some("127.0.0.1".parse().expect("ip")));
+        p.ip = None;
+        assert_eq!(p.registry_ip(), None);
     }
 }

@@ -19,6 +19,10 @@ use super::addr::ip_of;
 
 /// How long a ranking is reused before the DHT is asked again.
 pub(crate) const OWNERS_FRESH: Duration = Duration::from_secs(10);
+/// Agents a ranking asks for: the owner and its backups, with room for some that fail. The
+/// query ends once this many of the closest have answered, so a smaller number is a
+/// shorter query than Kademlia's 20.
+const OWNERS_RANKED: std::num::NonZeroUsize = std::num::NonZeroUsize::new(6).expect("non-zero");
 /// Rankings kept (the least recently computed is dropped first).
 const OWNERS_CACHED: usize = 4096;
 
@@ -72,7 +76,7 @@ impl EventLoop {
             .swarm
             .behaviour_mut()
             .kad
-            .get_closest_peers(key.as_bytes().to_vec());
+            .get_n_closest_peers(key.as_bytes().to_vec(), OWNERS_RANKED);
         let q = &mut self.owner_queries;
         q.by_key.insert(key.clone(), id);
         q.running.insert(id, (key, vec![reply]));
