@@ -263,15 +263,21 @@ impl Cluster {
         Ok(())
     }
 
-    /// Waits until every agent counts every other as a member (connected and
-    /// identified), so that all agree on the owners of what they fetch.
+    /// Waits until every agent has every other in its routing table (connections close
+    /// when idle, so being connected is not the test), so that all agree on the owners of
+    /// what they fetch.
     pub async fn wait_members(&self) -> Result<()> {
         let want = (self.nodes.len() - 1) as f64;
         for n in &self.nodes {
             crate::wait::wait_until(
                 Duration::from_secs(30),
-                "the agents to see each other as members",
-                || async { n.metric("mirrorlet_p2p_members", &[]).await.unwrap_or(0.0) >= want },
+                "the agents to know each other",
+                || async {
+                    n.metric("mirrorlet_p2p_routing_table_peers", &[])
+                        .await
+                        .unwrap_or(0.0)
+                        >= want
+                },
             )
             .await?;
         }

@@ -23,14 +23,6 @@ pub enum RouterError {
     /// The router's task has stopped (shutdown or failure).
     #[error("the router has stopped")]
     Stopped,
-    /// An answer from the network took too long.
-    #[error("{what} took longer than {after:?}")]
-    TimedOut {
-        /// What was asked.
-        what: &'static str,
-        /// How long the caller waited.
-        after: std::time::Duration,
-    },
     /// Some keys could not be announced (e.g. the local record store is full); the others were.
     #[error("{} keys not advertised: {reason}", failed.len())]
     Advertise {

@@ -28,6 +28,9 @@ pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_KEYS: usize = 500_000;
 /// How often to check that the node is connected to someone, and re-bootstrap if not.
 pub const DEFAULT_REBOOTSTRAP: Duration = Duration::from_secs(10);
+/// How long a caller waits for the ranking of a key's owners (one DHT query, usually a few
+/// milliseconds in a cluster) before it takes the ranking from the routing table alone.
+pub const DEFAULT_OWNERS_WAIT: Duration = Duration::from_secs(2);
 /// A connection with nothing to do closes after this long, so a node keeps open only the
 /// connections it uses (its lookups, announcements and routing-table upkeep) rather than
 /// one to every other node. Dialling again costs a millisecond or two within a cluster.
@@ -60,6 +63,8 @@ pub struct P2pConfig {
     pub rebootstrap: Duration,
     /// See [`DEFAULT_IDLE_TIMEOUT`].
     pub idle_timeout: Duration,
+    /// See [`DEFAULT_OWNERS_WAIT`].
+    pub owners_wait: Duration,
 }
 
 impl P2pConfig {
@@ -78,6 +83,7 @@ impl P2pConfig {
             max_keys: DEFAULT_MAX_KEYS,
             rebootstrap: DEFAULT_REBOOTSTRAP,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            owners_wait: DEFAULT_OWNERS_WAIT,
         }
     }
 }

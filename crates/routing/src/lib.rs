@@ -35,9 +35,6 @@ use crate::swarm::{Command, EventLoop};
 
 /// Providers buffered per lookup before the consumer reads them.
 const LOOKUP_BUFFER: usize = 16;
-/// How long a caller waits for the ranking of a key's owners (one DHT query, usually a few
-/// milliseconds in a cluster) before it fetches alone.
-const OWNERS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why the router could not start.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +71,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 pub struct P2pRouter {
     commands: mpsc::Sender<Command>,
     peer_id: PeerId,
+    owners_wait: std::time::Duration,
 }
 
 impl P2pRouter {
@@ -130,6 +128,7 @@ impl P2pRouter {
             }
         };
         let (tx, rx) = mpsc::channel(1024);
+        let owners_wait = config.owners_wait;
         let event_loop = EventLoop::new(swarm, rx, config, metrics, shutdown);
         let task = tokio::spawn(event_loop.run());
         tracing::info!(peer_id = %peer_id, listen = ?listen, "p2p router started");
@@ -137,6 +136,7 @@ impl P2pRouter {
             Self {
                 commands: tx,
                 peer_id,
+                owners_wait,
             },
             task,
         ))
@@ -202,17 +202,24 @@ impl Router for P2pRouter {
     }
 
     /// The agents closest to the key in the DHT (those that answered a `FIND_NODE` query),
-    /// this node among them, closest first.
+    /// this node among them, closest first; from the routing table alone if the query takes
+    /// longer than [`config::DEFAULT_OWNERS_WAIT`] (an overloaded network: fetching alone
+    /// then would have every node fetch).
     async fn owners(&self, key: &str) -> Result<Vec<Owner>, RouterError> {
-        let key = key.to_owned();
-        tokio::time::timeout(
-            OWNERS_WAIT,
-            self.call(|reply| Command::Owners { key, reply }),
-        )
-        .await
-        .map_err(|_| RouterError::TimedOut {
-            what: "ranking the owners of a key",
-            after: OWNERS_WAIT,
-        })?
+        let query = self.call(|reply| Command::Owners {
+            key: key.to_owned(),
+            reply,
+        });
+        match tokio::time::timeout(self.owners_wait, query).await {
+            Ok(ranked) => ranked,
+            Err(_) => {
+                tracing::debug!(%key, "ranking owners from the routing table: the DHT is slow");
+                self.call(|reply| Command::OwnersLocally {
+                    key: key.to_owned(),
+                    reply,
+                })
+                .await
+            }
+        }
     }
 }

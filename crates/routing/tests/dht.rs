@@ -498,3 +498,59 @@ async fn with_every_connection_closed_when_idle_lookups_and_owner_rankings_still
         n.stop().await;
     }
 }
+
+/// When the DHT does not answer in time, the ranking comes from the routing table: in a
+/// cluster whose nodes all know each other, the same ranking as the DHT's, and counted.
+#[tokio::test]
+async fn a_slow_dht_gives_the_owner_ranking_from_the_routing_table() {
+    let slow = |c: &mut P2pConfig| c.owners_wait = Duration::ZERO;
+    let seed = start_with(slow).await;
+    let seed_addr = seed.addr.clone();
+    let mut nodes = vec![seed];
+    for _ in 0..3 {
+        nodes.push(
+            start_with(|c| {
+                slow(c);
+                c.bootstrap = vec![seed_addr.clone()];
+            })
+            .await,
+        );
+    }
+    let key = "sha256:slow-dht";
+    let expected: Vec<String> = mirrorlet_routing::closest_first(
+        key,
+        nodes.iter().map(|n| n.router.peer_id()).collect(),
+        |p| *p,
+    )
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in &nodes {
+        loop {
+            let ranked: Vec<String> = n
+                .router
+                .owners(key)
+                .await
+                .expect("owners")
+                .into_iter()
+                .map(|o| match o {
+                    mirrorlet_oci::Owner::Me => n.router.peer_id().to_string(),
+                    mirrorlet_oci::Owner::Peer(p) => p.id,
+                })
+                .collect();
+            if ranked == expected {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ranked {ranked:?}, want {expected:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(n.metrics.owner_rankings_local.get() > 0, "counted");
+    }
+    for n in nodes {
+        n.stop().await;
+    }
+}

@@ -8,7 +8,7 @@
 //!
 //! For each node count it measures, and prints as three tables (also written to
 //! OUT_DIR/scale.md, with a plot of found share and lookup latency in OUT_DIR/scale.svg):
-//! 1. every node announces 20 keys at the same moment (a DaemonSet rollout); 200 lookups
+//! 1. every node announces 20 keys at the same moment (a DaemonSet rollout); 100 lookups
 //!    of a random key from a random other node 15 s and 45 s later: the share found (by
 //!    the holder's peer id), the share within the registry's 20 ms lookup budget, latency;
 //!    then how long a key one node adds takes to be found by 20 random others;
@@ -43,7 +43,7 @@ use mirrorlet_routing::{P2pConfig, P2pMetrics, P2pRouter};
 use tokio_util::sync::CancellationToken;
 
 const KEYS: usize = 20;
-const LOOKUPS: usize = 200;
+const LOOKUPS: usize = 100;
 /// Agents per worker process.
 const PER_WORKER: usize = 25;
 /// How long a lookup may take here (generous: every agent shares the cores).
@@ -718,8 +718,15 @@ fn ms_cell(found: f64, within: f64, ms: &[f64]) -> String {
 
 async fn run(n: usize) -> Result<Row> {
     let started = Instant::now();
+    let phase = |what: &str| {
+        eprintln!(
+            "[{n} nodes, {:>4.0} s] {what}",
+            started.elapsed().as_secs_f64()
+        )
+    };
     let mut c = Cluster::start(n).await?;
     let start_s = started.elapsed().as_secs_f64();
+    phase("started; every node announces");
     let mut rng = Lcg(7);
 
     let announced = Instant::now();
@@ -729,19 +736,23 @@ async fn run(n: usize) -> Result<Row> {
     let (mut found, mut p99) = ([0.0; 2], [f64::NAN; 2]);
     for (m, after) in AFTER.into_iter().enumerate() {
         tokio::time::sleep(after.saturating_sub(announced.elapsed())).await;
+        phase(&format!("lookups {} s after announcing", after.as_secs()));
         let (share, within, ms) = c.lookups(LOOKUPS, &mut rng, false).await?;
         found[m] = share;
         p99[m] = percentile(&ms, 0.99);
         cells.push(ms_cell(share, within, &ms));
     }
+    phase("a new key");
     let findable = c.findable(&mut rng, "a").await?;
     let stats = c.stats().await?;
+    phase("owners and a blob every node asks for");
     let (owners_mean, owners_max, _) = c.owners("a").await?;
     let (served, gets) = c.fetch(0).await?;
     let after_fetch = c.stats().await?;
 
     // Kill every tenth node, then look again.
     let victims: Vec<usize> = (0..n).filter(|k| k % 10 == 5).collect();
+    phase("killing 10%");
     c.kill(&victims).await?;
     let killed = Instant::now();
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(killed.elapsed())).await;
@@ -760,6 +771,7 @@ async fn run(n: usize) -> Result<Row> {
         c.lookups(100, &mut rng, true).await?
     };
     // Connections once nothing has happened for longer than the idle timeout.
+    phase("resting");
     tokio::time::sleep(Duration::from_secs(35)).await;
     let at_rest = c.stats().await?;
     c.stop().await;

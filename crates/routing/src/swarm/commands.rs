@@ -104,6 +104,9 @@ impl EventLoop {
                 self.lookups.insert(id, tx);
             }
             Command::Owners { key, reply } => self.rank_owners(key, reply),
+            Command::OwnersLocally { key, reply } => {
+                let _ = reply.send(self.rank_owners_locally(&key));
+            }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }

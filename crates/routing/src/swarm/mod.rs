@@ -54,6 +54,11 @@ pub(crate) enum Command {
         key: String,
         reply: oneshot::Sender<Vec<Owner>>,
     },
+    /// The ranking from the routing table alone (the DHT query is taking too long).
+    OwnersLocally {
+        key: String,
+        reply: oneshot::Sender<Vec<Owner>>,
+    },
 }
 
 /// How long a peer that could not be dialled is left out of lookups and rankings (unless

@@ -82,12 +82,28 @@ impl EventLoop {
         q.running.insert(id, (key, vec![reply]));
     }
 
-    /// The query for a ranking ended (with the peers that answered, also on a timeout).
-    pub(super) fn owners_found(&mut self, id: QueryId, peers: Vec<PeerInfo>) {
-        let Some((key, waiting)) = self.owner_queries.running.remove(&id) else {
-            return;
-        };
-        self.owner_queries.by_key.remove(&key);
+    /// The ranking from this node's routing table alone, for when the DHT is too slow to
+    /// answer: the nodes near the key know its neighbourhood exactly, the others nearly, so
+    /// nodes still mostly agree (where "everyone fetches alone" would not agree at all).
+    pub(super) fn rank_owners_locally(&mut self, key: &str) -> Vec<Owner> {
+        self.metrics.owner_rankings_local.inc();
+        let target = KBucketKey::from(key.as_bytes().to_vec());
+        let near: Vec<PeerInfo> = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .get_closest_local_peers(&target)
+            .take(OWNERS_RANKED.get())
+            .map(|k| PeerInfo {
+                peer_id: *k.preimage(),
+                addrs: Vec::new(),
+            })
+            .collect();
+        self.ranking(key, near)
+    }
+
+    /// This node and `peers` (those reachable, with a registry address), closest first.
+    fn ranking(&mut self, key: &str, peers: Vec<PeerInfo>) -> Vec<Owner> {
         let mut candidates: Vec<(PeerId, Owner)> = vec![(*self.swarm.local_peer_id(), Owner::Me)];
         for info in peers {
             if self.is_unreachable(&info.peer_id) {
@@ -105,10 +121,19 @@ impl EventLoop {
                 candidates.push((info.peer_id, Owner::Peer(peer)));
             }
         }
-        let ranked: Vec<Owner> = closest_first(&key, candidates, |(id, _)| *id)
+        closest_first(key, candidates, |(id, _)| *id)
             .into_iter()
             .map(|(_, o)| o)
-            .collect();
+            .collect()
+    }
+
+    /// The query for a ranking ended (with the peers that answered, also on a timeout).
+    pub(super) fn owners_found(&mut self, id: QueryId, peers: Vec<PeerInfo>) {
+        let Some((key, waiting)) = self.owner_queries.running.remove(&id) else {
+            return;
+        };
+        self.owner_queries.by_key.remove(&key);
+        let ranked = self.ranking(&key, peers);
         for reply in waiting {
             let _ = reply.send(ranked.clone());
         }
