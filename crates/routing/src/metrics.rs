@@ -67,7 +67,7 @@ impl P2pMetrics {
         );
         registry.register(
             "mirrorlet_p2p_owner_rankings_local",
-            "Owner rankings taken from the routing table alone because the DHT query took over 2 s",
+            "Owner rankings taken from the routing table alone because the DHT query was too slow",
             me.owner_rankings_local.clone(),
         );
         registry.register(

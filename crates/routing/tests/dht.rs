@@ -347,6 +347,9 @@ async fn a_withdrawal_reaches_the_peers_before_it_returns() {
     while !finds(&b, "sha256:leaving", &a).await {
         assert!(Instant::now() < deadline, "found before the withdrawal");
     }
+    // Found by asking a itself: let the announcement reach b's record store too (it is
+    // paced, and on a busy machine it can trail the first answer).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     a.router
         .withdraw(vec!["sha256:leaving".into()])
         .await

@@ -70,6 +70,9 @@ pub(crate) const UNREACHABLE_FOR: std::time::Duration = std::time::Duration::fro
 const LIVENESS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a probe may take before the peer counts as unreachable.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// A node that knows peers but is connected to none bootstraps again once every this many
+/// `rebootstrap` periods (a minute by default).
+const IDLE_REBOOTSTRAPS: u32 = 6;
 /// Addresses dialled at most from one DNS bootstrap answer: enough to join, without
 /// connecting to every node of a large cluster at once.
 const BOOTSTRAP_DIALS: usize = 8;
@@ -124,6 +127,8 @@ pub(crate) struct EventLoop {
     lookups: HashMap<QueryId, mpsc::Sender<Peer>>,
     /// Rankings of the owners of keys, running and recent.
     owner_queries: OwnerQueries,
+    /// When [`EventLoop::bootstrap`] last ran.
+    last_bootstrap: Option<std::time::Instant>,
     /// Announcements to the nodes closest to each key, queued and running.
     announcements: Announcements<QueryId>,
     /// Withdrawals waiting for their requests to peers to finish, with whom to tell.
@@ -163,6 +168,7 @@ impl EventLoop {
             probed_rx,
             lookups: HashMap::new(),
             owner_queries: OwnerQueries::default(),
+            last_bootstrap: None,
             announcements: Announcements::new(),
             withdrawals: Vec::new(),
             peers: HashMap::new(),
@@ -316,12 +322,19 @@ impl EventLoop {
     /// whose peers all restarted finds them again; drops abandoned lookups and old
     /// rankings; refreshes gauges.
     pub(super) fn housekeeping(&mut self) {
-        if self.connected_peers() == 0 {
+        // Knowing nobody: at once. Connected to nobody (idle connections close, so that is
+        // normal at rest): at most every IDLE_REBOOTSTRAPS rounds, to find peers that all
+        // restarted elsewhere without a cluster-wide stream of bootstraps.
+        let due = self
+            .last_bootstrap
+            .is_none_or(|at| at.elapsed() >= self.config.rebootstrap * IDLE_REBOOTSTRAPS);
+        if self.connected_peers() == 0 && (self.routing_table_len() == 0 || due) {
+            self.last_bootstrap = Some(std::time::Instant::now());
             self.bootstrap();
             if self.routing_table_len() > 0 {
                 let _ = self.swarm.behaviour_mut().kad.bootstrap();
             }
-        } else {
+        } else if self.connected_peers() > 0 {
             self.heal_routing_table();
         }
         self.owner_queries.expire();
