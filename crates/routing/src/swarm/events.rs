@@ -94,7 +94,7 @@ impl EventLoop {
                     && state
                         .checked_at
                         .is_none_or(|at| at.elapsed() >= super::LIVENESS_CHECK_EVERY)
-                    && let Some(sa) = state.addrs.iter().find_map(socket_of)
+                    && let Some(sa) = state.listen_socket()
                 {
                     state.checked_at = Some(now);
                     self.probe(peer_id, sa);

@@ -114,6 +114,19 @@ impl PeerState {
             .find(|ip| ip.is_ipv4() == seen.is_ipv4());
         Some(listening.unwrap_or(seen))
     }
+
+    /// Where its libp2p listener is, in the family of its latest connection (a probe of
+    /// an IPv6 address from an IPv4-only network would fail whatever the peer's state).
+    fn listen_socket(&self) -> Option<SocketAddr> {
+        let sockets = self.addrs.iter().filter_map(socket_of);
+        match self.ip {
+            Some(seen) => sockets
+                .clone()
+                .find(|sa| sa.is_ipv4() == seen.is_ipv4())
+                .or_else(|| sockets.clone().next()),
+            None => sockets.clone().next(),
+        }
+    }
 }
 
 pub(crate) struct EventLoop {
@@ -447,6 +460,10 @@ mod tests {
             ..PeerState::default()
         };
         assert_eq!(p.registry_ip(), Some("127.1.0.5".parse().expect("ip")));
+        assert_eq!(
+            p.listen_socket(),
+            Some("127.1.0.5:4001".parse().expect("socket"))
+        );
         // Nothing announced in the connection's family: the connection's address.
         p.addrs.truncate(1);
         assert_eq!(p.registry_ip(), Some("127.0.0.1".parse().expect("ip")));
