@@ -42,8 +42,8 @@ pub struct RouterStatus {
     pub advertised_keys: usize,
     /// Where this node listens for peers (transport addresses).
     pub listen: Vec<String>,
-    /// The agents this node knows: connected ones, and ones whose connections dropped
-    /// recently. Sorted by id.
+    /// The agents this node knows: connected, idle (connections close when unused) or
+    /// unreachable, until records naming them would have expired. Sorted by id.
     pub peers: Vec<PeerLink>,
 }
 

@@ -14,7 +14,8 @@ use libp2p::pnet::PreSharedKey;
 /// only bounds how long the DHT can name a node that vanished *without anyone noticing*;
 /// in practice stale records matter little because (1) a node withdraws its keys on
 /// graceful shutdown and when content is deleted, telling its peers to drop them at once;
-/// (2) a peer whose connections drop is left out of lookups immediately; and (3) a peer
+/// (2) a peer whose connection breaks and whose listener then refuses a probe (or that a
+/// dial fails to reach) is left out of lookups for a minute; and (3) a peer
 /// that fails a transfer is skipped for a while by the registry. Spegel instead relies on
 /// a 19-minute validity alone, so a dead node is offered to clients until it expires.
 pub const DEFAULT_PROVIDER_TTL: Duration = Duration::from_secs(20 * 60);

@@ -42,7 +42,7 @@ impl P2pMetrics {
         );
         registry.register(
             "mirrorlet_p2p_members",
-            "Connected agents among which owners of pull-through fetches are chosen",
+            "Agents with an open connection (connections close when idle)",
             me.members.clone(),
         );
         registry.register(

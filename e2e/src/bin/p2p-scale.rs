@@ -581,7 +581,11 @@ impl Cluster {
             let answers = self
                 .everyone(&format!("owners sha256:{tag}-owner-{i}"))
                 .await?;
-            let firsts: HashSet<String> = answers.into_iter().flatten().collect();
+            let firsts: HashSet<String> = answers
+                .into_iter()
+                .flatten()
+                .filter(|a| a != "error")
+                .collect();
             on_dead += firsts.iter().filter(|f| dead.contains(*f)).count();
             total += firsts.len();
             max = max.max(firsts.len());

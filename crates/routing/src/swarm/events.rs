@@ -126,6 +126,9 @@ impl EventLoop {
                 // Loopback addresses are only useful when the peer is on this host too, and
                 // IPv6 link-local ones never (they need the peer's interface).
                 let local_peer = state.ip.is_some_and(|ip| ip.is_loopback());
+                // What it says now replaces what it said before: a restarted agent keeps
+                // its peer id but may have a new address.
+                state.addrs.clear();
                 for addr in info.listen_addrs {
                     if ip_of(&addr).is_some_and(|ip| {
                         !ip.is_unspecified()
@@ -165,11 +168,13 @@ impl EventLoop {
                     QueryResult::GetProviders(Err(_)) => {
                         self.lookups.remove(&id);
                     }
-                    QueryResult::GetClosestPeers(Ok(kad::GetClosestPeersOk { peers, .. }))
-                    | QueryResult::GetClosestPeers(Err(kad::GetClosestPeersError::Timeout {
+                    QueryResult::GetClosestPeers(Ok(kad::GetClosestPeersOk { peers, .. })) => {
+                        self.owners_found(id, peers, true);
+                    }
+                    QueryResult::GetClosestPeers(Err(kad::GetClosestPeersError::Timeout {
                         peers,
                         ..
-                    })) => self.owners_found(id, peers),
+                    })) => self.owners_found(id, peers, false),
                     QueryResult::StartProviding(result) => {
                         match self.announcements.ended(&id, result.is_ok()) {
                             Some(Ended::Announced) | None => {}

@@ -77,21 +77,21 @@ const IDLE_REBOOTSTRAPS: u32 = 6;
 /// connecting to every node of a large cluster at once.
 const BOOTSTRAP_DIALS: usize = 8;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct PeerState {
     /// The address peers reach it at (from the connection or identify).
     ip: Option<IpAddr>,
     /// Its registry port (from identify).
     http_port: Option<u16>,
-    /// Open connections. Connections close when idle (see `IDLE_CONNECTION_TIMEOUT`), so
-    /// none open says nothing about whether the peer is alive.
+    /// Open connections. Connections close when idle (`P2pConfig::idle_timeout`), so none
+    /// open says nothing about whether the peer is alive.
     connections: u32,
     /// When its last connection closed; it is forgotten once records naming it have expired.
     idle_since: Option<std::time::Instant>,
-    /// When a dial to it failed: it is left out of lookups and rankings for
-    /// [`UNREACHABLE_FOR`], or until it connects again.
+    /// When a dial to it or a probe of it failed: it is left out of lookups and rankings
+    /// for [`UNREACHABLE_FOR`], or until it connects again.
     unreachable_at: Option<std::time::Instant>,
-    /// When a connection of its broke and it was dialled to see whether it is still there.
+    /// When a connection of its broke and it was probed to see whether it is still there.
     checked_at: Option<std::time::Instant>,
     /// Addresses it listens on (dialled, or from identify), to restore it in the routing table.
     addrs: Vec<Multiaddr>,
@@ -107,25 +107,35 @@ impl PeerState {
     /// 127.0.0.1 whatever the peer's address).
     fn registry_ip(&self) -> Option<IpAddr> {
         let seen = self.ip?;
-        let listening = self
-            .addrs
-            .iter()
-            .filter_map(addr::ip_of)
-            .find(|ip| ip.is_ipv4() == seen.is_ipv4());
-        Some(listening.unwrap_or(seen))
+        Some(self.listen_socket().map_or(seen, |sa| sa.ip()))
     }
 
-    /// Where its libp2p listener is, in the family of its latest connection (a probe of
-    /// an IPv6 address from an IPv4-only network would fail whatever the peer's state).
+    /// Where its libp2p listener is: the listen address on the IP of its latest connection
+    /// if it has one, else the first of that connection's family (never the other family:
+    /// a probe of an IPv6 address from an IPv4-only network fails whatever the peer's state).
     fn listen_socket(&self) -> Option<SocketAddr> {
-        let sockets = self.addrs.iter().filter_map(socket_of);
-        match self.ip {
-            Some(seen) => sockets
-                .clone()
-                .find(|sa| sa.is_ipv4() == seen.is_ipv4())
-                .or_else(|| sockets.clone().next()),
-            None => sockets.clone().next(),
-        }
+        let seen = self.ip?;
+        let mut same_family = self
+            .addrs
+            .iter()
+            .filter_map(socket_of)
+            .filter(|sa| sa.is_ipv4() == seen.is_ipv4());
+        let first = same_family.next()?;
+        Some(
+            std::iter::once(first)
+                .chain(same_family)
+                .find(|sa| sa.ip() == seen)
+                .unwrap_or(first),
+        )
+    }
+
+    /// Whether a dial to it or a probe of it failed within [`UNREACHABLE_FOR`] (and it has
+    /// not connected since: an open connection proves it is there).
+    fn is_unreachable(&self) -> bool {
+        self.connections == 0
+            && self
+                .unreachable_at
+                .is_some_and(|at| at.elapsed() < UNREACHABLE_FOR)
     }
 }
 
@@ -135,8 +145,8 @@ pub(crate) struct EventLoop {
     resolved_tx: mpsc::Sender<Vec<SocketAddr>>,
     resolved_rx: mpsc::Receiver<Vec<SocketAddr>>,
     /// Results of liveness probes: the peer, and whether its listener answered.
-    probed_tx: mpsc::Sender<(PeerId, bool)>,
-    probed_rx: mpsc::Receiver<(PeerId, bool)>,
+    probed_tx: mpsc::Sender<(PeerId, bool, std::time::Instant)>,
+    probed_rx: mpsc::Receiver<(PeerId, bool, std::time::Instant)>,
     lookups: HashMap<QueryId, mpsc::Sender<Peer>>,
     /// Rankings of the owners of keys, running and recent.
     owner_queries: OwnerQueries,
@@ -204,7 +214,7 @@ impl EventLoop {
                 },
                 event = self.swarm.select_next_some() => self.on_event(event),
                 Some(addrs) = self.resolved_rx.recv() => self.dial_addrs(addrs),
-                Some((peer, up)) = self.probed_rx.recv() => self.probed(peer, up),
+                Some((peer, up, started)) = self.probed_rx.recv() => self.probed(peer, up, started),
                 _ = tick.tick() => self.housekeeping(),
                 () = self.shutdown.cancelled() => break,
             }
@@ -245,10 +255,7 @@ impl EventLoop {
                 address: p.remote.as_ref().map(ToString::to_string),
                 state: if p.connections > 0 {
                     LinkState::Connected
-                } else if p
-                    .unreachable_at
-                    .is_some_and(|at| at.elapsed() < UNREACHABLE_FOR)
-                {
+                } else if p.is_unreachable() {
                     LinkState::Unreachable
                 } else {
                     LinkState::Idle
@@ -276,22 +283,24 @@ impl EventLoop {
     /// answer comes back to [`EventLoop::probed`]).
     pub(super) fn probe(&self, peer: PeerId, addr: SocketAddr) {
         let tx = self.probed_tx.clone();
+        let started = std::time::Instant::now();
         tokio::spawn(async move {
             let up = matches!(
                 tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
                 Ok(Ok(_))
             );
-            let _ = tx.send((peer, up)).await;
+            let _ = tx.send((peer, up, started)).await;
         });
     }
 
-    /// A probe's answer: a peer whose listener did not answer (and that has not connected
-    /// since) is unreachable.
-    fn probed(&mut self, peer: PeerId, up: bool) {
+    /// A probe's answer: a peer whose listener did not answer, and that has not connected
+    /// since the probe started, is unreachable.
+    fn probed(&mut self, peer: PeerId, up: bool, started: std::time::Instant) {
         let Some(state) = self.peers.get(&peer) else {
             return;
         };
-        if up || state.connections > 0 {
+        // Connected now, or closed again after the probe began (so it connected since).
+        if up || state.idle_since.is_none_or(|closed| closed > started) {
             return;
         }
         self.mark_unreachable(
@@ -302,23 +311,26 @@ impl EventLoop {
 
     /// Leaves `peer` out of lookups and rankings for [`UNREACHABLE_FOR`].
     pub(super) fn mark_unreachable(&mut self, peer: PeerId, why: &str) {
+        let now = std::time::Instant::now();
         let state = self.peers.entry(peer).or_default();
+        if state.connections > 0 {
+            return; // an open connection proves it is there
+        }
+        // A peer never connected is forgotten like one that was (see `housekeeping`).
+        state.idle_since.get_or_insert(now);
         if state
             .unreachable_at
             .is_none_or(|at| at.elapsed() >= UNREACHABLE_FOR)
         {
             tracing::info!(%peer, why, "peer unreachable; left out of lookups for {}s", UNREACHABLE_FOR.as_secs());
         }
-        state.unreachable_at = Some(std::time::Instant::now());
+        state.unreachable_at = Some(now);
         self.metrics.peers_unreachable.inc();
     }
 
-    /// Whether a dial to `peer` failed within [`UNREACHABLE_FOR`].
+    /// Whether `peer` is left out of lookups and rankings ([`PeerState::is_unreachable`]).
     pub(super) fn is_unreachable(&self, peer: &PeerId) -> bool {
-        self.peers
-            .get(peer)
-            .and_then(|p| p.unreachable_at)
-            .is_some_and(|at| at.elapsed() < UNREACHABLE_FOR)
+        self.peers.get(peer).is_some_and(PeerState::is_unreachable)
     }
 
     fn routing_table_len(&mut self) -> usize {
@@ -387,8 +399,9 @@ impl EventLoop {
     }
 
     /// Dials the static bootstrap peers and resolves the DNS name (in the background, then
-    /// [`EventLoop::dial_addrs`]). Called when the node knows no peer; once it knows some,
-    /// Kademlia's own periodic bootstrap refreshes the routing table.
+    /// [`EventLoop::dial_addrs`]). Called when the node knows no peer, and once a minute
+    /// when it is connected to none; otherwise Kademlia's own periodic bootstrap refreshes
+    /// the routing table.
     pub(super) fn bootstrap(&mut self) {
         for addr in self.config.bootstrap.clone() {
             if !self.is_own(&addr)
@@ -460,6 +473,14 @@ mod tests {
             ..PeerState::default()
         };
         assert_eq!(p.registry_ip(), Some("127.1.0.5".parse().expect("ip")));
+        // Of several in the family, the one the connection came from.
+        let mut multi = p.clone();
+        multi.ip = Some("10.0.0.7".parse().expect("ip"));
+        multi.addrs = ["/ip4/172.17.0.1/tcp/4001", "/ip4/10.0.0.7/tcp/4001"]
+            .iter()
+            .map(|a| a.parse().expect("addr"))
+            .collect();
+        assert_eq!(multi.registry_ip(), multi.ip);
         assert_eq!(
             p.listen_socket(),
             Some("127.1.0.5:4001".parse().expect("socket"))

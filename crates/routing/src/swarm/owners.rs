@@ -2,8 +2,10 @@
 //! the DHT's XOR metric (the same nodes that store the key's provider records), found with
 //! an iterative `FIND_NODE` query, so every node agrees on the owner however few of the
 //! other nodes it knows itself. Only peers that answered the query are ranked, so a dead
-//! node drops out of the ranking by itself. Answers are kept for [`OWNERS_FRESH`], and
-//! concurrent asks for one key share one query.
+//! node drops out of the ranking by itself. Complete answers are kept for
+//! [`OWNERS_FRESH`], and concurrent asks for one key share one query. When the query is
+//! too slow the ranking comes from the routing table, which agrees less across nodes and
+//! may name a node that died (the registry then skips it after one failed request).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -59,13 +61,25 @@ impl OwnerQueries {
 impl EventLoop {
     /// Answers from the cache, joins a running query for the key, or starts one.
     pub(super) fn rank_owners(&mut self, key: String, reply: oneshot::Sender<Vec<Owner>>) {
-        let q = &mut self.owner_queries;
-        if let Some((at, ranked)) = q.cache.get(&key)
+        if let Some((at, ranked)) = self.owner_queries.cache.get(&key)
             && at.elapsed() < OWNERS_FRESH
         {
-            let _ = reply.send(ranked.clone());
+            // Peers found unreachable since are left out.
+            let ranked: Vec<Owner> = ranked
+                .iter()
+                .filter(|o| match o {
+                    Owner::Me => true,
+                    Owner::Peer(p) => !p
+                        .id
+                        .parse::<PeerId>()
+                        .is_ok_and(|id| self.is_unreachable(&id)),
+                })
+                .cloned()
+                .collect();
+            let _ = reply.send(ranked);
             return;
         }
+        let q = &mut self.owner_queries;
         if let Some(id) = q.by_key.get(&key)
             && let Some((_, waiting)) = q.running.get_mut(id)
         {
@@ -127,27 +141,30 @@ impl EventLoop {
             .collect()
     }
 
-    /// The query for a ranking ended (with the peers that answered, also on a timeout).
-    pub(super) fn owners_found(&mut self, id: QueryId, peers: Vec<PeerInfo>) {
+    /// The query for a ranking ended with the peers that answered (`complete` false: it
+    /// timed out). Only a complete ranking that names other agents is kept for reuse.
+    pub(super) fn owners_found(&mut self, id: QueryId, peers: Vec<PeerInfo>, complete: bool) {
         let Some((key, waiting)) = self.owner_queries.running.remove(&id) else {
             return;
         };
         self.owner_queries.by_key.remove(&key);
+        let keep = complete && !peers.is_empty();
         let ranked = self.ranking(&key, peers);
         for reply in waiting {
             let _ = reply.send(ranked.clone());
         }
+        if !keep {
+            return;
+        }
+        self.owner_queries.expire();
         let cache = &mut self.owner_queries.cache;
-        if cache.len() >= OWNERS_CACHED {
-            cache.retain(|_, (at, _)| at.elapsed() < OWNERS_FRESH);
-            if cache.len() >= OWNERS_CACHED
-                && let Some(oldest) = cache
-                    .iter()
-                    .min_by_key(|(_, (at, _))| *at)
-                    .map(|(k, _)| k.clone())
-            {
-                cache.remove(&oldest);
-            }
+        if cache.len() >= OWNERS_CACHED
+            && let Some(oldest) = cache
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(k, _)| k.clone())
+        {
+            cache.remove(&oldest);
         }
         cache.insert(key, (Instant::now(), ranked));
     }
