@@ -438,18 +438,7 @@ async fn with_every_connection_closed_when_idle_lookups_and_owner_rankings_still
         c.idle_timeout = Duration::from_millis(500);
         c.rebootstrap = Duration::from_secs(60);
     };
-    let seed = start_with(idle).await;
-    let seed_addr = seed.addr.clone();
-    let mut nodes = vec![seed];
-    for _ in 0..5 {
-        nodes.push(
-            start_with(|c| {
-                idle(c);
-                c.bootstrap = vec![seed_addr.clone()];
-            })
-            .await,
-        );
-    }
+    let nodes = seeded(6, idle).await;
     for n in &nodes[1..] {
         wait_connected(n, 1).await;
     }
@@ -477,36 +466,10 @@ async fn with_every_connection_closed_when_idle_lookups_and_owner_rankings_still
             "found with no connection open"
         );
     }
-    let ids = |n: &Node, owners: Vec<mirrorlet_oci::Owner>| -> Vec<String> {
-        owners
-            .into_iter()
-            .map(|o| match o {
-                mirrorlet_oci::Owner::Me => n.router.peer_id().to_string(),
-                mirrorlet_oci::Owner::Peer(p) => p.id,
-            })
-            .collect()
-    };
-    let expected = mirrorlet_routing::closest_first(
-        key,
-        nodes.iter().map(|n| n.router.peer_id()).collect(),
-        |p| *p,
-    );
-    let expected: Vec<String> = expected.iter().map(ToString::to_string).collect();
     // Every node ranks every node, closest to the key first (an incomplete ranking is not
     // kept, so asking again asks the DHT again).
-    let deadline = Instant::now() + Duration::from_secs(10);
     for n in &nodes {
-        loop {
-            let ranked = ids(n, n.router.owners(key).await.expect("owners"));
-            if ranked == expected {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ranked {ranked:?}, want {expected:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        ranks_all_closest_first(n, key, &nodes).await;
     }
     for n in &nodes {
         assert_eq!(n.metrics.providers_without_address.get(), 0);
@@ -521,53 +484,65 @@ async fn with_every_connection_closed_when_idle_lookups_and_owner_rankings_still
 #[tokio::test]
 async fn a_slow_dht_gives_the_owner_ranking_from_the_routing_table() {
     let slow = |c: &mut P2pConfig| c.owners_wait = Duration::ZERO;
-    let seed = start_with(slow).await;
+    let nodes = seeded(4, slow).await;
+    let key = "sha256:slow-dht";
+    for n in &nodes {
+        ranks_all_closest_first(n, key, &nodes).await;
+        assert!(n.metrics.owner_rankings_local.get() > 0, "counted");
+    }
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// `n` nodes configured by `config`, all bootstrapped to the first.
+async fn seeded(n: usize, config: impl Fn(&mut P2pConfig)) -> Vec<Node> {
+    let seed = start_with(&config).await;
     let seed_addr = seed.addr.clone();
     let mut nodes = vec![seed];
-    for _ in 0..3 {
+    for _ in 1..n {
         nodes.push(
             start_with(|c| {
-                slow(c);
+                config(c);
                 c.bootstrap = vec![seed_addr.clone()];
             })
             .await,
         );
     }
-    let key = "sha256:slow-dht";
+    nodes
+}
+
+/// Waits (10 s at most) until `node` ranks every one of `all` as owners of `key`, closest to
+/// the key first.
+async fn ranks_all_closest_first(node: &Node, key: &str, all: &[Node]) {
     let expected: Vec<String> = mirrorlet_routing::closest_first(
         key,
-        nodes.iter().map(|n| n.router.peer_id()).collect(),
+        all.iter().map(|n| n.router.peer_id()).collect(),
         |p| *p,
     )
     .iter()
     .map(ToString::to_string)
     .collect();
     let deadline = Instant::now() + Duration::from_secs(10);
-    for n in &nodes {
-        loop {
-            let ranked: Vec<String> = n
-                .router
-                .owners(key)
-                .await
-                .expect("owners")
-                .into_iter()
-                .map(|o| match o {
-                    mirrorlet_oci::Owner::Me => n.router.peer_id().to_string(),
-                    mirrorlet_oci::Owner::Peer(p) => p.id,
-                })
-                .collect();
-            if ranked == expected {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ranked {ranked:?}, want {expected:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    loop {
+        let ranked: Vec<String> = node
+            .router
+            .owners(key)
+            .await
+            .expect("owners")
+            .into_iter()
+            .map(|o| match o {
+                mirrorlet_oci::Owner::Me => node.router.peer_id().to_string(),
+                mirrorlet_oci::Owner::Peer(p) => p.id,
+            })
+            .collect();
+        if ranked == expected {
+            return;
         }
-        assert!(n.metrics.owner_rankings_local.get() > 0, "counted");
-    }
-    for n in nodes {
-        n.stop().await;
+        assert!(
+            Instant::now() < deadline,
+            "ranked {ranked:?}, want {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
