@@ -138,7 +138,7 @@ async fn main() -> Result<()> {
         );
     }
     println!(
-        "\nOne node fetched each layer from the registry (its owner, chosen by rendezvous hashing)\n\
+        "\nOne node fetched each layer from the registry (its owner: the agent closest to it in the DHT)\n\
          and streamed it to the others while it downloaded; late arrivals were served by the cluster."
     );
     let left = cluster.teardown();
