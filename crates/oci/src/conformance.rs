@@ -461,6 +461,13 @@ pub async fn check_router(a: &dyn Router, b: &dyn Router, a_peer: &Peer) {
         own.iter().all(|p| p.addr != a_peer.addr),
         "a node never finds itself: {own:?}"
     );
+    // It knows where its peers reach its registry: where they found it.
+    assert!(
+        a.registry_addrs().contains(&a_peer.addr),
+        "a names its registry as its peers find it: {:?}, not {}",
+        a.registry_addrs(),
+        a_peer.addr
+    );
     let status = a.status().await.expect("status");
     assert!(status.advertised_keys >= 2);
     assert!(!status.listen.is_empty(), "a node says where it listens");

@@ -106,11 +106,18 @@ pub trait Router: Send + Sync + 'static {
     /// This node's identity, as its peers know it.
     fn local_id(&self) -> String;
 
-    /// The nodes that fetch `key` for the whole cluster, best first: the owner, then its
-    /// backups. Every node that asks gets the same order (up to the views of a network
-    /// that is changing), without a central server; this node is in the list at its
-    /// rank, so the owners ahead of it are the ones to ask before fetching itself.
+    /// The nodes that fetch `key` for the whole cluster, best first, as far as this node
+    /// knows: the owner, then its backups; this node is in the list at its rank, so the
+    /// owners ahead of it are the ones to ask before fetching itself. Answered from what
+    /// the node knows, without asking the network. Nodes that know every other rank the
+    /// same order; in a large cluster views differ, and a node asked as the owner that
+    /// knows a better one sends the asker on to it (the registry's `cluster` module).
     async fn owners(&self, key: &str) -> Result<Vec<Owner>, RouterError>;
+
+    /// Where other agents reach this node's registry, as far as this node knows (empty
+    /// when it does not know yet). An agent that streams a blob to others names them with
+    /// these addresses when it is too busy to take more.
+    fn registry_addrs(&self) -> Vec<SocketAddr>;
 }
 
 /// A node ranked by [`Router::owners`].
@@ -134,6 +141,8 @@ pub struct MemoryNetwork {
 pub struct MemoryRouter {
     network: Arc<MemoryNetwork>,
     me: Peer,
+    /// Members this node does not know of (a partial view, as in a large cluster).
+    unknown: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl MemoryRouter {
@@ -144,7 +153,21 @@ impl MemoryRouter {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(me.clone());
-        Self { network, me }
+        Self {
+            network,
+            me,
+            unknown: Arc::default(),
+        }
+    }
+
+    /// This node no longer knows of the member `id` when it ranks owners (lookups still
+    /// find it as a provider): a partial view of the network, as nodes of a large cluster
+    /// have.
+    pub fn forget(&self, id: &str) {
+        self.unknown
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.to_owned());
     }
 
     /// Leaves the network, as a node whose connections dropped: it is no longer a member,
@@ -238,10 +261,25 @@ impl Router for MemoryRouter {
         self.me.id.clone()
     }
 
-    /// Rendezvous hashing over every member of the network: the same order everywhere.
+    fn registry_addrs(&self) -> Vec<SocketAddr> {
+        vec![self.me.addr]
+    }
+
+    /// Rendezvous hashing over the members this node knows of: the same order everywhere
+    /// unless some were forgotten ([`MemoryRouter::forget`]).
     async fn owners(&self, key: &str) -> Result<Vec<Owner>, RouterError> {
+        let unknown = self
+            .unknown
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let mut all = vec![Owner::Me];
-        all.extend(self.members().into_iter().map(Owner::Peer));
+        all.extend(
+            self.members()
+                .into_iter()
+                .filter(|p| !unknown.contains(&p.id))
+                .map(Owner::Peer),
+        );
         let me = self.me.id.clone();
         Ok(crate::rendezvous::rank(key, all, |o| match o {
             Owner::Me => me.clone(),

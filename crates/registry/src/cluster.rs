@@ -1,31 +1,55 @@
 //! The cluster view of the registry: which node fetches something from upstream for
-//! everyone, and the headers agents use between themselves. The owners of a key (a digest
-//! or a tag) are ranked by the router ([`mirrorlet_oci::Router::owners`]: in the DHT, the
-//! agents whose ids are closest to the key), so every node picks the same owner without
-//! a central server; the next ranks are the backups. Peers that failed recently are left
-//! out, so a dead owner is passed over at once (other nodes may still pick it until they
-//! notice: at worst a few duplicate fetches).
+//! everyone, and the headers agents use between themselves.
+//!
+//! The owner of a key (a digest or a tag) is the agent whose id is closest to the key in
+//! the DHT's metric. Each node ranks the agents it knows ([`mirrorlet_oci::Router::owners`])
+//! and asks the first one ahead of itself. In a large cluster no node knows every other,
+//! but each knows its own neighbourhood of the id space best: an agent asked as the owner
+//! that knows one closer to the key answers with a redirect to it ([`OWNER_HEADER`]), and
+//! the asker follows ([`walk`]), so every request ends at the same owner however little the
+//! asking node knows, as a Kademlia lookup would, at the cost of a request per hop. A
+//! redirect to an agent that failed, or one too many, is answered by asking the agent that
+//! redirected to fetch itself ([`INSIST`]). Peers that failed recently are left out of the
+//! ranking, so a dead owner is passed over at once (nodes that have not noticed yet may
+//! still pick it: at worst a few duplicate fetches).
+//!
+//! An owner streams a blob to a bounded number of peers while it downloads; when full, it
+//! answers "busy" with the agents reading from it ([`FOLLOWERS_HEADER`]), each of which can
+//! stream its own growing copy to others: the cluster's copies form a tree, and a burst of
+//! requests for one new blob costs one upstream download whatever the cluster's size.
 
-use mirrorlet_oci::{Digest, Owner, Peer};
+use std::net::{IpAddr, SocketAddr};
+
+use http::{HeaderMap, HeaderValue};
+use mirrorlet_oci::{Owner, Peer};
 
 use crate::state::AppState;
 
 /// With [`crate::PEER_HEADER`], asks the receiving agent to act as the owner: to fetch
-/// what it does not hold from upstream, for the cluster, and serve it as it arrives.
+/// what it does not hold from upstream, for the cluster, and serve it as it arrives. Its
+/// value is [`ASK_OWNER`] or [`INSIST`].
 pub const CLUSTER_HEADER: &str = "x-mirrorlet-fetch";
+/// [`CLUSTER_HEADER`]: fetch it, or send the asker on to an agent closer to the key.
+pub const ASK_OWNER: &str = "cluster";
+/// [`CLUSTER_HEADER`]: fetch it here, whoever is closer (the asker found no better owner).
+pub const INSIST: &str = "insist";
 /// Peer owners asked (the owner, then one backup) before fetching directly.
 pub const OWNER_PEERS: usize = 2;
+/// Redirects followed from one owner asked before insisting. Each hop gets closer to the
+/// key, and a few hops reach the owner in any cluster (about log2(N)/4 of them).
+pub const MAX_REDIRECTS: usize = 8;
 
 /// Set on the `503` of an agent that already streams a blob to as many peers as it may.
 pub const BUSY_HEADER: &str = "x-mirrorlet-busy";
+/// On a busy answer: the registries of agents that read the blob from this one lately,
+/// comma-separated: they stream their own copies as they grow.
+pub const FOLLOWERS_HEADER: &str = "x-mirrorlet-followers";
+/// On a `421` to an agent that asked this one as the owner: the registry of an agent
+/// closer to the key, to ask instead.
+pub const OWNER_HEADER: &str = "x-mirrorlet-owner";
 /// When the digest a tag resolves to was last confirmed upstream, in seconds since the
 /// Unix epoch: on tag answers between agents, so a stale answer never looks fresh.
 pub const TAG_CONFIRMED_HEADER: &str = "x-mirrorlet-tag-confirmed";
-
-/// The key under which a node advertises a blob it is downloading right now.
-pub fn fetching_key(digest: &Digest) -> String {
-    format!("fetching:{digest}")
-}
 
 /// Peers ranked above this node for `key`, best first, at most `max`: the owner and its
 /// backups to ask before fetching here. Empty when this node owns the key.
@@ -59,5 +83,174 @@ pub async fn owners(state: &AppState, key: &str) -> Vec<Owner> {
             tracing::debug!(error = %e, "no ranking of owners; fetching alone");
             vec![Owner::Me]
         }
+    }
+}
+
+/// For a request that asks this node as the owner of `key` (not insisting): an agent this
+/// node knows to be closer to the key, to send the asker on to. `None`: this node is the
+/// owner as far as it knows.
+pub async fn closer_owner(state: &AppState, key: &str) -> Option<Peer> {
+    match owners(state, key).await.into_iter().next() {
+        Some(Owner::Peer(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// What an agent asked as an owner answered, when it gave no answer for the caller.
+pub(crate) enum Step {
+    /// It knows an agent closer to the key.
+    Redirect(Peer),
+    /// It failed (and was marked): the agent that sent us to it must do without it.
+    Failed,
+    /// It could not get it this time (its upstream fetch failed): not worth asking the
+    /// agents on the way to it; the next owner in this node's ranking.
+    Unavailable,
+}
+
+/// The owners of a key to ask, in turn: those ahead of this node ([`OWNER_PEERS`] at most),
+/// each until it gives an answer, following its redirects to agents closer to the key, and
+/// going back to the agent that redirected (insisting that it fetch itself) when the one it
+/// named fails, was already asked, is this node, or is one hop too many. The caller asks
+/// [`Walk::next`] and reports each answer that is not its own with [`Walk::went`]; when
+/// `next` gives nothing, no owner ahead of this node answered, and this node fetches itself.
+pub(crate) struct Walk {
+    /// Owners from this node's ranking still to start from, best last.
+    ranked: Vec<Peer>,
+    /// The agents on the way from the one started from to the one being asked.
+    path: Vec<Peer>,
+    insist: bool,
+    me: Vec<SocketAddr>,
+}
+
+impl Walk {
+    /// A walk over the owners of `key` ahead of this node.
+    pub(crate) async fn new(state: &AppState, key: &str) -> Self {
+        let mut ranked = ahead_of_me(state, key, OWNER_PEERS).await;
+        ranked.reverse();
+        Self {
+            ranked,
+            path: Vec::new(),
+            insist: false,
+            me: state.router.registry_addrs(),
+        }
+    }
+
+    /// The agent to ask next, and whether to insist that it fetch itself.
+    pub(crate) fn next(&mut self) -> Option<(Peer, bool)> {
+        if self.path.is_empty() {
+            self.path.push(self.ranked.pop()?);
+            self.insist = false;
+        }
+        self.path.last().map(|p| (p.clone(), self.insist))
+    }
+
+    /// The agent just asked answered `step`.
+    pub(crate) fn went(&mut self, step: Step, state: &AppState, key: &str) {
+        match step {
+            Step::Redirect(to) if !self.insist => {
+                let dead_end = self.path.len() > MAX_REDIRECTS
+                    || self.path.iter().any(|p| p.addr == to.addr)
+                    || self.me.contains(&to.addr)
+                    || state.failed_peers.is_failed(&to);
+                if dead_end {
+                    self.insist = true;
+                } else {
+                    state.metrics.owner_redirects.inc();
+                    if let Some(from) = self.path.last() {
+                        tracing::debug!(%key, from = %from.addr, to = %to.addr, "sent on to an owner closer to the key");
+                    }
+                    self.path.push(to);
+                }
+            }
+            // One that redirects even when asked to insist is not a working owner.
+            Step::Redirect(_) | Step::Failed => {
+                self.path.pop();
+                self.insist = true;
+            }
+            Step::Unavailable => self.path.clear(),
+        }
+    }
+}
+
+/// The value of [`CLUSTER_HEADER`] for an ask that `insist`s or not.
+pub(crate) fn mode(insist: bool) -> HeaderValue {
+    HeaderValue::from_static(if insist { INSIST } else { ASK_OWNER })
+}
+
+/// The value of [`crate::PEER_HEADER`] on this node's requests to other agents: its
+/// registry addresses (so that an agent it reads a blob from can send others on to it),
+/// or `1` while it does not know them.
+pub(crate) fn peer_header(state: &AppState) -> HeaderValue {
+    let addrs: Vec<String> = state
+        .router
+        .registry_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    HeaderValue::from_str(&addrs.join(", ")).unwrap_or_else(|_| HeaderValue::from_static("1"))
+}
+
+/// The registry of the agent that sent `headers` over a connection from `from`: of the
+/// addresses its [`crate::PEER_HEADER`] names, the one on that IP, else the first of that
+/// family, else the first. `None` when it names none.
+pub(crate) fn sender(headers: &HeaderMap, from: Option<IpAddr>) -> Option<SocketAddr> {
+    let named = addr_list(headers.get(crate::PEER_HEADER)?);
+    let Some(from) = from else {
+        return named.first().copied();
+    };
+    named
+        .iter()
+        .find(|a| a.ip() == from)
+        .or_else(|| named.iter().find(|a| a.is_ipv4() == from.is_ipv4()))
+        .or_else(|| named.first())
+        .copied()
+}
+
+/// The addresses in a comma-separated header value (unparsable entries left out).
+pub(crate) fn addr_list(value: &HeaderValue) -> Vec<SocketAddr> {
+    value
+        .to_str()
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+/// The agent a `421` answer names as closer to the key.
+pub(crate) fn redirected_to(headers: &HeaderMap) -> Option<Peer> {
+    let addr = *addr_list(headers.get(OWNER_HEADER)?).first()?;
+    Some(Peer {
+        id: addr.to_string(),
+        addr,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(peer: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            crate::PEER_HEADER,
+            HeaderValue::from_str(peer).expect("value"),
+        );
+        h
+    }
+
+    #[test]
+    fn the_sender_is_named_by_the_address_its_connection_came_from() {
+        let h = headers("10.0.0.5:5000, [fd00::5]:5000, 172.17.0.1:5000");
+        let ip = |s: &str| Some(s.parse::<IpAddr>().expect("ip"));
+        let addr = |s: &str| Some(s.parse::<SocketAddr>().expect("addr"));
+        assert_eq!(sender(&h, ip("172.17.0.1")), addr("172.17.0.1:5000"));
+        assert_eq!(sender(&h, ip("fd00::9")), addr("[fd00::5]:5000"));
+        // A source it does not name (loopback, NAT): the first of that family.
+        assert_eq!(sender(&h, ip("127.0.0.1")), addr("10.0.0.5:5000"));
+        assert_eq!(sender(&h, None), addr("10.0.0.5:5000"));
+        // An agent that does not know its addresses yet, or garbage: nobody.
+        assert_eq!(sender(&headers("1"), ip("10.0.0.5")), None);
+        assert_eq!(sender(&headers("x, y:z"), None), None);
+        assert_eq!(sender(&HeaderMap::new(), None), None);
     }
 }

@@ -44,9 +44,18 @@ pub enum RegistryError {
     /// because upstream has no such thing), so the asker goes on to another source.
     #[error("{0}")]
     FetchFailed(String),
-    /// To another agent: this node already streams the blob to as many peers as it may.
-    #[error("already streaming this blob to {0} peers; ask another node that is downloading it")]
-    Busy(usize),
+    /// To another agent: this node already streams the blob to as many peers as it may;
+    /// `followers` read it from this node lately and stream their own copies.
+    #[error("already streaming this blob to {cap} peers; ask one of the agents reading it")]
+    Busy {
+        /// Peers streamed to at once at most.
+        cap: usize,
+        /// The registries of agents that read the blob from this node lately.
+        followers: Vec<std::net::SocketAddr>,
+    },
+    /// To another agent asking this node as the owner: `0` is closer to the key.
+    #[error("{0} is closer to the key: ask it")]
+    NotOwner(std::net::SocketAddr),
 }
 
 impl RegistryError {
@@ -65,7 +74,8 @@ impl RegistryError {
                 (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID")
             }
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
-            Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "TOOMANYREQUESTS"),
+            Self::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "TOOMANYREQUESTS"),
+            Self::NotOwner(_) => (StatusCode::MISDIRECTED_REQUEST, "UNAVAILABLE"),
             Self::FetchFailed(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
         }
     }
@@ -108,8 +118,17 @@ impl IntoResponse for RegistryError {
                     headers.insert(header::CONTENT_RANGE, v);
                 }
             }
-            Self::Busy(_) => {
+            Self::Busy { followers, .. } => {
                 headers.insert(crate::cluster::BUSY_HEADER, HeaderValue::from_static("1"));
+                let list: Vec<String> = followers.iter().map(ToString::to_string).collect();
+                if let Ok(v) = HeaderValue::from_str(&list.join(", ")) {
+                    headers.insert(crate::cluster::FOLLOWERS_HEADER, v);
+                }
+            }
+            Self::NotOwner(addr) => {
+                if let Ok(v) = HeaderValue::from_str(&addr.to_string()) {
+                    headers.insert(crate::cluster::OWNER_HEADER, v);
+                }
             }
             _ => {}
         }

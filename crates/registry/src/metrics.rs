@@ -155,6 +155,8 @@ pub struct Metrics {
     pub busy_answers: Counter,
     /// Peer requests this node refused because it streams the blob to enough peers.
     pub busy_refusals: Counter,
+    /// Redirects followed to an owner closer to the key than the one asked.
+    pub owner_redirects: Counter,
 }
 
 impl Metrics {
@@ -181,6 +183,7 @@ impl Metrics {
             ingests_aborted: Counter::default(),
             busy_answers: Counter::default(),
             busy_refusals: Counter::default(),
+            owner_redirects: Counter::default(),
         };
         registry.register(
             "mirrorlet_registry_requests",
@@ -303,6 +306,11 @@ impl Metrics {
             "mirrorlet_peer_busy_refusals",
             "Peer requests refused because this node streams the blob to enough peers",
             me.busy_refusals.clone(),
+        );
+        registry.register(
+            "mirrorlet_pullthrough_owner_redirects",
+            "Redirects followed from an agent asked as the owner to one closer to the key",
+            me.owner_redirects.clone(),
         );
         me
     }

@@ -26,7 +26,7 @@ use mirrorlet_oci::{
     BlobStream, ByteRange, Digest, ImageName, Reference, Registry, Repository, StoreError,
 };
 
-use crate::cluster::{self, CLUSTER_HEADER, TAG_CONFIRMED_HEADER};
+use crate::cluster::{self, CLUSTER_HEADER, Step, TAG_CONFIRMED_HEADER};
 use crate::error::RegistryError;
 use crate::fetch;
 use crate::metrics::{FetchLabels, Source};
@@ -109,6 +109,10 @@ struct Ask<'a> {
     parts: &'a Parts,
     head: bool,
     requester: Requester,
+    /// An owner asked to fetch here, whoever it knows to be closer to the key.
+    insist: bool,
+    /// The registry of the agent asking, when it named one.
+    sender: Option<std::net::SocketAddr>,
 }
 
 impl Ask<'_> {
@@ -157,11 +161,20 @@ async fn dispatch(
         (true, false) => Requester::Peer,
         (true, true) => Requester::Cluster,
     };
+    let from = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
     let ask = Ask {
         state,
         parts,
         head: method == Method::HEAD,
         requester,
+        insist: parts
+            .headers
+            .get(CLUSTER_HEADER)
+            .is_some_and(|v| v == cluster::INSIST),
+        sender: cluster::sender(&parts.headers, from),
     };
     match Route::parse(parts.uri.path(), &registry)? {
         Route::Base => Ok((
@@ -216,6 +229,9 @@ async fn manifest_by_digest(
     };
     if ask.requester != Requester::Peer {
         let for_cluster = ask.requester == Requester::Cluster;
+        if for_cluster && let Some(owner) = closer_owner(ask, digest.as_str()).await {
+            return Err(RegistryError::NotOwner(owner));
+        }
         match pullthrough::manifest(state, registry, repository, digest, for_cluster).await {
             Ok(m) => {
                 let resp = send_manifest(ask, &m.descriptor, m.bytes, m.source, None)?;
@@ -241,7 +257,12 @@ async fn tag(ask: &Ask<'_>, name: ImageName) -> Result<(Response, Source), Regis
     let state = ask.state;
     let pulls_through = state.upstream.allows(&name.registry);
     match ask.requester {
-        Requester::Cluster if pulls_through => tag_as_owner(ask, &name).await,
+        Requester::Cluster if pulls_through => {
+            if let Some(owner) = closer_owner(ask, &name.to_string()).await {
+                return Err(RegistryError::NotOwner(owner));
+            }
+            tag_as_owner(ask, &name).await
+        }
         Requester::Peer | Requester::Cluster => local_tag(ask, &name).await,
         Requester::Client if pulls_through => tag_for_client(ask, &name).await,
         Requester::Client => held_tag(ask, &name).await,
@@ -305,8 +326,11 @@ async fn tag_for_client(
         "/v2/{}/manifests/{}?ns={}",
         name.repository, name.reference, name.registry
     );
-    for peer in cluster::ahead_of_me(state, &key, cluster::OWNER_PEERS).await {
-        match pullthrough::ask_owner(state, &peer, &path, pullthrough::ACCEPT_ALL, ask.head).await {
+    let mut walk = cluster::Walk::new(state, &key).await;
+    while let Some((peer, insist)) = walk.next() {
+        let accept = pullthrough::ACCEPT_ALL;
+        let step = match pullthrough::ask_owner(state, &peer, &path, accept, ask.head, insist).await
+        {
             Owned::Found(headers, bytes) => {
                 let confirmed = pullthrough::confirmed_of(&headers);
                 let answer = if ask.head {
@@ -320,6 +344,7 @@ async fn tag_for_client(
                         state.peers.failure_backoff,
                         "answered a tag it could not vouch for",
                     );
+                    walk.went(Step::Failed, state, &key);
                     continue;
                 };
                 // Another clock: never later than ours.
@@ -344,10 +369,22 @@ async fn tag_for_client(
                     peer.addr
                 )));
             }
-            Owned::Failed => {}
-        }
+            Owned::Redirect(to) => Step::Redirect(to),
+            Owned::Failed => Step::Failed,
+            Owned::Unavailable => Step::Unavailable,
+        };
+        walk.went(step, state, &key);
     }
     tag_as_owner(ask, name).await
+}
+
+/// For a request asking this node as the owner of `key`: an agent closer to the key to
+/// send the asker on to, unless it insists (see [`cluster`]).
+async fn closer_owner(ask: &Ask<'_>, key: &str) -> Option<std::net::SocketAddr> {
+    if ask.insist {
+        return None;
+    }
+    cluster::closer_owner(ask.state, key).await.map(|p| p.addr)
 }
 
 /// A tag resolved by this node as its owner.
@@ -409,7 +446,17 @@ async fn blob(
     let pulls_through = state.upstream.allows(registry);
     let transfer = match ask.requester {
         Requester::Peer => state.transfers.get(digest),
-        Requester::Cluster if pulls_through => Some(start(ask, registry, repository, digest, true)),
+        // A transfer under way here serves whoever asks; else an owner closer to the key
+        // is the one to ask.
+        Requester::Cluster if pulls_through => match state.transfers.get(digest) {
+            Some(t) => Some(t),
+            None => {
+                if let Some(owner) = closer_owner(ask, digest.as_str()).await {
+                    return Err(RegistryError::NotOwner(owner));
+                }
+                Some(start(ask, registry, repository, digest, true))
+            }
+        },
         Requester::Cluster => None,
         Requester::Client if ask.head => {
             return head_blob(ask, registry, repository, digest)
@@ -448,7 +495,6 @@ fn start(
             registry: registry.clone(),
             repository: repository.clone(),
             for_cluster,
-            advertised: AtomicBool::new(false),
         }
         .spawn();
     } else {
@@ -587,9 +633,12 @@ async fn serve_peer(
 ) -> Result<(Response, Source), RegistryError> {
     let state = ask.state;
     let cap = state.pull.max_peer_streams;
-    let Some(guard) = transfer.admit_peer(cap) else {
+    let Some(guard) = transfer.admit_peer(cap, ask.sender) else {
         state.metrics.busy_refusals.inc();
-        return Err(RegistryError::Busy(cap));
+        return Err(RegistryError::Busy {
+            cap,
+            followers: transfer.followers(),
+        });
     };
     let (size, generation) = match transfer.begun().await {
         Ok(begun) => begun,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::stream::{BoxStream, FuturesUnordered};
 use futures_util::{FutureExt, StreamExt};
-use http::{HeaderValue, StatusCode};
+use http::StatusCode;
 use mirrorlet_oci::Peer;
 use mirrorlet_oci::glob::Glob;
 
@@ -258,7 +258,7 @@ pub async fn open(
     let (config, failed, metrics) = (&state.peers, &state.failed_peers, &state.metrics);
     let mut inflight = FuturesUnordered::new();
     let start = |peer: Peer| {
-        let req = build(&peer).header(PEER_HEADER, HeaderValue::from_static("1"));
+        let req = build(&peer).header(PEER_HEADER, crate::cluster::peer_header(state));
         let limit = config.read_timeout;
         async move {
             let result = send(req, limit).await;

@@ -424,6 +424,141 @@ async fn tags_are_checked_once_per_window_and_served_stale_while_upstream_is_dow
     }
 }
 
+/// The nodes of a large cluster each know only part of it: a node that does not know the
+/// owner of a key asks the closest it knows, which sends it on to the owner. One request
+/// upstream for a blob, a manifest and a tag, though most nodes never heard of its owner.
+#[tokio::test]
+async fn nodes_that_do_not_know_the_owner_are_sent_on_to_it() {
+    let names: Vec<String> = (1..=6).map(|i| format!("n{i}")).collect();
+    for (kind, what) in [
+        (RequestKind::Blob, "blobs"),
+        (RequestKind::Manifest, "manifests"),
+        (RequestKind::Head, "tag"),
+    ] {
+        let up = Arc::new(MemoryUpstream::new([registry()]));
+        let image = push(&up, "v1", 9);
+        let (_net, nodes) = cluster(6, &up, pull()).await;
+        let (key, reference) = match what {
+            "blobs" => (
+                image.blobs[1].0.digest.to_string(),
+                image.blobs[1].0.digest.to_string(),
+            ),
+            "manifests" => (
+                image.manifest.0.digest.to_string(),
+                image.manifest.0.digest.to_string(),
+            ),
+            _ => (format!("{REGISTRY}/{REPO}:v1"), "v1".to_owned()),
+        };
+        // Only the owner's runner-up knows the owner; the others never heard of it.
+        let ranked = rendezvous::rank(&key, names.clone(), String::clone);
+        for (i, (n, _)) in nodes.iter().enumerate() {
+            if names[i] != ranked[1] {
+                n.router.forget(&ranked[0]);
+            }
+        }
+        let http = reqwest::Client::new();
+        let path = if what == "blobs" {
+            "blobs"
+        } else {
+            "manifests"
+        };
+        let ask = |n: &Node| {
+            let u = url(n, path, &reference);
+            let http = http.clone();
+            async move {
+                let r = if what == "tag" {
+                    http.head(u)
+                } else {
+                    http.get(u)
+                };
+                r.header("accept", ACCEPT)
+                    .send()
+                    .await
+                    .expect("request")
+                    .status()
+            }
+        };
+        // One that does not know the owner first (alone: an agent already fetching it
+        // would serve it, sending nobody on), then everyone at once.
+        let first = names.iter().position(|x| *x == ranked[2]).expect("third");
+        assert_eq!(ask(&nodes[first].0).await, StatusCode::OK, "{what}");
+        let redirects = nodes[first]
+            .0
+            .metric("mirrorlet_pullthrough_owner_redirects_total");
+        assert_eq!(redirects, 1.0, "{what}: sent on once");
+        for status in futures_util::future::join_all(nodes.iter().map(|(n, _)| ask(n))).await {
+            assert_eq!(status, StatusCode::OK, "{what}");
+        }
+        assert_eq!(up.count(kind), 1, "{what}: {:?}", up.requests());
+    }
+}
+
+/// An owner that died is skipped; the agent that sent others to it fetches instead.
+#[tokio::test]
+async fn a_dead_owner_named_in_a_redirect_is_passed_over() {
+    let up = Arc::new(MemoryUpstream::new([registry()]));
+    let image = push(&up, "v1", 10);
+    let (small, data) = image.blobs[1].clone();
+    let net = Arc::new(MemoryNetwork::default());
+    let names = ["n1", "n2", "n3", "n4"].map(str::to_owned);
+    let key = small.digest.to_string();
+    let ranked = rendezvous::rank(&key, names.to_vec(), String::clone);
+    let mut nodes = Vec::new();
+    for name in &names {
+        let (node, _) = Node::start_with(
+            &net,
+            name,
+            Arc::new(MemoryStore::new()),
+            peers(),
+            Some((up.clone(), pull())),
+        )
+        .await;
+        nodes.push((name.clone(), node));
+    }
+    // The owner dies where nobody can reach it; only its runner-up knows it at all.
+    let owner = nodes
+        .iter()
+        .position(|(name, _)| *name == ranked[0])
+        .expect("owner");
+    let (_, dead) = nodes.remove(owner);
+    let dead_base = dead.base.clone();
+    drop(dead);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        reqwest::get(format!("{dead_base}/v2/")).await.is_err(),
+        "dead"
+    );
+    for (name, n) in &nodes {
+        if *name != ranked[1] {
+            n.router.forget(&ranked[0]);
+        }
+    }
+    let http = reqwest::Client::new();
+    let asker = nodes
+        .iter()
+        .find(|(name, _)| *name == ranked[2] || *name == ranked[3])
+        .map(|(_, n)| n)
+        .expect("a node that does not know the owner");
+    let (s, body) = get(&http, &url(asker, "blobs", small.digest.as_str())).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body == data);
+    assert_eq!(up.count(RequestKind::Blob), 1, "{:?}", up.requests());
+    // The runner-up, which sent the asker to the dead owner, fetched it for the cluster.
+    let fetched = |name: &str| {
+        nodes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, node)| {
+                node.metric("mirrorlet_pullthrough_fetches_total{kind=\"blob\",role=\"fetched\"}")
+            })
+            .expect("node")
+    };
+    assert_eq!(fetched(&ranked[1]), 1.0);
+}
+
+/// An owner streams to a bounded number of peers; the rest are sent to those reading from
+/// it, whose copies grow as the owner's does, and so on: a tree of copies, one download,
+/// and nobody waits for a slot.
 #[tokio::test]
 async fn an_owner_streams_to_a_bounded_number_of_peers_and_the_rest_follow_them() {
     let up = Arc::new(MemoryUpstream::new([registry()]));
@@ -437,12 +572,12 @@ async fn an_owner_streams_to_a_bounded_number_of_peers_and_the_rest_follow_them(
         }),
     );
     let config = PullThroughConfig {
-        max_peer_streams: 2,
-        busy_rounds: 20,
+        max_peer_streams: 1,
+        busy_rounds: 0,
         ..pull()
     };
-    let (_net, nodes) = cluster(5, &up, config).await;
-    let owner = owner_of(big.digest.as_str(), 5);
+    let (_net, nodes) = cluster(6, &up, config).await;
+    let owner = owner_of(big.digest.as_str(), 6);
     let http = reqwest::Client::new();
     let followers = nodes
         .iter()
@@ -463,6 +598,11 @@ async fn an_owner_streams_to_a_bounded_number_of_peers_and_the_rest_follow_them(
         up.requests()
     );
     assert!(nodes[owner].0.metric("mirrorlet_peer_busy_refusals_total") >= 1.0);
+    let refused: f64 = nodes
+        .iter()
+        .map(|(n, _)| n.metric("mirrorlet_peer_busy_refusals_total"))
+        .sum();
+    assert!(refused >= 3.0, "a chain: {refused} refusals");
 }
 
 #[tokio::test]

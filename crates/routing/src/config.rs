@@ -30,12 +30,6 @@ pub const DEFAULT_MAX_KEYS: usize = 500_000;
 /// How often a node that knows no peer bootstraps again (one that knows peers but is
 /// connected to none, which is normal at rest: every sixth time).
 pub const DEFAULT_REBOOTSTRAP: Duration = Duration::from_secs(10);
-/// How long a caller waits for the ranking of a key's owners (one DHT query, usually a few
-/// milliseconds in a cluster) before it takes the ranking from the routing table alone.
-/// Generous: the local ranking agrees less across nodes (in `make bench-scale`, 250
-/// agents on two cores whose queries took over 2 s ranked 25 different owners per key), and
-/// a few seconds are cheap next to an extra upstream fetch of a new image.
-pub const DEFAULT_OWNERS_WAIT: Duration = Duration::from_secs(5);
 /// A connection with nothing to do closes after this long, so a node keeps open only the
 /// connections it uses (its lookups, announcements and routing-table upkeep) rather than
 /// one to every other node. Dialling again costs a millisecond or two within a cluster.
@@ -68,8 +62,6 @@ pub struct P2pConfig {
     pub rebootstrap: Duration,
     /// See [`DEFAULT_IDLE_TIMEOUT`].
     pub idle_timeout: Duration,
-    /// See [`DEFAULT_OWNERS_WAIT`].
-    pub owners_wait: Duration,
 }
 
 impl P2pConfig {
@@ -88,7 +80,6 @@ impl P2pConfig {
             max_keys: DEFAULT_MAX_KEYS,
             rebootstrap: DEFAULT_REBOOTSTRAP,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            owners_wait: DEFAULT_OWNERS_WAIT,
         }
     }
 }

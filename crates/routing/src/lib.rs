@@ -71,7 +71,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 pub struct P2pRouter {
     commands: mpsc::Sender<Command>,
     peer_id: PeerId,
-    owners_wait: std::time::Duration,
+    registry_addrs: tokio::sync::watch::Receiver<Vec<SocketAddr>>,
 }
 
 impl P2pRouter {
@@ -128,15 +128,15 @@ impl P2pRouter {
             }
         };
         let (tx, rx) = mpsc::channel(1024);
-        let owners_wait = config.owners_wait;
-        let event_loop = EventLoop::new(swarm, rx, config, metrics, shutdown);
+        let (addrs_tx, registry_addrs) = tokio::sync::watch::channel(Vec::new());
+        let event_loop = EventLoop::new(swarm, rx, addrs_tx, config, metrics, shutdown);
         let task = tokio::spawn(event_loop.run());
         tracing::info!(peer_id = %peer_id, listen = ?listen, "p2p router started");
         Ok((
             Self {
                 commands: tx,
                 peer_id,
-                owners_wait,
+                registry_addrs,
             },
             task,
         ))
@@ -201,25 +201,18 @@ impl Router for P2pRouter {
         self.peer_id.to_string()
     }
 
-    /// The agents closest to the key in the DHT (those that answered a `FIND_NODE` query),
-    /// this node among them, closest first; from the routing table alone if the query takes
-    /// longer than [`config::DEFAULT_OWNERS_WAIT`] (an overloaded network: fetching alone
-    /// then would have every node fetch).
+    /// The agents of this node's routing table closest to the key in the DHT's metric, this
+    /// node among them, closest first (no network query: see `swarm/owners.rs`).
     async fn owners(&self, key: &str) -> Result<Vec<Owner>, RouterError> {
-        let query = self.call(|reply| Command::Owners {
+        self.call(|reply| Command::Owners {
             key: key.to_owned(),
             reply,
-        });
-        match tokio::time::timeout(self.owners_wait, query).await {
-            Ok(ranked) => ranked,
-            Err(_) => {
-                tracing::debug!(%key, "ranking owners from the routing table: the DHT is slow");
-                self.call(|reply| Command::OwnersLocally {
-                    key: key.to_owned(),
-                    reply,
-                })
-                .await
-            }
-        }
+        })
+        .await
+    }
+
+    /// This node's reachable listen addresses with its registry port.
+    fn registry_addrs(&self) -> Vec<SocketAddr> {
+        self.registry_addrs.borrow().clone()
     }
 }

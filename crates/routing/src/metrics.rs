@@ -21,8 +21,6 @@ pub struct P2pMetrics {
     pub providers_skipped_unreachable: Counter,
     /// Dials to known peers that failed (each marks the peer unreachable for a while).
     pub peers_unreachable: Counter,
-    /// Owner rankings taken from the routing table because the DHT query was slow.
-    pub owner_rankings_local: Counter,
     /// Providers found in the DHT but left out of lookups for want of an address.
     pub providers_without_address: Counter,
     /// Announcements that failed (timed out) and were queued again.
@@ -64,11 +62,6 @@ impl P2pMetrics {
             "mirrorlet_p2p_providers_skipped_unreachable",
             "Providers left out of lookups because a dial to them failed lately",
             me.providers_skipped_unreachable.clone(),
-        );
-        registry.register(
-            "mirrorlet_p2p_owner_rankings_local",
-            "Owner rankings taken from the routing table alone because the DHT query was too slow",
-            me.owner_rankings_local.clone(),
         );
         registry.register(
             "mirrorlet_p2p_peers_unreachable",

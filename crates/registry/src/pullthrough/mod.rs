@@ -11,9 +11,9 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use mirrorlet_oci::manifest::{self, Descriptor};
-use mirrorlet_oci::{Digest, Reference, Registry, Repository, UpstreamError};
+use mirrorlet_oci::{Digest, Peer, Reference, Registry, Repository, UpstreamError};
 
-use crate::cluster::{self, CLUSTER_HEADER, TAG_CONFIRMED_HEADER};
+use crate::cluster::{self, CLUSTER_HEADER, Step, TAG_CONFIRMED_HEADER};
 use crate::fetch;
 use crate::metrics::{FetchLabels, Source};
 use crate::peers::{self, PEER_HEADER};
@@ -127,19 +127,21 @@ async fn fetch_manifest(
         )));
     }
     if use_peers {
-        for peer in cluster::ahead_of_me(state, digest.as_str(), cluster::OWNER_PEERS).await {
-            match ask_owner(state, &peer, &path, ACCEPT_ALL, false).await {
+        let key = digest.as_str();
+        let mut walk = cluster::Walk::new(state, key).await;
+        while let Some((peer, insist)) = walk.next() {
+            let step = match ask_owner(state, &peer, &path, ACCEPT_ALL, false, insist).await {
                 Owned::Found(resp_headers, bytes) => {
-                    let Some(m) = verified(&resp_headers, bytes, Some(digest)) else {
-                        state.metrics.digest_mismatches.inc();
-                        state.failed_peers.mark(
-                            &peer,
-                            state.peers.corrupt_backoff,
-                            "served a manifest that does not match its digest",
-                        );
-                        continue;
-                    };
-                    return Ok(keep(state, m.0, m.1, Source::Peer, "followed"));
+                    if let Some(m) = verified(&resp_headers, bytes, Some(digest)) {
+                        return Ok(keep(state, m.0, m.1, Source::Peer, "followed"));
+                    }
+                    state.metrics.digest_mismatches.inc();
+                    state.failed_peers.mark(
+                        &peer,
+                        state.peers.corrupt_backoff,
+                        "served a manifest that does not match its digest",
+                    );
+                    Step::Failed
                 }
                 Owned::Gone => {
                     return Err(Miss::Gone(format!(
@@ -147,8 +149,11 @@ async fn fetch_manifest(
                         peer.addr
                     )));
                 }
-                Owned::Failed => {}
-            }
+                Owned::Redirect(to) => Step::Redirect(to),
+                Owned::Failed => Step::Failed,
+                Owned::Unavailable => Step::Unavailable,
+            };
+            walk.went(step, state, key);
         }
     }
     let reference = Reference::Digest(digest.clone());
@@ -210,17 +215,23 @@ pub(crate) enum Owned {
     Found(HeaderMap, Bytes),
     /// It could not get it upstream (404): nobody can now.
     Gone,
-    /// It failed, or could not get it this time (503); marked when it is at fault.
+    /// It knows an agent closer to the key (421).
+    Redirect(Peer),
+    /// It failed, and is marked.
     Failed,
+    /// It could not get it this time (503).
+    Unavailable,
 }
 
-/// Asks `peer`, as an owner, for a manifest at `path` (`head`: its description only).
+/// Asks `peer`, as an owner, for a manifest at `path` (`head`: its description only;
+/// `insist`: fetch it whoever is closer).
 pub(crate) async fn ask_owner(
     state: &AppState,
-    peer: &mirrorlet_oci::Peer,
+    peer: &Peer,
     path: &str,
     accept: &str,
     head: bool,
+    insist: bool,
 ) -> Owned {
     let url = format!("http://{}{path}", peer.addr);
     let req = if head {
@@ -228,8 +239,8 @@ pub(crate) async fn ask_owner(
     } else {
         state.http.get(url)
     }
-    .header(PEER_HEADER, HeaderValue::from_static("1"))
-    .header(CLUSTER_HEADER, HeaderValue::from_static("cluster"))
+    .header(PEER_HEADER, cluster::peer_header(state))
+    .header(CLUSTER_HEADER, cluster::mode(insist))
     .header(header::ACCEPT, accept);
     let Some(resp) = peers::send_marking(state, peer, req, state.pull.owner_timeout).await else {
         return Owned::Failed;
@@ -251,8 +262,19 @@ pub(crate) async fn ask_owner(
             }
         }
         StatusCode::NOT_FOUND => Owned::Gone,
+        StatusCode::MISDIRECTED_REQUEST => match cluster::redirected_to(resp.headers()) {
+            Some(to) => Owned::Redirect(to),
+            None => {
+                state.failed_peers.mark(
+                    peer,
+                    state.peers.failure_backoff,
+                    "redirected to no valid agent",
+                );
+                Owned::Failed
+            }
+        },
         // Its own fetch failed this time: not its fault; the next owner or upstream.
-        StatusCode::SERVICE_UNAVAILABLE => Owned::Failed,
+        StatusCode::SERVICE_UNAVAILABLE => Owned::Unavailable,
         s => {
             state
                 .failed_peers

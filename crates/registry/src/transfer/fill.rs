@@ -3,10 +3,12 @@
 //! verdict. Sources, in order:
 //!
 //! 1. peers that hold the whole blob (found by its digest in the DHT), hedged;
-//! 2. peers downloading it right now (found by its `fetching:` key), for a fresh copy only;
-//! 3. its owner in the cluster (the router's ranking), asked to fetch it for everyone, then
-//!    the next rank; this node when it is the owner;
-//! 4. the upstream registry directly.
+//! 2. its owner in the cluster, asked to fetch it for everyone (following redirects to
+//!    owners closer to the digest, see [`crate::cluster`]), then the next rank; this node
+//!    when it is the owner. An owner that streams the blob to as many peers as it may names
+//!    the agents reading it, and this node reads from one of them (or from one of theirs),
+//!    at the start of a copy;
+//! 3. the upstream registry directly.
 //!
 //! A node asked to fetch for the cluster goes to upstream at once. A copy that fails before
 //! any reader took a byte (a peer lied, sent wrong bytes, or disagreed about the size)
@@ -19,12 +21,14 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
-use http::{HeaderValue, StatusCode, header};
+use std::net::SocketAddr;
+
+use http::{StatusCode, header};
 use mirrorlet_oci::{Peer, Registry, Repository, UpstreamError};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{Backing, Origin, Outcome, Sink, Transfer};
-use crate::cluster::{self, BUSY_HEADER, CLUSTER_HEADER};
+use crate::cluster::{self, BUSY_HEADER, CLUSTER_HEADER, FOLLOWERS_HEADER, Step};
 use crate::metrics::{FetchLabels, ReasonLabels};
 use crate::peers::{self, Candidates, PEER_HEADER};
 use crate::state::AppState;
@@ -35,6 +39,9 @@ const BATCH: usize = 1 << 20;
 const UPSTREAM_TRIES: usize = 3;
 /// Pause between tries at upstream.
 const UPSTREAM_PAUSE: Duration = Duration::from_millis(250);
+/// Agents asked at most, per round, among those a busy owner named (and those they name
+/// in turn): enough to descend a tree of copies with a fan-out of a few to any size.
+const FOLLOWER_ASKS: usize = 32;
 
 /// One transfer to fill.
 pub(crate) struct Job {
@@ -44,8 +51,6 @@ pub(crate) struct Job {
     pub(crate) repository: Repository,
     /// Asked by a peer to fetch for the cluster as the owner: from upstream only.
     pub(crate) for_cluster: bool,
-    /// Whether `fetching:<digest>` was advertised (and must be withdrawn at the end).
-    pub(crate) advertised: std::sync::atomic::AtomicBool,
 }
 
 /// Ends a transfer its filling task left running.
@@ -146,13 +151,6 @@ impl Job {
                 .fetches
                 .get_or_create(&FetchLabels { kind: "blob", role })
                 .inc();
-        }
-        if self.advertised.load(std::sync::atomic::Ordering::SeqCst) {
-            let router = state.router.clone();
-            let key = cluster::fetching_key(&t.digest);
-            tokio::spawn(async move {
-                let _ = router.withdraw(vec![key]).await;
-            });
         }
         t.finish(outcome);
     }
@@ -256,17 +254,6 @@ impl Job {
         }
         let (mut sink, backing, _slot) = self.sink(size).await?;
         self.transfer.begin(size, first.origin, backing.clone());
-        if first.origin != Origin::Holders
-            && !self
-                .advertised
-                .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            let router = state.router.clone();
-            let key = cluster::fetching_key(&self.transfer.digest);
-            tokio::spawn(async move {
-                let _ = router.advertise(vec![key]).await;
-            });
-        }
         sources.announcer = first.peer.clone();
         let mut contributors: Vec<Option<Peer>> = vec![first.peer.clone()];
         let mut current = first;
@@ -363,14 +350,39 @@ impl Job {
 /// What a peer said to a request for the blob.
 enum Answer {
     Body(Peer, reqwest::Response),
-    /// It streams the blob to as many peers as it may.
-    Busy,
+    /// It streams the blob to as many peers as it may; these agents read it from it lately.
+    Busy(Vec<SocketAddr>),
+    /// Asked as the owner: it knows an agent closer to the digest.
+    Redirect(Peer),
     /// Its own fetch failed this time (not its fault).
     Unavailable,
     /// It does not have it (an owner: upstream does not).
     Missing,
     /// It failed (and is marked).
     Failed,
+}
+
+/// How a peer is asked for the blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asking {
+    /// For what it holds or is downloading.
+    Peer,
+    /// As the owner (`insist`: to fetch it whoever it knows to be closer).
+    Owner { insist: bool },
+}
+
+/// Where the owners left a request for the blob.
+enum Owners {
+    /// An owner (or an agent it sent this node on to) streams it.
+    Opened(Opened),
+    /// The owner (and its upstream) has no such blob: nobody can get it now.
+    Missing,
+    /// The owners are busy, and none of the agents reading from them had room.
+    Busy,
+    /// Sources disagree about the size: the copy cannot continue.
+    Abandoned,
+    /// No owner ahead of this node answered: this node fetches itself.
+    Nobody,
 }
 
 /// The sources of one transfer, tried in order; state carries over between opens so a
@@ -380,9 +392,6 @@ struct Sources<'a> {
     holders: Candidates,
     holder_attempts: usize,
     looked_again: bool,
-    fetchers_tried: bool,
-    /// The owner and backups still to ask (peers ranked above this node).
-    owners: Option<Vec<Peer>>,
     /// Upstream (or the owner) said there is no such blob, or refused: do not ask again.
     upstream_refused: Option<String>,
     /// The source that announced the size of the current copy (blamed if others disagree).
@@ -399,8 +408,6 @@ impl<'a> Sources<'a> {
             job,
             holder_attempts: 0,
             looked_again: false,
-            fetchers_tried: false,
-            owners: None,
             upstream_refused: None,
             announcer: None,
             abandoned: false,
@@ -433,19 +440,12 @@ impl<'a> Sources<'a> {
         let pull = &state.pull;
         let may_pull = state.upstream.allows(&self.job.registry);
         for round in 0..=pull.busy_rounds {
-            let mut busy = false;
             if self.uses_peers() {
                 if let Some(o) = self.holder(pos, size).await {
                     return Some(o);
                 }
                 if self.abandoned {
                     return None;
-                }
-                if pos == 0
-                    && !self.fetchers_tried
-                    && let Some(o) = self.fetcher().await
-                {
-                    return Some(o);
                 }
             }
             if !may_pull || self.upstream_refused.is_some() {
@@ -457,46 +457,110 @@ impl<'a> Sources<'a> {
                 }
                 return None;
             }
-            if self.uses_peers() {
-                if self.owners.is_none() {
-                    let key = self.job.transfer.digest.to_string();
-                    self.owners =
-                        Some(cluster::ahead_of_me(&state, &key, cluster::OWNER_PEERS).await);
-                }
-                while let Some(peer) = self
-                    .owners
-                    .as_mut()
-                    .and_then(|o| (!o.is_empty()).then(|| o.remove(0)))
-                {
-                    match self.ask(&peer, pos, true, pull.owner_timeout).await {
-                        Answer::Body(p, resp) => {
-                            if let Some(o) = self.accept(p, resp, pos, size, Origin::Peer) {
-                                return Some(o);
-                            }
-                            if self.abandoned {
-                                return None;
-                            }
-                        }
-                        Answer::Missing => {
-                            self.upstream_refused =
-                                Some(format!("its owner {} could not get it upstream", peer.addr));
-                            return None;
-                        }
-                        Answer::Busy => busy = true,
-                        Answer::Unavailable | Answer::Failed => {}
-                    }
-                }
-            }
-            if !busy || pos > 0 || round == pull.busy_rounds {
+            if !self.uses_peers() {
                 break;
             }
-            // The owner streams to as many peers as it may: others are downloading it
-            // now; look for them again shortly rather than adding a download.
-            tokio::time::sleep(pull.busy_wait).await;
-            self.fetchers_tried = false;
-            self.owners = None;
+            match self.owners(pos, size).await {
+                Owners::Opened(o) => return Some(o),
+                Owners::Missing | Owners::Abandoned => return None,
+                Owners::Nobody => break,
+                // Every agent asked streams to as many peers as it may: they are
+                // downloading it now; ask again shortly rather than adding a download.
+                Owners::Busy if pos == 0 && round < pull.busy_rounds => {
+                    tokio::time::sleep(pull.busy_wait).await;
+                }
+                Owners::Busy => break,
+            }
         }
         self.upstream(pos, size).await
+    }
+
+    /// The owners of the blob, and the agents a busy one names.
+    async fn owners(&mut self, pos: u64, size: Option<u64>) -> Owners {
+        let state = self.job.state.clone();
+        let key = self.job.transfer.digest.to_string();
+        let timeout = state.pull.owner_timeout;
+        let mut walk = cluster::Walk::new(&state, &key).await;
+        while let Some((peer, insist)) = walk.next() {
+            let step = match self
+                .ask(&peer, pos, Asking::Owner { insist }, timeout)
+                .await
+            {
+                Answer::Body(p, resp) => match self.accept(p, resp, pos, size, Origin::Peer) {
+                    Some(o) => return Owners::Opened(o),
+                    None if self.abandoned => return Owners::Abandoned,
+                    None => Step::Failed,
+                },
+                Answer::Missing => {
+                    self.upstream_refused =
+                        Some(format!("its owner {} could not get it upstream", peer.addr));
+                    return Owners::Missing;
+                }
+                Answer::Busy(followers) if pos == 0 => {
+                    return match self.follow(followers).await {
+                        Some(o) => Owners::Opened(o),
+                        None if self.abandoned => Owners::Abandoned,
+                        None => Owners::Busy,
+                    };
+                }
+                Answer::Busy(_) => return Owners::Busy,
+                Answer::Redirect(to) => Step::Redirect(to),
+                Answer::Failed => Step::Failed,
+                Answer::Unavailable => Step::Unavailable,
+            };
+            walk.went(step, &state, &key);
+        }
+        Owners::Nobody
+    }
+
+    /// The agents a busy owner named as reading the blob from it: each streams its own
+    /// copy as it grows. Asked in random order (so the load spreads); one that is busy too
+    /// names its own readers, who are asked first (deeper in the tree of copies, where
+    /// there is room). At the start of a copy only.
+    async fn follow(&mut self, named: Vec<SocketAddr>) -> Option<Opened> {
+        let state = self.job.state.clone();
+        let mut seen: std::collections::HashSet<SocketAddr> =
+            state.router.registry_addrs().into_iter().collect();
+        let mut stack: Vec<SocketAddr> = Vec::new();
+        let push = |stack: &mut Vec<SocketAddr>,
+                    seen: &mut std::collections::HashSet<SocketAddr>,
+                    list: Vec<SocketAddr>| {
+            let order = std::collections::hash_map::RandomState::new();
+            let mut fresh: Vec<SocketAddr> = list.into_iter().filter(|a| seen.insert(*a)).collect();
+            fresh.sort_by_key(|a| std::hash::BuildHasher::hash_one(&order, a));
+            stack.extend(fresh);
+        };
+        push(&mut stack, &mut seen, named);
+        let mut asked = 0;
+        while let Some(addr) = stack.pop() {
+            if asked == FOLLOWER_ASKS {
+                break;
+            }
+            let peer = Peer {
+                id: addr.to_string(),
+                addr,
+            };
+            if state.failed_peers.is_failed(&peer) {
+                continue;
+            }
+            asked += 1;
+            match self
+                .ask(&peer, 0, Asking::Peer, state.peers.read_timeout)
+                .await
+            {
+                Answer::Body(p, resp) => {
+                    if let Some(o) = self.accept(p, resp, 0, None, Origin::Peer) {
+                        return Some(o);
+                    }
+                    if self.abandoned {
+                        return None;
+                    }
+                }
+                Answer::Busy(more) => push(&mut stack, &mut seen, more),
+                _ => {}
+            }
+        }
+        None
     }
 
     /// A peer holding the whole blob (hedged; the DHT is asked once more when the first
@@ -540,24 +604,6 @@ impl<'a> Sources<'a> {
                 return None;
             }
         }
-    }
-
-    /// A peer downloading the blob now (at the start of a copy only: resuming from another
-    /// partial copy could wait on a transfer that is itself stuck).
-    async fn fetcher(&mut self) -> Option<Opened> {
-        self.fetchers_tried = true;
-        let state = self.job.state.clone();
-        let key = cluster::fetching_key(&self.job.transfer.digest);
-        let mut found = crate::fetch::candidates(&state, &key);
-        for _ in 0..state.peers.max_attempts {
-            let peer = found.next(&state.failed_peers).await?;
-            if let Answer::Body(p, resp) = self.ask(&peer, 0, false, state.peers.read_timeout).await
-                && let Some(o) = self.accept(p, resp, 0, None, Origin::Peer)
-            {
-                return Some(o);
-            }
-        }
-        None
     }
 
     /// Upstream, directly.
@@ -614,15 +660,15 @@ impl<'a> Sources<'a> {
         )
     }
 
-    /// Asks `peer` for the blob from `pos`; as its owner when `cluster`.
-    async fn ask(&mut self, peer: &Peer, pos: u64, cluster: bool, head: Duration) -> Answer {
+    /// Asks `peer` for the blob from `pos`, as `asking` says.
+    async fn ask(&mut self, peer: &Peer, pos: u64, asking: Asking, head: Duration) -> Answer {
         let state = &self.job.state;
         let mut req = state
             .http
             .get(format!("http://{}{}", peer.addr, self.path()))
-            .header(PEER_HEADER, HeaderValue::from_static("1"));
-        if cluster {
-            req = req.header(CLUSTER_HEADER, HeaderValue::from_static("cluster"));
+            .header(PEER_HEADER, cluster::peer_header(state));
+        if let Asking::Owner { insist } = asking {
+            req = req.header(CLUSTER_HEADER, cluster::mode(insist));
         }
         if pos > 0 {
             req = req.header(header::RANGE, format!("bytes={pos}-"));
@@ -634,7 +680,25 @@ impl<'a> Sources<'a> {
             StatusCode::OK | StatusCode::PARTIAL_CONTENT => Answer::Body(peer.clone(), resp),
             StatusCode::SERVICE_UNAVAILABLE if resp.headers().contains_key(BUSY_HEADER) => {
                 state.metrics.busy_answers.inc();
-                Answer::Busy
+                let followers = resp
+                    .headers()
+                    .get(FOLLOWERS_HEADER)
+                    .map(cluster::addr_list)
+                    .unwrap_or_default();
+                Answer::Busy(followers)
+            }
+            StatusCode::MISDIRECTED_REQUEST if asking != Asking::Peer => {
+                match cluster::redirected_to(resp.headers()) {
+                    Some(to) => Answer::Redirect(to),
+                    None => {
+                        state.failed_peers.mark(
+                            peer,
+                            state.peers.failure_backoff,
+                            "redirected to no valid agent",
+                        );
+                        Answer::Failed
+                    }
+                }
             }
             StatusCode::SERVICE_UNAVAILABLE => Answer::Unavailable,
             StatusCode::NOT_FOUND => Answer::Missing,

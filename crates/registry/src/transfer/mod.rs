@@ -13,9 +13,11 @@ mod backing;
 pub(crate) mod fill;
 mod set;
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::StreamExt;
 use futures_util::stream;
@@ -83,6 +85,9 @@ pub struct Transfer {
     released: AtomicBool,
     /// Peers reading this transfer now (bounded by the registry's cap).
     peer_streams: AtomicUsize,
+    /// The registries of the peers that read this transfer lately, newest last (at most
+    /// [`FOLLOWERS_KEPT`]): where a peer this node is too busy to take is sent.
+    followers: Mutex<VecDeque<SocketAddr>>,
 }
 
 impl std::fmt::Debug for Transfer {
@@ -96,6 +101,8 @@ impl std::fmt::Debug for Transfer {
 
 /// Bytes per read from the backing.
 const READ_CHUNK: u64 = 1024 * 1024;
+/// Followers remembered per transfer.
+pub(crate) const FOLLOWERS_KEPT: usize = 16;
 
 impl Transfer {
     /// A transfer of `digest` that has not started.
@@ -112,6 +119,7 @@ impl Transfer {
             }),
             released: AtomicBool::new(false),
             peer_streams: AtomicUsize::new(0),
+            followers: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -212,8 +220,13 @@ impl Transfer {
         }
     }
 
-    /// Counts a peer reading this transfer, if fewer than `cap` do; the guard uncounts it.
-    pub(crate) fn admit_peer(self: &Arc<Self>, cap: usize) -> Option<PeerStream> {
+    /// Counts a peer reading this transfer, if fewer than `cap` do, and remembers its
+    /// registry (`from`, when it named one) as a follower; the guard uncounts it.
+    pub(crate) fn admit_peer(
+        self: &Arc<Self>,
+        cap: usize,
+        from: Option<SocketAddr>,
+    ) -> Option<PeerStream> {
         let mut now = self.peer_streams.load(Ordering::SeqCst);
         loop {
             if now >= cap {
@@ -225,10 +238,31 @@ impl Transfer {
                 Ordering::SeqCst,
                 Ordering::SeqCst,
             ) {
-                Ok(_) => return Some(PeerStream(self.clone())),
+                Ok(_) => break,
                 Err(actual) => now = actual,
             }
         }
+        if let Some(addr) = from {
+            let mut f = self
+                .followers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            f.retain(|a| *a != addr);
+            f.push_back(addr);
+            if f.len() > FOLLOWERS_KEPT {
+                f.pop_front();
+            }
+        }
+        Some(PeerStream(self.clone()))
+    }
+
+    /// The registries of the peers that read this transfer lately, newest first.
+    pub(crate) fn followers(&self) -> Vec<SocketAddr> {
+        let f = self
+            .followers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        f.iter().rev().copied().collect()
     }
 
     /// Streams `range` of copy `generation` of the blob as it is written (the range was

@@ -128,12 +128,32 @@ async fn content_from_holders_asks_for_verification_first_and_peers_are_capped()
     t.set_origin(Origin::Upstream);
     assert!(!t.hold_all(), "decided by where the copy comes from");
 
-    let first = t.admit_peer(2).expect("one");
-    let second = t.admit_peer(2).expect("two");
-    assert!(t.admit_peer(2).is_none(), "over the cap");
+    let first = t.admit_peer(2, None).expect("one");
+    let second = t.admit_peer(2, None).expect("two");
+    assert!(t.admit_peer(2, None).is_none(), "over the cap");
     drop(first);
-    assert!(t.admit_peer(2).is_some(), "room again");
+    assert!(t.admit_peer(2, None).is_some(), "room again");
     drop(second);
+}
+
+#[test]
+fn followers_are_the_peers_that_read_lately_newest_first() {
+    let t = Transfer::new(Digest::sha256_of(b"x"));
+    let addr = |i: usize| std::net::SocketAddr::from(([10, 0, 0, i as u8], 5000));
+    for i in 0..3 {
+        drop(t.admit_peer(1, Some(addr(i))).expect("room"));
+    }
+    // Refused peers are not followers; one reading again moves to the front.
+    let reading = t.admit_peer(1, Some(addr(1))).expect("room");
+    assert!(t.admit_peer(1, Some(addr(9))).is_none());
+    assert_eq!(t.followers(), [addr(1), addr(2), addr(0)]);
+    drop(reading);
+    for i in 10..40 {
+        drop(t.admit_peer(1, Some(addr(i))).expect("room"));
+    }
+    let kept = t.followers();
+    assert_eq!(kept.len(), super::FOLLOWERS_KEPT, "bounded");
+    assert_eq!(kept[0], addr(39));
 }
 
 #[tokio::test]

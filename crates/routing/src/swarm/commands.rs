@@ -103,9 +103,8 @@ impl EventLoop {
                     .get_providers(RecordKey::new(&key));
                 self.lookups.insert(id, tx);
             }
-            Command::Owners { key, reply } => self.rank_owners(key, reply),
-            Command::OwnersLocally { key, reply } => {
-                let _ = reply.send(self.rank_owners_locally(&key));
+            Command::Owners { key, reply } => {
+                let _ = reply.send(self.rank_owners(&key));
             }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());

@@ -38,10 +38,12 @@ impl EventLoop {
                     // node that holds the record can pass this node on to anyone asking,
                     // whether or not this node is in its own routing table.
                     self.swarm.add_external_address(address);
+                    self.registry_addrs.send_replace(self.registry_addrs());
                 }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.swarm.remove_external_address(&address);
+                self.registry_addrs.send_replace(self.registry_addrs());
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -168,13 +170,6 @@ impl EventLoop {
                     QueryResult::GetProviders(Err(_)) => {
                         self.lookups.remove(&id);
                     }
-                    QueryResult::GetClosestPeers(Ok(kad::GetClosestPeersOk { peers, .. })) => {
-                        self.owners_found(id, peers, true);
-                    }
-                    QueryResult::GetClosestPeers(Err(kad::GetClosestPeersError::Timeout {
-                        peers,
-                        ..
-                    })) => self.owners_found(id, peers, false),
                     QueryResult::StartProviding(result) => {
                         match self.announcements.ended(&id, result.is_ok()) {
                             Some(Ended::Announced) | None => {}

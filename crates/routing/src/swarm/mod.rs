@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use libp2p::kad::QueryId;
 use libp2p::{Multiaddr, PeerId, Swarm};
 use mirrorlet_oci::{LinkState, Owner, Peer, PeerLink, RouterError, RouterStatus};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 mod addr;
@@ -21,7 +21,6 @@ mod pacing;
 
 use addr::socket_of;
 pub use addr::socket_to_multiaddr;
-use owners::OwnerQueries;
 pub use owners::closest_first;
 use pacing::Announcements;
 
@@ -51,11 +50,6 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
     Owners {
-        key: String,
-        reply: oneshot::Sender<Vec<Owner>>,
-    },
-    /// The ranking from the routing table alone (the DHT query is taking too long).
-    OwnersLocally {
         key: String,
         reply: oneshot::Sender<Vec<Owner>>,
     },
@@ -148,8 +142,8 @@ pub(crate) struct EventLoop {
     probed_tx: mpsc::Sender<(PeerId, bool, std::time::Instant)>,
     probed_rx: mpsc::Receiver<(PeerId, bool, std::time::Instant)>,
     lookups: HashMap<QueryId, mpsc::Sender<Peer>>,
-    /// Rankings of the owners of keys, running and recent.
-    owner_queries: OwnerQueries,
+    /// Where peers reach this node's registry, for [`crate::P2pRouter::registry_addrs`].
+    registry_addrs: watch::Sender<Vec<SocketAddr>>,
     /// When [`EventLoop::bootstrap`] last ran.
     last_bootstrap: Option<std::time::Instant>,
     /// Announcements to the nodes closest to each key, queued and running.
@@ -172,6 +166,7 @@ impl EventLoop {
     pub(crate) fn new(
         swarm: Swarm<Behaviour>,
         commands: mpsc::Receiver<Command>,
+        registry_addrs: watch::Sender<Vec<SocketAddr>>,
         config: P2pConfig,
         metrics: P2pMetrics,
         shutdown: CancellationToken,
@@ -190,7 +185,7 @@ impl EventLoop {
             probed_tx,
             probed_rx,
             lookups: HashMap::new(),
-            owner_queries: OwnerQueries::default(),
+            registry_addrs,
             last_bootstrap: None,
             announcements: Announcements::new(),
             withdrawals: Vec::new(),
@@ -362,7 +357,6 @@ impl EventLoop {
         } else if self.connected_peers() > 0 {
             self.heal_routing_table();
         }
-        self.owner_queries.expire();
         let abandoned: Vec<QueryId> = self
             .lookups
             .iter()
