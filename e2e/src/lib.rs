@@ -14,6 +14,7 @@ pub mod net;
 pub mod node;
 pub mod process;
 pub mod prometheus;
+pub mod scale;
 pub mod upstream;
 pub mod wait;
 
