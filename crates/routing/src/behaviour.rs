@@ -6,13 +6,13 @@
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
-use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, identify, kad};
 use serde::{Deserialize, Serialize};
 
 use crate::config::P2pConfig;
+use crate::store::{Limits, Store};
 
 /// The Kademlia protocol name: mirrorlet nodes form their own DHT, apart from IPFS's.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/mirrorlet/kad/1.0.0");
@@ -41,7 +41,7 @@ pub struct WithdrawResponse {
 /// The combined behaviour.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
-    pub(crate) kad: kad::Behaviour<MemoryStore>,
+    pub(crate) kad: kad::Behaviour<Store>,
     pub(crate) identify: identify::Behaviour,
     pub(crate) withdraw: request_response::json::Behaviour<WithdrawRequest, WithdrawResponse>,
 }
@@ -59,7 +59,12 @@ pub(crate) fn http_port_of(agent_version: &str) -> Option<u16> {
 }
 
 impl Behaviour {
-    pub(crate) fn new(key: &Keypair, config: &P2pConfig) -> Self {
+    /// The behaviour for the node `key`; `records` counts the provider records it holds.
+    pub(crate) fn new(
+        key: &Keypair,
+        config: &P2pConfig,
+        records: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
         let peer_id = key.public().to_peer_id();
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
         kad_config
@@ -71,14 +76,15 @@ impl Behaviour {
             .set_publication_interval(None)
             .set_replication_interval(None)
             .set_periodic_bootstrap_interval(Some(Duration::from_secs(5 * 60)));
-        let store = MemoryStore::with_config(
+        let store = Store::new(
             peer_id,
-            MemoryStoreConfig {
+            Limits {
+                max_keys: config.max_keys,
+                max_providers_per_key: kad::K_VALUE.get(),
                 max_records: 1024,
                 max_value_bytes: 1024,
-                max_provided_keys: config.max_keys,
-                max_providers_per_key: kad::K_VALUE.get(),
             },
+            records,
         );
         let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
         // Without this every node would stay a client until an external address is

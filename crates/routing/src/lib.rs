@@ -11,6 +11,7 @@ mod behaviour;
 pub mod config;
 pub mod identity;
 pub mod metrics;
+mod store;
 mod swarm;
 mod transport;
 
@@ -85,7 +86,7 @@ impl P2pRouter {
         let key = config.keypair.clone();
         let peer_id = key.public().to_peer_id();
         let transport = transport::build(&key, config.psk).map_err(StartError::Transport)?;
-        let behaviour = Behaviour::new(&key, &config);
+        let behaviour = Behaviour::new(&key, &config, metrics.provider_records.clone());
         let swarm_config = libp2p::swarm::Config::with_tokio_executor()
             .with_idle_connection_timeout(config.idle_timeout);
         let mut swarm = Swarm::new(transport, behaviour, peer_id, swarm_config);

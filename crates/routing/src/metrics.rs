@@ -15,6 +15,8 @@ pub struct P2pMetrics {
     pub advertised_keys: Gauge,
     /// Peers in the Kademlia routing table.
     pub routing_table_peers: Gauge,
+    /// Provider records this node holds: its own, and those other nodes stored here.
+    pub provider_records: Gauge,
     /// Provider entries removed because their peer withdrew them.
     pub withdrawals_received: Counter,
     /// Providers left out of lookups because a dial to them failed lately.
@@ -52,6 +54,11 @@ impl P2pMetrics {
             "mirrorlet_p2p_routing_table_peers",
             "Peers in the Kademlia routing table",
             me.routing_table_peers.clone(),
+        );
+        registry.register(
+            "mirrorlet_p2p_provider_records",
+            "Provider records this node holds: its own, and those other nodes stored here",
+            me.provider_records.clone(),
         );
         registry.register(
             "mirrorlet_p2p_withdrawals_received",

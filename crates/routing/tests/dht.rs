@@ -1,6 +1,6 @@
 //! Several real routers in one process on loopback: advertise, lookup, withdraw, expiry,
-//! 10,000 keys on one node, private-network keys, dead peers, re-bootstrap, idle
-//! connections, owner rankings.
+//! 10,000 keys on one node, private-network keys, dead peers (and their records dropped),
+//! re-bootstrap, idle connections, owner rankings.
 
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -216,32 +216,35 @@ async fn records_expire_when_not_republished() {
             _ => None,
         }),
     );
+    // a stops announcing, but something still listens where it did: b's probes find it
+    // there, so only the TTL can end the record.
     a.stop().await;
+    let _listening = std::net::TcpListener::bind(("127.0.0.1", port.expect("port")))
+        .expect("a's port is free again");
     let deadline = Instant::now() + Duration::from_secs(5);
     while b.router.status().await.expect("status").connected_peers != 0 {
         assert!(Instant::now() < deadline, "b notices a is gone");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let again = start_with(|c| {
-        c.keypair = key;
-        c.listen = ([127, 0, 0, 1], port.expect("port")).into();
-        c.http_port = http.port();
-    })
-    .await;
-    wait_connected(&b, 1).await;
+    let stale = Peer {
+        id: key.public().to_peer_id().to_string(),
+        addr: http,
+    };
+    let found = |peers: Vec<Peer>| peers.iter().any(|p| p.addr == stale.addr);
     assert!(
-        finds(&b, "sha256:expiring", &again).await,
-        "the stale record is still held right after the restart"
+        found(collect_lookup(&b.router, "sha256:expiring", Duration::from_millis(300)).await),
+        "the stale record is still held right after a stopped"
     );
     let deadline = Instant::now() + Duration::from_secs(6);
-    while finds(&b, "sha256:expiring", &again).await {
+    while found(collect_lookup(&b.router, "sha256:expiring", Duration::from_millis(300)).await) {
         assert!(
             Instant::now() < deadline,
             "the stale record lapses after the 2 s TTL"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    again.stop().await;
+    // Gone from the store (reading it drops what expired), not merely left out.
+    assert_eq!(b.metrics.provider_records.get(), 0);
     b.stop().await;
 }
 
@@ -476,6 +479,54 @@ async fn with_every_connection_closed_when_idle_lookups_and_owner_rankings_still
     for n in nodes {
         n.stop().await;
     }
+}
+
+/// A node that dies without withdrawing (its process killed) is probed by the nodes that
+/// store its provider records, which drop them: nobody is sent to it any more, long before
+/// the records would expire.
+#[tokio::test]
+async fn the_records_of_a_node_that_died_are_dropped_by_the_nodes_that_store_them() {
+    let nodes = seeded(3, |_| {}).await;
+    let keys: Vec<String> = (0..3).map(|i| format!("sha256:gone-{i}")).collect();
+    nodes[1]
+        .router
+        .advertise(keys.clone())
+        .await
+        .expect("advertise");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in [&nodes[0], &nodes[2]] {
+        while n.metrics.provider_records.get() < 3 {
+            assert!(Instant::now() < deadline, "records stored");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut nodes = nodes.into_iter();
+    let (a, b, c) = (
+        nodes.next().expect("a"),
+        nodes.next().expect("b"),
+        nodes.next().expect("c"),
+    );
+    b.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in [&a, &c] {
+        while n.metrics.provider_records.get() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "records of the dead node dropped: {} left",
+                n.metrics.provider_records.get()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for k in &keys {
+        assert!(
+            collect_lookup(&c.router, k, Duration::from_millis(300))
+                .await
+                .is_empty()
+        );
+    }
+    a.stop().await;
+    c.stop().await;
 }
 
 /// `n` nodes configured by `config`, all bootstrapped to the first.

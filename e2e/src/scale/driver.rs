@@ -128,6 +128,8 @@ pub struct Stats {
     pub gave_up: u64,
     /// Providers found but left out for want of an address.
     pub no_addr: u64,
+    /// Provider records held, summed.
+    pub records: u64,
 }
 
 impl Stats {
@@ -305,6 +307,7 @@ impl Cluster {
             s.retries += v[7];
             s.gave_up += v[8];
             s.no_addr += v[9];
+            s.records += v[10];
         }
         Ok(s)
     }
@@ -479,7 +482,7 @@ pub async fn measure(n: usize, exe: &Path) -> Result<Row> {
             findable.map_or("not within 60 s".to_owned(), |s| format!("{s:.1} s")),
         ),
         format!(
-            "| {n:>5} | {start_s:.0} s / {announce_s:.0} s | {:.1} / {} | {:.1} / {} | {:.1} / {} | {:.0} | {:.1} | {:.0} MiB ({:.1} MiB peak) | {} / {} of {} | {} |",
+            "| {n:>5} | {start_s:.0} s / {announce_s:.0} s | {:.1} / {} | {:.1} / {} | {:.1} / {} | {:.0} | {:.0} | {:.1} | {:.0} MiB ({:.1} MiB peak) | {} / {} of {} | {} |",
             stats.per(stats.conns),
             stats.conns_max,
             after_fetch.per(after_fetch.conns),
@@ -487,6 +490,7 @@ pub async fn measure(n: usize, exe: &Path) -> Result<Row> {
             at_rest.per(at_rest.conns),
             at_rest.conns_max,
             stats.per(stats.table),
+            stats.per(stats.records),
             stats.per(stats.fds),
             after_fetch.per(after_fetch.rss_kib) / 1024.0,
             after_fetch.per(after_fetch.hwm_kib) / 1024.0,

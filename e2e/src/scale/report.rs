@@ -9,7 +9,7 @@ use super::{BUDGET_MS, percentile};
 /// The three tables' heads.
 pub const HEADS: [&str; 3] = [
     "| nodes | found 15 s after every node announced | found 45 s after | a new key found by every other node after |\n|---|---|---|---|",
-    "| nodes | start-up / announcing | connections per node during lookups (mean / max) | after every node fetched a blob | at rest (35 s later) | routing-table entries per node | descriptors per node | memory per agent | announcements retried / given up | providers without an address |\n|---|---|---|---|---|---|---|---|---|---|",
+    "| nodes | start-up / announcing | connections per node during lookups (mean / max) | after every node fetched a blob | at rest (35 s later) | routing-table entries per node | provider records per node | descriptors per node | memory per agent | announcements retried / given up | providers without an address |\n|---|---|---|---|---|---|---|---|---|---|---|",
     "| nodes | upstream GETs when every node asks for a new blob at once | after killing 10%: live holders found | dead holders still offered 10 s / 40 s after | upstream GETs for a new blob after killing 10% |\n|---|---|---|---|---|",
 ];
 

@@ -184,7 +184,8 @@ pub(crate) fn lines_of(
 ///   `PEER_ID` among how many asked (the holder itself does not ask);
 /// - `fetch ROUND`: every agent asks its own registry for blob `ROUND` at once; how many
 ///   got the right bytes, and what the [`FETCH_SERIES`] rose by;
-/// - `stats`: agents, connections, routing table, memory, descriptors, announcements;
+/// - `stats`: agents, connections, routing table, memory, descriptors, announcements,
+///   provider records;
 /// - `kill K...`, `quit`.
 pub async fn run(first: usize, end: usize, seeds: &str, upstream_url: &str) -> Result<()> {
     // RUST_LOG=mirrorlet_registry=debug (say) shows the agents' logs on standard error.
@@ -312,17 +313,18 @@ pub async fn run(first: usize, end: usize, seeds: &str, upstream_url: &str) -> R
             }
             ["stats"] => {
                 let (mut conns, mut table) = (Vec::new(), 0);
-                let (mut retries, mut gave_up, mut no_addr) = (0, 0, 0);
+                let (mut retries, mut gave_up, mut no_addr, mut records) = (0, 0, 0, 0);
                 for a in agents.iter().flatten() {
                     conns.push(a.router.status().await?.connected_peers);
                     table += a.metrics.routing_table_peers.get();
+                    records += a.metrics.provider_records.get();
                     retries += a.metrics.announce_retries.get();
                     gave_up += a.metrics.announce_failures.get();
                     no_addr += a.metrics.providers_without_address.get();
                 }
                 let fds = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
                 format!(
-                    "ok {} {} {} {table} {} {} {fds} {retries} {gave_up} {no_addr}",
+                    "ok {} {} {} {table} {} {} {fds} {retries} {gave_up} {no_addr} {records}",
                     conns.len(),
                     conns.iter().sum::<usize>(),
                     conns.iter().max().copied().unwrap_or(0),

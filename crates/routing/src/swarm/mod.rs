@@ -64,6 +64,13 @@ pub(crate) const UNREACHABLE_FOR: std::time::Duration = std::time::Duration::fro
 const LIVENESS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a probe may take before the peer counts as unreachable.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The providers whose records this node stores are probed, when it has no connection to
+/// them, at most this often each...
+const PROVIDER_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(120);
+/// ...and at most this many per housekeeping round (10 s): a node that died without
+/// withdrawing is no longer handed out by the nodes that store its records within a few
+/// rounds, rather than when its records expire.
+const PROVIDER_CHECKS_PER_ROUND: usize = 32;
 /// A node that knows peers but is connected to none bootstraps again once every this many
 /// `rebootstrap` periods (a minute by default).
 const IDLE_REBOOTSTRAPS: u32 = 6;
@@ -85,7 +92,8 @@ struct PeerState {
     /// When a dial to it or a probe of it failed: it is left out of lookups and rankings
     /// for [`UNREACHABLE_FOR`], or until it connects again.
     unreachable_at: Option<std::time::Instant>,
-    /// When a connection of its broke and it was probed to see whether it is still there.
+    /// When it was last probed to see whether it is still there (its connection broke, or
+    /// this node stores records of its).
     checked_at: Option<std::time::Instant>,
     /// Addresses it listens on (dialled, or from identify), to restore it in the routing table.
     addrs: Vec<Multiaddr>,
@@ -298,10 +306,57 @@ impl EventLoop {
         if up || state.idle_since.is_none_or(|closed| closed > started) {
             return;
         }
-        self.mark_unreachable(
-            peer,
-            "its listener refused a probe after its connection broke",
-        );
+        self.mark_unreachable(peer, "its listener refused a probe");
+        // Nobody should be sent to it any more: the records it left here go.
+        let dropped = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .store_mut()
+            .forget_provider(&peer);
+        if dropped > 0 {
+            tracing::info!(%peer, records = dropped, "dropped the provider records of a peer that is gone");
+        }
+    }
+
+    /// Probes a few of the providers whose records this node stores and that it has no
+    /// connection to (see [`PROVIDER_CHECKS_PER_ROUND`]).
+    fn check_providers(&mut self) {
+        let now = std::time::Instant::now();
+        let mut due: Vec<(PeerId, SocketAddr)> = Vec::new();
+        let mut seen: HashSet<PeerId> = HashSet::new();
+        for record in self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .store_mut()
+            .remote_providers()
+        {
+            if due.len() >= PROVIDER_CHECKS_PER_ROUND || !seen.insert(record.provider) {
+                continue;
+            }
+            let state = self.peers.get(&record.provider);
+            let idle = state.is_none_or(|s| s.connections == 0);
+            let checked = state
+                .and_then(|s| s.checked_at)
+                .is_some_and(|at| at.elapsed() < PROVIDER_CHECK_EVERY);
+            if !idle || checked {
+                continue;
+            }
+            let addr = state
+                .and_then(PeerState::listen_socket)
+                .or_else(|| record.addresses.iter().find_map(socket_of));
+            if let Some(addr) = addr {
+                due.push((record.provider, addr));
+            }
+        }
+        for (peer, addr) in due {
+            let state = self.peers.entry(peer).or_default();
+            state.checked_at = Some(now);
+            // A probe's answer counts only if it did not connect since (see `probed`).
+            state.idle_since.get_or_insert(now);
+            self.probe(peer, addr);
+        }
     }
 
     /// Leaves `peer` out of lookups and rankings for [`UNREACHABLE_FOR`].
@@ -357,6 +412,7 @@ impl EventLoop {
         } else if self.connected_peers() > 0 {
             self.heal_routing_table();
         }
+        self.check_providers();
         let abandoned: Vec<QueryId> = self
             .lookups
             .iter()
