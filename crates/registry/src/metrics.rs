@@ -106,7 +106,7 @@ const FETCH_SERIES: [(&str, &str); 9] = [
 /// Labels of peer failures.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    /// One of [`PEER_FAILURE_REASONS`].
+    /// One of [`PEER_FAILURE_REASONS`] (or [`UPSTREAM_REASONS`]).
     pub reason: &'static str,
 }
 
@@ -119,6 +119,13 @@ pub const PEER_FAILURE_REASONS: [&str; 5] = [
     "bad-range",
     "spool",
 ];
+
+/// Why a node asked upstream for a blob itself (each series exists from the start):
+/// `owner` (it ranks itself first), `asked` (another agent asked it as the owner),
+/// `owners-busy` (every agent asked was busy, waits included), `owners-failed` (no owner
+/// ahead of it answered), `resume` (continuing a copy that broke).
+pub const UPSTREAM_REASONS: [&str; 5] =
+    ["owner", "asked", "owners-busy", "owners-failed", "resume"];
 
 /// The registry's metrics. Cheap to clone (the families are shared handles).
 #[derive(Debug, Clone)]
@@ -157,6 +164,8 @@ pub struct Metrics {
     pub busy_refusals: Counter,
     /// Redirects followed to an owner closer to the key than the one asked.
     pub owner_redirects: Counter,
+    /// Blob requests this node sent upstream itself, by why (one of [`UPSTREAM_REASONS`]).
+    pub upstream_blob_requests: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -184,6 +193,7 @@ impl Metrics {
             busy_answers: Counter::default(),
             busy_refusals: Counter::default(),
             owner_redirects: Counter::default(),
+            upstream_blob_requests: Family::default(),
         };
         registry.register(
             "mirrorlet_registry_requests",
@@ -220,6 +230,12 @@ impl Metrics {
         // first event shows no increase) and a quiet node shows a value, not "no data".
         for reason in PEER_FAILURE_REASONS {
             drop(me.peer_failures.get_or_create(&ReasonLabels { reason }));
+        }
+        for reason in UPSTREAM_REASONS {
+            drop(
+                me.upstream_blob_requests
+                    .get_or_create(&ReasonLabels { reason }),
+            );
         }
         for outcome in LOOKUP_OUTCOMES {
             drop(me.lookups.get_or_create(&LookupLabels { outcome }));
@@ -311,6 +327,11 @@ impl Metrics {
             "mirrorlet_pullthrough_owner_redirects",
             "Redirects followed from an agent asked as the owner to one closer to the key",
             me.owner_redirects.clone(),
+        );
+        registry.register(
+            "mirrorlet_pullthrough_upstream_blob_requests",
+            "Blob requests this node sent upstream itself, by why: owner, asked, owners-busy, owners-failed, resume",
+            me.upstream_blob_requests.clone(),
         );
         me
     }

@@ -493,6 +493,42 @@ async fn nodes_that_do_not_know_the_owner_are_sent_on_to_it() {
     }
 }
 
+/// A node whose lookup missed the nodes holding a blob asks its owner, which stores the
+/// digest's provider records itself: it reads the blob from a holder rather than upstream.
+#[tokio::test]
+async fn an_owner_asked_for_what_a_peer_holds_takes_it_from_that_peer() {
+    let up = Arc::new(MemoryUpstream::new([registry()]));
+    let image = push(&up, "v1", 11);
+    let (layer, data) = image.blobs[1].clone();
+    let (_net, nodes) = cluster(4, &up, pull()).await;
+    let names: Vec<String> = (1..=4).map(|i| format!("n{i}")).collect();
+    let ranked = rendezvous::rank(layer.digest.as_str(), names.clone(), String::clone);
+    let at = |name: &str| names.iter().position(|n| n == name).expect("node");
+    let (holder, asker) = (&nodes[at(&ranked[1])], &nodes[at(&ranked[2])]);
+    holder.1.put_blob(data.clone());
+    holder
+        .0
+        .router
+        .advertise(vec![layer.digest.to_string()])
+        .await
+        .expect("advertise");
+    // The asker's lookup misses the holder (here: it avoids it).
+    let holder_peer = mirrorlet_oci::Peer {
+        id: ranked[1].clone(),
+        addr: holder.0.router.registry_addrs()[0],
+    };
+    asker.0.state.failed_peers.mark(
+        &holder_peer,
+        Duration::from_secs(60),
+        "a lookup that missed",
+    );
+    let http = reqwest::Client::new();
+    let (s, body) = get(&http, &url(&asker.0, "blobs", layer.digest.as_str())).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body == data);
+    assert_eq!(up.count(RequestKind::Blob), 0, "{:?}", up.requests());
+}
+
 /// An owner that died is skipped; the agent that sent others to it fetches instead.
 #[tokio::test]
 async fn a_dead_owner_named_in_a_redirect_is_passed_over() {

@@ -75,7 +75,8 @@ impl Behaviour {
             .set_record_ttl(Some(config.provider_ttl))
             .set_publication_interval(None)
             .set_replication_interval(None)
-            .set_periodic_bootstrap_interval(Some(Duration::from_secs(5 * 60)));
+            .set_periodic_bootstrap_interval(Some(Duration::from_secs(5 * 60)))
+            .set_replication_factor(config.replication);
         let store = Store::new(
             peer_id,
             Limits {

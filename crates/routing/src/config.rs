@@ -30,6 +30,14 @@ pub const DEFAULT_MAX_KEYS: usize = 500_000;
 /// How often a node that knows no peer bootstraps again (one that knows peers but is
 /// connected to none, which is normal at rest: every sixth time).
 pub const DEFAULT_REBOOTSTRAP: Duration = Duration::from_secs(10);
+/// How many of the nodes closest to a key store its provider records. Kademlia's 20 is
+/// made for the public internet's churn; in a cluster, nodes come and go slowly, records
+/// are republished every [`DEFAULT_REPUBLISH`], and a node found dead has its records
+/// dropped, so 5 copies are plenty, and every announcement and lookup costs a quarter of
+/// the messages. Measured with `make bench-scale` at 250 agents, everyone announcing at
+/// once on two cores: with 20, 18% of keys found 15 s later, a new key found by every node
+/// after 12 s, 417 records per node; with 5, 72%, 2.6 s and 120.
+pub const DEFAULT_REPLICATION: usize = 5;
 /// A connection with nothing to do closes after this long, so a node keeps open only the
 /// connections it uses (its lookups, announcements and routing-table upkeep) rather than
 /// one to every other node. Dialling again costs a millisecond or two within a cluster.
@@ -62,6 +70,8 @@ pub struct P2pConfig {
     pub rebootstrap: Duration,
     /// See [`DEFAULT_IDLE_TIMEOUT`].
     pub idle_timeout: Duration,
+    /// See [`DEFAULT_REPLICATION`].
+    pub replication: std::num::NonZeroUsize,
 }
 
 impl P2pConfig {
@@ -80,6 +90,8 @@ impl P2pConfig {
             max_keys: DEFAULT_MAX_KEYS,
             rebootstrap: DEFAULT_REBOOTSTRAP,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            replication: std::num::NonZeroUsize::new(DEFAULT_REPLICATION)
+                .unwrap_or(std::num::NonZeroUsize::MIN),
         }
     }
 }

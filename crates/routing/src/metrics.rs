@@ -29,6 +29,8 @@ pub struct P2pMetrics {
     pub announce_retries: Counter,
     /// Keys whose announcements failed every attempt (left to the next republication).
     pub announce_failures: Counter,
+    /// Announcements queued or running (paced: see the router's pacing).
+    pub announcements_pending: Gauge,
 }
 
 impl P2pMetrics {
@@ -84,6 +86,11 @@ impl P2pMetrics {
             "mirrorlet_p2p_announce_retries",
             "Announcements to the nodes closest to a key that timed out and were queued again",
             me.announce_retries.clone(),
+        );
+        registry.register(
+            "mirrorlet_p2p_announcements_pending",
+            "Announcements to the nodes closest to a key queued or running",
+            me.announcements_pending.clone(),
         );
         registry.register(
             "mirrorlet_p2p_announce_failures",

@@ -103,6 +103,9 @@ pub struct Fetch {
     pub fetched: f64,
     /// Nodes that read it from another agent's copy.
     pub followed: f64,
+    /// Why nodes asked upstream themselves: as owner, asked as owner, owners busy, owners
+    /// failed, resuming (`mirrorlet_pullthrough_upstream_blob_requests_total`).
+    pub why: [f64; 5],
 }
 
 /// Per-node resources, summed over the live agents.
@@ -130,6 +133,8 @@ pub struct Stats {
     pub no_addr: u64,
     /// Provider records held, summed.
     pub records: u64,
+    /// Announcements queued or running, summed.
+    pub pending: u64,
 }
 
 impl Stats {
@@ -259,6 +264,9 @@ impl Cluster {
             f.busy += v[2];
             f.fetched += v[4];
             f.followed += v[5];
+            for (w, x) in f.why.iter_mut().zip(&v[6..11]) {
+                *w += x;
+            }
         }
         f.upstream_gets = self.origin.gets(&digest) - before;
         Ok(f)
@@ -308,8 +316,22 @@ impl Cluster {
             s.gave_up += v[8];
             s.no_addr += v[9];
             s.records += v[10];
+            s.pending += v[11];
         }
         Ok(s)
+    }
+
+    /// Waits until no node has an announcement queued or running (at most `limit`); how
+    /// long that took, if it happened.
+    pub async fn settle(&mut self, limit: Duration) -> Result<Option<f64>> {
+        let t = Instant::now();
+        while self.stats().await?.pending > 0 {
+            if t.elapsed() > limit {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        Ok(Some(t.elapsed().as_secs_f64()))
     }
 
     /// Kills the agents `victims` (their routers and registries stop at once).
@@ -398,16 +420,18 @@ pub async fn check(n: usize, exe: &Path) -> Result<Check> {
 pub struct Row {
     /// Node count.
     pub nodes: usize,
-    /// Found share 15 s and 45 s after announcing, %.
-    pub found: [f64; 2],
+    /// Found share 15 s and 45 s after announcing, and once every announcement ended, %.
+    pub found: [f64; 3],
     /// p99 lookup latency then, ms.
-    pub p99_ms: [f64; 2],
+    pub p99_ms: [f64; 3],
     /// The rows of [`super::report::HEADS`].
     pub lines: [String; 3],
 }
 
-/// When the lookups run, after every node announced.
+/// When the first lookups run, after every node announced.
 pub const AFTER: [Duration; 2] = [Duration::from_secs(15), Duration::from_secs(45)];
+/// How long the announcements may take to end before the last lookups run anyway.
+pub const SETTLE_LIMIT: Duration = Duration::from_secs(20 * 60);
 
 /// `make bench-scale` for `n` agents.
 pub async fn measure(n: usize, exe: &Path) -> Result<Row> {
@@ -428,7 +452,7 @@ pub async fn measure(n: usize, exe: &Path) -> Result<Row> {
     c.announce().await?;
     let announce_s = announced.elapsed().as_secs_f64();
     let mut cells = Vec::new();
-    let (mut found, mut p99) = ([0.0; 2], [f64::NAN; 2]);
+    let (mut found, mut p99) = ([0.0; 3], [f64::NAN; 3]);
     for (m, after) in AFTER.into_iter().enumerate() {
         tokio::time::sleep(after.saturating_sub(announced.elapsed())).await;
         phase(&format!("lookups {} s after announcing", after.as_secs()));
@@ -437,6 +461,17 @@ pub async fn measure(n: usize, exe: &Path) -> Result<Row> {
         p99[m] = percentile(&ms, 0.99);
         cells.push(ms_cell(share, within, &ms));
     }
+    phase("waiting for every announcement to end");
+    let settled = c.settle(SETTLE_LIMIT).await?;
+    let settled_cell = match settled {
+        Some(_) => format!("{:.0} s", announced.elapsed().as_secs_f64()),
+        None => format!("not within {} s", SETTLE_LIMIT.as_secs()),
+    };
+    phase("lookups once settled");
+    let (share, within, ms) = c.lookups(100, &mut rng, false).await?;
+    found[2] = share;
+    p99[2] = percentile(&ms, 0.99);
+    cells.push(ms_cell(share, within, &ms));
     phase("a new key, until every node finds it");
     let (findable, first_share) = c.findable(&mut rng, "a").await?;
     let stats = c.stats().await?;
@@ -469,16 +504,34 @@ pub async fn measure(n: usize, exe: &Path) -> Result<Row> {
     c.stop().await;
 
     let fetch_cell = |f: &Fetch| {
+        let why: Vec<String> = [
+            "as owner",
+            "asked",
+            "owners busy",
+            "owners failed",
+            "resume",
+        ]
+        .iter()
+        .zip(f.why)
+        .filter(|(_, n)| *n > 0.0)
+        .map(|(w, n)| format!("{n:.0} {w}"))
+        .collect();
         format!(
-            "{} ({} of {} served; {:.0} redirects, {:.0} busy answers)",
-            f.upstream_gets, f.served, f.asked, f.redirects, f.busy
+            "{} ({} of {} served; {:.0} redirects, {:.0} busy answers; upstream: {})",
+            f.upstream_gets,
+            f.served,
+            f.asked,
+            f.redirects,
+            f.busy,
+            why.join(", ")
         )
     };
     let lines = [
         format!(
-            "| {n:>5} | {} | {} | {} ({first_share:.0}% at once) |",
+            "| {n:>5} | {} | {} | {settled_cell} | {} | {} ({first_share:.0}% at once) |",
             cells[0],
             cells[1],
+            cells[2],
             findable.map_or("not within 60 s".to_owned(), |s| format!("{s:.1} s")),
         ),
         format!(

@@ -40,6 +40,13 @@ async fn start_agent(k: usize, seeds: Vec<Multiaddr>, upstream_url: &str) -> Res
         Keypair::generate_ed25519(),
     );
     cfg.bootstrap = seeds;
+    // An experiment's knob: SCALE_REPLICATION=5 (say) stores each key on 5 nodes.
+    if let Some(r) = std::env::var("SCALE_REPLICATION")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.replication = r;
+    }
     let shutdown = CancellationToken::new();
     let metrics = P2pMetrics::default();
     let (router, router_task) =
@@ -122,12 +129,17 @@ fn series_sum<'a>(agents: impl Iterator<Item = &'a Agent>, name: &str) -> f64 {
 }
 
 /// The series a `fetch` reports: how the nodes got the blob.
-const FETCH_SERIES: [&str; 5] = [
+const FETCH_SERIES: [&str; 10] = [
     "mirrorlet_pullthrough_owner_redirects_total",
     "mirrorlet_peer_busy_answers_total",
     "mirrorlet_peer_busy_refusals_total",
     "mirrorlet_pullthrough_fetches_total{kind=\"blob\",role=\"fetched\"}",
     "mirrorlet_pullthrough_fetches_total{kind=\"blob\",role=\"followed\"}",
+    "mirrorlet_pullthrough_upstream_blob_requests_total{reason=\"owner\"}",
+    "mirrorlet_pullthrough_upstream_blob_requests_total{reason=\"asked\"}",
+    "mirrorlet_pullthrough_upstream_blob_requests_total{reason=\"owners-busy\"}",
+    "mirrorlet_pullthrough_upstream_blob_requests_total{reason=\"owners-failed\"}",
+    "mirrorlet_pullthrough_upstream_blob_requests_total{reason=\"resume\"}",
 ];
 
 /// Looks up `key` from `router`; whether `want` (a peer id) came back, and how fast (ms).
@@ -185,7 +197,7 @@ pub(crate) fn lines_of(
 /// - `fetch ROUND`: every agent asks its own registry for blob `ROUND` at once; how many
 ///   got the right bytes, and what the [`FETCH_SERIES`] rose by;
 /// - `stats`: agents, connections, routing table, memory, descriptors, announcements,
-///   provider records;
+///   provider records, announcements pending;
 /// - `kill K...`, `quit`.
 pub async fn run(first: usize, end: usize, seeds: &str, upstream_url: &str) -> Result<()> {
     // RUST_LOG=mirrorlet_registry=debug (say) shows the agents' logs on standard error.
@@ -314,17 +326,19 @@ pub async fn run(first: usize, end: usize, seeds: &str, upstream_url: &str) -> R
             ["stats"] => {
                 let (mut conns, mut table) = (Vec::new(), 0);
                 let (mut retries, mut gave_up, mut no_addr, mut records) = (0, 0, 0, 0);
+                let mut pending = 0;
                 for a in agents.iter().flatten() {
                     conns.push(a.router.status().await?.connected_peers);
                     table += a.metrics.routing_table_peers.get();
                     records += a.metrics.provider_records.get();
+                    pending += a.metrics.announcements_pending.get();
                     retries += a.metrics.announce_retries.get();
                     gave_up += a.metrics.announce_failures.get();
                     no_addr += a.metrics.providers_without_address.get();
                 }
                 let fds = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
                 format!(
-                    "ok {} {} {} {table} {} {} {fds} {retries} {gave_up} {no_addr} {records}",
+                    "ok {} {} {} {table} {} {} {fds} {retries} {gave_up} {no_addr} {records} {pending}",
                     conns.len(),
                     conns.iter().sum::<usize>(),
                     conns.iter().max().copied().unwrap_or(0),

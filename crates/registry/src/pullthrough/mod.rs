@@ -107,8 +107,9 @@ async fn fetch_manifest(
     for_cluster: bool,
 ) -> Result<Fetched, Miss> {
     let path = format!("/v2/{repository}/manifests/{digest}?ns={registry}");
-    let use_peers = state.peers.enabled && !for_cluster;
-    if use_peers
+    // Holders are asked by the owner too: it stores the digest's provider records itself,
+    // so a lookup that missed at the asking node costs no upstream fetch.
+    if state.peers.enabled
         && let Some(m) =
             fetch::manifest(state, digest.as_str(), &path, Some(digest), ACCEPT_ALL).await
     {
@@ -126,7 +127,7 @@ async fn fetch_manifest(
             "no peer has {digest}, and pulling through from {registry} is not enabled"
         )));
     }
-    if use_peers {
+    if state.peers.enabled && !for_cluster {
         let key = digest.as_str();
         let mut walk = cluster::Walk::new(state, key).await;
         while let Some((peer, insist)) = walk.next() {

@@ -10,7 +10,7 @@
 //!    at the start of a copy;
 //! 3. the upstream registry directly.
 //!
-//! A node asked to fetch for the cluster goes to upstream at once. A copy that fails before
+//! A node asked to fetch for the cluster asks the holders, then upstream. A copy that fails before
 //! any reader took a byte (a peer lied, sent wrong bytes, or disagreed about the size)
 //! starts over from other sources; once readers have bytes, a failure ends the transfer.
 
@@ -381,8 +381,9 @@ enum Owners {
     Busy,
     /// Sources disagree about the size: the copy cannot continue.
     Abandoned,
-    /// No owner ahead of this node answered: this node fetches itself.
-    Nobody,
+    /// No owner ahead of this node answered (`owners-failed`), or there is none (`owner`):
+    /// this node fetches itself.
+    Nobody(&'static str),
 }
 
 /// The sources of one transfer, tried in order; state carries over between opens so a
@@ -430,7 +431,15 @@ impl<'a> Sources<'a> {
             .unwrap_or_else(|| "no peer has it".to_owned())
     }
 
-    fn uses_peers(&self) -> bool {
+    /// Whether peers that hold the blob are asked: by every node, the owner included (it
+    /// stores the digest's provider records itself, so its lookup is answered at once, and
+    /// a lookup that missed at the asking node costs no upstream fetch).
+    fn uses_holders(&self) -> bool {
+        self.job.state.peers.enabled
+    }
+
+    /// Whether the owners are asked (not by an owner fetching for the cluster).
+    fn uses_owners(&self) -> bool {
         self.job.state.peers.enabled && !self.job.for_cluster
     }
 
@@ -439,8 +448,14 @@ impl<'a> Sources<'a> {
         let state = self.job.state.clone();
         let pull = &state.pull;
         let may_pull = state.upstream.allows(&self.job.registry);
+        // Why this node goes upstream itself, if it does (see `UPSTREAM_REASONS`).
+        let mut reason = if self.job.for_cluster {
+            "asked"
+        } else {
+            "owner"
+        };
         for round in 0..=pull.busy_rounds {
-            if self.uses_peers() {
+            if self.uses_holders() {
                 if let Some(o) = self.holder(pos, size).await {
                     return Some(o);
                 }
@@ -457,21 +472,35 @@ impl<'a> Sources<'a> {
                 }
                 return None;
             }
-            if !self.uses_peers() {
+            if !self.uses_owners() {
                 break;
             }
             match self.owners(pos, size).await {
                 Owners::Opened(o) => return Some(o),
                 Owners::Missing | Owners::Abandoned => return None,
-                Owners::Nobody => break,
+                Owners::Nobody(why) => {
+                    reason = why;
+                    break;
+                }
                 // Every agent asked streams to as many peers as it may: they are
                 // downloading it now; ask again shortly rather than adding a download.
                 Owners::Busy if pos == 0 && round < pull.busy_rounds => {
                     tokio::time::sleep(pull.busy_wait).await;
                 }
-                Owners::Busy => break,
+                Owners::Busy => {
+                    reason = "owners-busy";
+                    break;
+                }
             }
         }
+        if pos > 0 {
+            reason = "resume";
+        }
+        state
+            .metrics
+            .upstream_blob_requests
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
         self.upstream(pos, size).await
     }
 
@@ -481,7 +510,9 @@ impl<'a> Sources<'a> {
         let key = self.job.transfer.digest.to_string();
         let timeout = state.pull.owner_timeout;
         let mut walk = cluster::Walk::new(&state, &key).await;
+        let mut asked = false;
         while let Some((peer, insist)) = walk.next() {
+            asked = true;
             let step = match self
                 .ask(&peer, pos, Asking::Owner { insist }, timeout)
                 .await
@@ -510,7 +541,7 @@ impl<'a> Sources<'a> {
             };
             walk.went(step, &state, &key);
         }
-        Owners::Nobody
+        Owners::Nobody(if asked { "owners-failed" } else { "owner" })
     }
 
     /// The agents a busy owner named as reading the blob from it: each streams its own

@@ -131,6 +131,13 @@ impl EventLoop {
 
     /// Starts announcements from the queue while the pacing window has room.
     pub(super) fn announce_more(&mut self) {
+        self.start_announcements();
+        self.metrics
+            .announcements_pending
+            .set(i64::try_from(self.announcements.pending()).unwrap_or(i64::MAX));
+    }
+
+    fn start_announcements(&mut self) {
         while let Some((key, attempt)) = self.announcements.next() {
             if !self.advertised.contains(&key) {
                 continue; // withdrawn while queued

@@ -65,12 +65,14 @@ const LIVENESS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs
 /// How long a probe may take before the peer counts as unreachable.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// The providers whose records this node stores are probed, when it has no connection to
-/// them, at most this often each...
-const PROVIDER_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(120);
-/// ...and at most this many per housekeeping round (10 s): a node that died without
-/// withdrawing is no longer handed out by the nodes that store its records within a few
-/// rounds, rather than when its records expire.
-const PROVIDER_CHECKS_PER_ROUND: usize = 32;
+/// them, once this often each (a bare TCP connect: a SYN, an accept and a close at the
+/// other end), so that a node that died without withdrawing is no longer handed out by the
+/// nodes that store its records within about this long plus a housekeeping round (10 s),
+/// rather than when its records expire (20 min)...
+const PROVIDER_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// ...with at most this many probes per round (so up to 1,500 distinct providers keep the
+/// bound above; more lengthen the cycle).
+const PROVIDER_CHECKS_PER_ROUND: usize = 256;
 /// A node that knows peers but is connected to none bootstraps again once every this many
 /// `rebootstrap` periods (a minute by default).
 const IDLE_REBOOTSTRAPS: u32 = 6;

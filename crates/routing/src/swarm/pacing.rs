@@ -64,6 +64,11 @@ impl<Id: Hash + Eq> Announcements<Id> {
         self.queue.pop_front()
     }
 
+    /// Announcements queued or running.
+    pub(super) fn pending(&self) -> usize {
+        self.queue.len() + self.running.len()
+    }
+
     /// Records that the query `id` announces `key`.
     pub(super) fn started(&mut self, id: Id, key: String, attempt: u8) {
         self.running.insert(id, (key, attempt));
