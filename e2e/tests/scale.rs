@@ -3,7 +3,8 @@
 //! a counting registry on loopback. Keys announced by every node at once are found; a key
 //! one node adds is found by every other; every node asking for one new blob at once costs
 //! one upstream download (the owner found through redirects, the rest reading copies of
-//! copies); and again after 10% of the nodes were killed.
+//! copies; two are allowed, for nodes whose views of a young cluster disagree), and again
+//! after 10% of the nodes were killed.
 
 use std::path::Path;
 

@@ -6,12 +6,15 @@
 //! and asks the first one ahead of itself. In a large cluster no node knows every other,
 //! but each knows its own neighbourhood of the id space best: an agent asked as the owner
 //! that knows one closer to the key answers with a redirect to it ([`OWNER_HEADER`]), and
-//! the asker follows ([`walk`]), so every request ends at the same owner however little the
+//! the asker follows ([`Walk`]), so every request ends at the same owner however little the
 //! asking node knows, as a Kademlia lookup would, at the cost of a request per hop. A
 //! redirect to an agent that failed, or one too many, is answered by asking the agent that
-//! redirected to fetch itself ([`INSIST`]). Peers that failed recently are left out of the
-//! ranking, so a dead owner is passed over at once (nodes that have not noticed yet may
-//! still pick it: at worst a few duplicate fetches).
+//! redirected to fetch itself ([`INSIST`]), naming the one that failed ([`FAILED_HEADER`]:
+//! the redirecting agent checks it, and stops sending others there). Peers that failed
+//! recently are left out of the ranking, so a dead owner is passed over at once (nodes that
+//! have not noticed yet may still pick it: at worst a few duplicate fetches). An agent of
+//! an earlier version asks with the value `cluster`, which knows no redirects: it is
+//! answered as if it insisted.
 //!
 //! An owner streams a blob to a bounded number of peers while it downloads; when full, it
 //! answers "busy" with the agents reading from it ([`FOLLOWERS_HEADER`]), each of which can
@@ -27,12 +30,14 @@ use crate::state::AppState;
 
 /// With [`crate::PEER_HEADER`], asks the receiving agent to act as the owner: to fetch
 /// what it does not hold from upstream, for the cluster, and serve it as it arrives. Its
-/// value is [`ASK_OWNER`] or [`INSIST`].
+/// value is [`ASK_OWNER`] or [`INSIST`] (any other value counts as insisting).
 pub const CLUSTER_HEADER: &str = "x-mirrorlet-fetch";
 /// [`CLUSTER_HEADER`]: fetch it, or send the asker on to an agent closer to the key.
-pub const ASK_OWNER: &str = "cluster";
+pub const ASK_OWNER: &str = "owner";
 /// [`CLUSTER_HEADER`]: fetch it here, whoever is closer (the asker found no better owner).
 pub const INSIST: &str = "insist";
+/// On an [`INSIST`]: the agent this one redirected to, which failed the asker.
+pub const FAILED_HEADER: &str = "x-mirrorlet-failed";
 /// Peer owners asked (the owner, then one backup) before fetching directly.
 pub const OWNER_PEERS: usize = 2;
 /// Redirects followed from one owner asked before insisting. Each hop gets closer to the
@@ -96,6 +101,33 @@ pub async fn closer_owner(state: &AppState, key: &str) -> Option<Peer> {
     }
 }
 
+/// An asker insisting says the agent this node sent it to failed: check that agent (a
+/// connection to its registry, in the background), and leave it out of this node's
+/// rankings for a while if it does not answer, so that others are not sent there too.
+pub(crate) fn check_failed(state: &std::sync::Arc<AppState>, headers: &HeaderMap) {
+    let Some(addr) = headers
+        .get(FAILED_HEADER)
+        .and_then(|v| addr_list(v).into_iter().next())
+    else {
+        return;
+    };
+    let peer = peer_at(addr);
+    if state.failed_peers.is_failed(&peer) {
+        return;
+    }
+    let (state, limit) = (state.clone(), state.peers.connect_timeout);
+    tokio::spawn(async move {
+        let reached = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await;
+        if !matches!(reached, Ok(Ok(_))) {
+            state.failed_peers.mark(
+                &peer,
+                state.peers.failure_backoff,
+                "an agent sent to it could not reach it, nor could this one",
+            );
+        }
+    });
+}
+
 /// What an agent asked as an owner answered, when it gave no answer for the caller.
 pub(crate) enum Step {
     /// It knows an agent closer to the key.
@@ -119,6 +151,8 @@ pub(crate) struct Walk {
     /// The agents on the way from the one started from to the one being asked.
     path: Vec<Peer>,
     insist: bool,
+    /// The agent that failed after the one being asked redirected to it.
+    failed: Option<SocketAddr>,
     me: Vec<SocketAddr>,
 }
 
@@ -131,17 +165,23 @@ impl Walk {
             ranked,
             path: Vec::new(),
             insist: false,
+            failed: None,
             me: state.router.registry_addrs(),
         }
     }
 
-    /// The agent to ask next, and whether to insist that it fetch itself.
-    pub(crate) fn next(&mut self) -> Option<(Peer, bool)> {
+    /// The agent to ask next, and how.
+    pub(crate) fn next(&mut self) -> Option<(Peer, Asking)> {
         if self.path.is_empty() {
             self.path.push(self.ranked.pop()?);
             self.insist = false;
+            self.failed = None;
         }
-        self.path.last().map(|p| (p.clone(), self.insist))
+        let asking = Asking {
+            insist: self.insist,
+            failed: self.failed,
+        };
+        self.path.last().map(|p| (p.clone(), asking))
     }
 
     /// The agent just asked answered `step`.
@@ -154,6 +194,9 @@ impl Walk {
                     || state.failed_peers.is_failed(&to);
                 if dead_end {
                     self.insist = true;
+                    if state.failed_peers.is_failed(&to) {
+                        self.failed = Some(to.addr);
+                    }
                 } else {
                     state.metrics.owner_redirects.inc();
                     if let Some(from) = self.path.last() {
@@ -164,7 +207,7 @@ impl Walk {
             }
             // One that redirects even when asked to insist is not a working owner.
             Step::Redirect(_) | Step::Failed => {
-                self.path.pop();
+                self.failed = self.path.pop().map(|p| p.addr);
                 self.insist = true;
             }
             Step::Unavailable => self.path.clear(),
@@ -172,57 +215,90 @@ impl Walk {
     }
 }
 
-/// The value of [`CLUSTER_HEADER`] for an ask that `insist`s or not.
-pub(crate) fn mode(insist: bool) -> HeaderValue {
-    HeaderValue::from_static(if insist { INSIST } else { ASK_OWNER })
+/// How an agent is asked as the owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Asking {
+    /// Fetch it, whoever is closer to the key.
+    pub(crate) insist: bool,
+    /// The agent it redirected to, which failed.
+    pub(crate) failed: Option<SocketAddr>,
+}
+
+impl Asking {
+    /// Adds the headers that say so to a request for the cluster.
+    pub(crate) fn headers(self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let mode = if self.insist { INSIST } else { ASK_OWNER };
+        let req = req.header(CLUSTER_HEADER, HeaderValue::from_static(mode));
+        match self.failed {
+            Some(addr) => req.header(FAILED_HEADER, addr_header(&[addr])),
+            None => req,
+        }
+    }
 }
 
 /// The value of [`crate::PEER_HEADER`] on this node's requests to other agents: its
 /// registry addresses (so that an agent it reads a blob from can send others on to it),
 /// or `1` while it does not know them.
 pub(crate) fn peer_header(state: &AppState) -> HeaderValue {
-    let addrs: Vec<String> = state
-        .router
-        .registry_addrs()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    HeaderValue::from_str(&addrs.join(", ")).unwrap_or_else(|_| HeaderValue::from_static("1"))
+    let addrs = state.router.registry_addrs();
+    if addrs.is_empty() {
+        return HeaderValue::from_static("1");
+    }
+    addr_header(&addrs)
 }
 
-/// The registry of the agent that sent `headers` over a connection from `from`: of the
-/// addresses its [`crate::PEER_HEADER`] names, the one on that IP, else the first of that
-/// family, else the first. `None` when it names none.
-pub(crate) fn sender(headers: &HeaderMap, from: Option<IpAddr>) -> Option<SocketAddr> {
-    let named = addr_list(headers.get(crate::PEER_HEADER)?);
-    let Some(from) = from else {
-        return named.first().copied();
-    };
-    named
-        .iter()
-        .find(|a| a.ip() == from)
-        .or_else(|| named.iter().find(|a| a.is_ipv4() == from.is_ipv4()))
-        .or_else(|| named.first())
-        .copied()
+/// A header value listing `addrs`, comma-separated.
+pub(crate) fn addr_header(addrs: &[SocketAddr]) -> HeaderValue {
+    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    HeaderValue::from_str(&list.join(", ")).unwrap_or_else(|_| HeaderValue::from_static("1"))
 }
 
-/// The addresses in a comma-separated header value (unparsable entries left out).
+/// The registry of the agent that sent `headers` over a connection from `from`: the
+/// address its [`crate::PEER_HEADER`] names on that IP. An agent is taken at its word only
+/// where its connection comes from, so nobody can have others sent to an address of its
+/// choosing. `None` when it names none there.
+pub(crate) fn sender(headers: &HeaderMap, from: IpAddr) -> Option<SocketAddr> {
+    let from = from.to_canonical();
+    addr_list(headers.get(crate::PEER_HEADER)?)
+        .into_iter()
+        .find(|a| a.ip().to_canonical() == from)
+}
+
+/// The addresses in a comma-separated header value that could be an agent's registry
+/// (unparsable ones, port 0, unspecified and multicast addresses left out).
 pub(crate) fn addr_list(value: &HeaderValue) -> Vec<SocketAddr> {
     value
         .to_str()
         .unwrap_or_default()
         .split(',')
-        .filter_map(|s| s.trim().parse().ok())
+        .filter_map(|s| s.trim().parse::<SocketAddr>().ok())
+        .filter(|a| a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast())
         .collect()
 }
 
-/// The agent a `421` answer names as closer to the key.
-pub(crate) fn redirected_to(headers: &HeaderMap) -> Option<Peer> {
-    let addr = *addr_list(headers.get(OWNER_HEADER)?).first()?;
-    Some(Peer {
+/// An agent known by its registry address only.
+pub(crate) fn peer_at(addr: SocketAddr) -> Peer {
+    Peer {
         id: addr.to_string(),
         addr,
-    })
+    }
+}
+
+/// The agent a `421` answer from `peer` names as closer to the key; `peer` is marked as
+/// failed when it names none.
+pub(crate) fn redirect_of(state: &AppState, peer: &Peer, headers: &HeaderMap) -> Option<Peer> {
+    let to = headers
+        .get(OWNER_HEADER)
+        .and_then(|v| addr_list(v).into_iter().next())
+        .map(peer_at);
+    if to.is_none() {
+        state.failed_peers.mark(
+            peer,
+            state.peers.failure_backoff,
+            "redirected to no valid agent",
+        );
+    }
+    to
 }
 
 #[cfg(test)]
@@ -241,16 +317,21 @@ mod tests {
     #[test]
     fn the_sender_is_named_by_the_address_its_connection_came_from() {
         let h = headers("10.0.0.5:5000, [fd00::5]:5000, 172.17.0.1:5000");
-        let ip = |s: &str| Some(s.parse::<IpAddr>().expect("ip"));
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         let addr = |s: &str| Some(s.parse::<SocketAddr>().expect("addr"));
         assert_eq!(sender(&h, ip("172.17.0.1")), addr("172.17.0.1:5000"));
-        assert_eq!(sender(&h, ip("fd00::9")), addr("[fd00::5]:5000"));
-        // A source it does not name (loopback, NAT): the first of that family.
-        assert_eq!(sender(&h, ip("127.0.0.1")), addr("10.0.0.5:5000"));
-        assert_eq!(sender(&h, None), addr("10.0.0.5:5000"));
+        assert_eq!(sender(&h, ip("fd00::5")), addr("[fd00::5]:5000"));
+        // An IPv4 peer on a dual-stack listener.
+        assert_eq!(sender(&h, ip("::ffff:10.0.0.5")), addr("10.0.0.5:5000"));
+        // A source it does not name: not taken at its word.
+        assert_eq!(sender(&h, ip("10.0.0.9")), None);
+        assert_eq!(sender(&h, ip("fd00::9")), None);
         // An agent that does not know its addresses yet, or garbage: nobody.
         assert_eq!(sender(&headers("1"), ip("10.0.0.5")), None);
-        assert_eq!(sender(&headers("x, y:z"), None), None);
-        assert_eq!(sender(&HeaderMap::new(), None), None);
+        assert_eq!(sender(&headers("x, y:z"), ip("10.0.0.5")), None);
+        assert_eq!(sender(&HeaderMap::new(), ip("10.0.0.5")), None);
+        // Addresses no registry can have are never named.
+        assert_eq!(sender(&headers("0.0.0.0:5000"), ip("0.0.0.0")), None);
+        assert_eq!(sender(&headers("10.0.0.5:0"), ip("10.0.0.5")), None);
     }
 }

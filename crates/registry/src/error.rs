@@ -120,15 +120,18 @@ impl IntoResponse for RegistryError {
             }
             Self::Busy { followers, .. } => {
                 headers.insert(crate::cluster::BUSY_HEADER, HeaderValue::from_static("1"));
-                let list: Vec<String> = followers.iter().map(ToString::to_string).collect();
-                if let Ok(v) = HeaderValue::from_str(&list.join(", ")) {
-                    headers.insert(crate::cluster::FOLLOWERS_HEADER, v);
+                if !followers.is_empty() {
+                    headers.insert(
+                        crate::cluster::FOLLOWERS_HEADER,
+                        crate::cluster::addr_header(&followers),
+                    );
                 }
             }
             Self::NotOwner(addr) => {
-                if let Ok(v) = HeaderValue::from_str(&addr.to_string()) {
-                    headers.insert(crate::cluster::OWNER_HEADER, v);
-                }
+                headers.insert(
+                    crate::cluster::OWNER_HEADER,
+                    crate::cluster::addr_header(&[addr]),
+                );
             }
             _ => {}
         }

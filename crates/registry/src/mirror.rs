@@ -165,16 +165,21 @@ async fn dispatch(
         .extensions
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip());
+    // Any value but `owner` insists (an agent of an earlier version knows no redirects).
+    let insist = parts
+        .headers
+        .get(CLUSTER_HEADER)
+        .is_some_and(|v| v != cluster::ASK_OWNER);
+    if insist {
+        cluster::check_failed(state, &parts.headers);
+    }
     let ask = Ask {
         state,
         parts,
         head: method == Method::HEAD,
         requester,
-        insist: parts
-            .headers
-            .get(CLUSTER_HEADER)
-            .is_some_and(|v| v == cluster::INSIST),
-        sender: cluster::sender(&parts.headers, from),
+        insist,
+        sender: from.and_then(|ip| cluster::sender(&parts.headers, ip)),
     };
     match Route::parse(parts.uri.path(), &registry)? {
         Route::Base => Ok((
@@ -327,11 +332,10 @@ async fn tag_for_client(
         name.repository, name.reference, name.registry
     );
     let mut walk = cluster::Walk::new(state, &key).await;
-    while let Some((peer, insist)) = walk.next() {
+    while let Some((peer, asking)) = walk.next() {
         let accept = pullthrough::ACCEPT_ALL;
-        let step = match pullthrough::ask_owner(state, &peer, &path, accept, ask.head, insist).await
-        {
-            Owned::Found(headers, bytes) => {
+        match pullthrough::ask_owner(state, &peer, &path, accept, ask.head, asking).await {
+            Ok(Owned::Found(headers, bytes)) => {
                 let confirmed = pullthrough::confirmed_of(&headers);
                 let answer = if ask.head {
                     pullthrough::described(&headers).map(|d| (d, None))
@@ -363,17 +367,14 @@ async fn tag_for_client(
                 };
                 return Ok((resp, Source::Peer));
             }
-            Owned::Gone => {
+            Ok(Owned::Gone) => {
                 return Err(RegistryError::ManifestUnknown(format!(
                     "{key}: its owner {} found no such tag (or may not see it)",
                     peer.addr
                 )));
             }
-            Owned::Redirect(to) => Step::Redirect(to),
-            Owned::Failed => Step::Failed,
-            Owned::Unavailable => Step::Unavailable,
-        };
-        walk.went(step, state, &key);
+            Err(step) => walk.went(step, state, &key),
+        }
     }
     tag_as_owner(ask, name).await
 }

@@ -16,8 +16,10 @@ use mirrorlet_oci::glob::Glob;
 use crate::metrics::{LOOKUP_OUTCOMES, LookupLabels, Metrics};
 use crate::state::AppState;
 
-/// The header an agent sets on requests to another agent. A request carrying it is
-/// answered from local content only, so agents never forward in loops.
+/// The header an agent sets on requests to another agent, naming its registry addresses
+/// (see [`crate::cluster::sender`]). A request carrying it is answered from what the node
+/// holds or is downloading only (unless it asks the node as an owner), so agents never
+/// forward in loops.
 pub const PEER_HEADER: &str = "x-mirrorlet-peer";
 
 /// How the registry uses peers.
@@ -50,6 +52,9 @@ pub struct PeerConfig {
     /// Where blobs larger than the verify buffer are spooled while they are verified
     /// (anonymous files, gone when closed).
     pub spool_dir: std::path::PathBuf,
+    /// The address requests to peers come from (`None`: the system's choice). Peers take
+    /// an agent's word for its registry address only where its connections come from.
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 impl Default for PeerConfig {
@@ -67,6 +72,7 @@ impl Default for PeerConfig {
             tag_excludes: vec![Glob::new("*:latest")],
             max_blob_size: 32 << 30,
             spool_dir: std::env::temp_dir(),
+            source_address: None,
         }
     }
 }

@@ -119,6 +119,7 @@ impl AppState {
     ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .no_proxy()
+            .local_address(peers.source_address)
             .connect_timeout(peers.connect_timeout)
             .read_timeout(peers.read_timeout)
             .pool_idle_timeout(Duration::from_secs(60))

@@ -529,7 +529,8 @@ async fn an_owner_asked_for_what_a_peer_holds_takes_it_from_that_peer() {
     assert_eq!(up.count(RequestKind::Blob), 0, "{:?}", up.requests());
 }
 
-/// An owner that died is skipped; the agent that sent others to it fetches instead.
+/// An owner that died is skipped: the agent that sent the asker to it fetches instead, and,
+/// told so, checks the dead one and stops sending others there.
 #[tokio::test]
 async fn a_dead_owner_named_in_a_redirect_is_passed_over() {
     let up = Arc::new(MemoryUpstream::new([registry()]));
@@ -579,17 +580,34 @@ async fn a_dead_owner_named_in_a_redirect_is_passed_over() {
     assert_eq!(s, StatusCode::OK);
     assert!(body == data);
     assert_eq!(up.count(RequestKind::Blob), 1, "{:?}", up.requests());
-    // The runner-up, which sent the asker to the dead owner, fetched it for the cluster.
-    let fetched = |name: &str| {
-        nodes
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, node)| {
-                node.metric("mirrorlet_pullthrough_fetches_total{kind=\"blob\",role=\"fetched\"}")
-            })
-            .expect("node")
-    };
-    assert_eq!(fetched(&ranked[1]), 1.0);
+    assert_eq!(
+        asker.metric("mirrorlet_pullthrough_owner_redirects_total"),
+        1.0,
+        "sent on to the dead owner"
+    );
+    let dead_addr: std::net::SocketAddr = dead_base
+        .trim_start_matches("http://")
+        .parse()
+        .expect("address");
+    assert!(asker.state.failed_peers.last(&dead_addr).is_some());
+    // The runner-up, which sent the asker to the dead owner, fetched it for the cluster,
+    // and found the dead owner gone when told.
+    let runner_up = &nodes
+        .iter()
+        .find(|(n, _)| *n == ranked[1])
+        .expect("runner-up")
+        .1;
+    let fetched =
+        runner_up.metric("mirrorlet_pullthrough_fetches_total{kind=\"blob\",role=\"fetched\"}");
+    assert_eq!(fetched, 1.0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while runner_up.state.failed_peers.last(&dead_addr).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the runner-up checks the dead owner"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// An owner streams to a bounded number of peers; the rest are sent to those reading from

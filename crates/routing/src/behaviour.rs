@@ -70,7 +70,8 @@ impl Behaviour {
         kad_config
             .set_query_timeout(config.query_timeout)
             .set_provider_record_ttl(Some(config.provider_ttl))
-            .set_provider_publication_interval(Some(config.republish))
+            // Republication is paced by the router itself (swarm/republish.rs).
+            .set_provider_publication_interval(None)
             // Values are not used, only provider records.
             .set_record_ttl(Some(config.provider_ttl))
             .set_publication_interval(None)

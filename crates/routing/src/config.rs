@@ -30,6 +30,13 @@ pub const DEFAULT_MAX_KEYS: usize = 500_000;
 /// How often a node that knows no peer bootstraps again (one that knows peers but is
 /// connected to none, which is normal at rest: every sixth time).
 pub const DEFAULT_REBOOTSTRAP: Duration = Duration::from_secs(10);
+/// The providers whose records this node stores are probed, when it has no connection to
+/// them, once this often each (a bare TCP connect: a SYN, an accept and a close at the
+/// other end), so that a node that died without withdrawing is no longer handed out by the
+/// nodes that store its records within about this long plus a housekeeping round, rather
+/// than when its records expire ([`DEFAULT_PROVIDER_TTL`]). A node receives about one probe
+/// a minute from each node that stores records of its.
+pub const DEFAULT_PROVIDER_CHECK: Duration = Duration::from_secs(60);
 /// How many of the nodes closest to a key store its provider records. Kademlia's 20 is
 /// made for the public internet's churn; in a cluster, nodes come and go slowly, records
 /// are republished every [`DEFAULT_REPUBLISH`], and a node found dead has its records
@@ -72,6 +79,8 @@ pub struct P2pConfig {
     pub idle_timeout: Duration,
     /// See [`DEFAULT_REPLICATION`].
     pub replication: std::num::NonZeroUsize,
+    /// See [`DEFAULT_PROVIDER_CHECK`].
+    pub provider_check: Duration,
 }
 
 impl P2pConfig {
@@ -92,6 +101,7 @@ impl P2pConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             replication: std::num::NonZeroUsize::new(DEFAULT_REPLICATION)
                 .unwrap_or(std::num::NonZeroUsize::MIN),
+            provider_check: DEFAULT_PROVIDER_CHECK,
         }
     }
 }

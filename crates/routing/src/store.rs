@@ -119,15 +119,19 @@ impl RecordStore for Store {
                 e.insert(Vec::with_capacity(1))
             }
         };
-        if record.provider == self.local {
-            self.provided.insert(record.key.clone(), record.clone());
-        }
+        let own = record.provider == self.local;
         if let Some(existing) = list.iter_mut().find(|p| p.provider == record.provider) {
+            if own {
+                self.provided.insert(record.key.clone(), record.clone());
+            }
             *existing = record;
             return Ok(());
         }
         if list.len() >= self.limits.max_providers_per_key {
             return Ok(());
+        }
+        if own {
+            self.provided.insert(record.key.clone(), record.clone());
         }
         list.push(record);
         self.count(1);

@@ -248,6 +248,34 @@ async fn records_expire_when_not_republished() {
     b.stop().await;
 }
 
+/// A node announces its keys again before their records expire where they are stored.
+#[tokio::test]
+async fn records_are_republished_before_they_expire() {
+    let a = start_with(|c| c.republish = Duration::from_millis(300)).await;
+    let a_addr = a.addr.clone();
+    let b = start_with(|c| {
+        c.bootstrap = vec![a_addr.clone()];
+        c.provider_ttl = Duration::from_secs(1);
+    })
+    .await;
+    wait_connected(&b, 1).await;
+    a.router
+        .advertise(vec!["sha256:kept".into()])
+        .await
+        .expect("advertise");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.metrics.provider_records.get() == 0 {
+        assert!(Instant::now() < deadline, "stored at b");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Three lifetimes later, b still holds it (a lookup at b drops what expired).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _ = collect_lookup(&b.router, "sha256:kept", Duration::from_millis(300)).await;
+    assert_eq!(b.metrics.provider_records.get(), 1, "republished in time");
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn a_node_with_the_wrong_psk_cannot_join() {
     let psk = parse_psk(&"11".repeat(32)).expect("psk");
@@ -486,7 +514,11 @@ async fn with_every_connection_closed_when_idle_lookups_and_owner_rankings_still
 /// the records would expire.
 #[tokio::test]
 async fn the_records_of_a_node_that_died_are_dropped_by_the_nodes_that_store_them() {
-    let nodes = seeded(3, |_| {}).await;
+    let nodes = seeded(3, |c| {
+        c.idle_timeout = Duration::from_millis(300);
+        c.provider_check = Duration::from_millis(500);
+    })
+    .await;
     let keys: Vec<String> = (0..3).map(|i| format!("sha256:gone-{i}")).collect();
     nodes[1]
         .router
@@ -498,6 +530,15 @@ async fn the_records_of_a_node_that_died_are_dropped_by_the_nodes_that_store_the
         while n.metrics.provider_records.get() < 3 {
             assert!(Instant::now() < deadline, "records stored");
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Every connection closes, so no broken connection tells anyone b is gone: only the
+    // checks of the providers whose records a node holds can.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in &nodes {
+        while n.router.status().await.expect("status").connected_peers != 0 {
+            assert!(Instant::now() < deadline, "idle connections close");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     let mut nodes = nodes.into_iter();

@@ -66,7 +66,11 @@ async fn start_agent(k: usize, seeds: Vec<Multiaddr>, upstream_url: &str) -> Res
     let state = AppState::new(
         Arc::new(MemoryStore::new()),
         Arc::new(router.clone()),
-        PeerConfig::default(),
+        // Requests to peers come from the agent's own address, as on a node.
+        PeerConfig {
+            source_address: Some(ip(k).into()),
+            ..PeerConfig::default()
+        },
         metrics_of_registry,
         registry.clone(),
         Arc::new(|| async { Ok(()) }.boxed()),

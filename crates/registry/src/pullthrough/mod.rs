@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use mirrorlet_oci::manifest::{self, Descriptor};
 use mirrorlet_oci::{Digest, Peer, Reference, Registry, Repository, UpstreamError};
 
-use crate::cluster::{self, CLUSTER_HEADER, Step, TAG_CONFIRMED_HEADER};
+use crate::cluster::{self, Step, TAG_CONFIRMED_HEADER};
 use crate::fetch;
 use crate::metrics::{FetchLabels, Source};
 use crate::peers::{self, PEER_HEADER};
@@ -130,9 +130,9 @@ async fn fetch_manifest(
     if state.peers.enabled && !for_cluster {
         let key = digest.as_str();
         let mut walk = cluster::Walk::new(state, key).await;
-        while let Some((peer, insist)) = walk.next() {
-            let step = match ask_owner(state, &peer, &path, ACCEPT_ALL, false, insist).await {
-                Owned::Found(resp_headers, bytes) => {
+        while let Some((peer, asking)) = walk.next() {
+            let step = match ask_owner(state, &peer, &path, ACCEPT_ALL, false, asking).await {
+                Ok(Owned::Found(resp_headers, bytes)) => {
                     if let Some(m) = verified(&resp_headers, bytes, Some(digest)) {
                         return Ok(keep(state, m.0, m.1, Source::Peer, "followed"));
                     }
@@ -144,15 +144,13 @@ async fn fetch_manifest(
                     );
                     Step::Failed
                 }
-                Owned::Gone => {
+                Ok(Owned::Gone) => {
                     return Err(Miss::Gone(format!(
                         "its owner {} could not get it upstream",
                         peer.addr
                     )));
                 }
-                Owned::Redirect(to) => Step::Redirect(to),
-                Owned::Failed => Step::Failed,
-                Owned::Unavailable => Step::Unavailable,
+                Err(step) => step,
             };
             walk.went(step, state, key);
         }
@@ -210,30 +208,24 @@ fn count(state: &AppState, role: &'static str) {
         .inc();
 }
 
-/// What an owner answered.
+/// What an owner answered, when it answered.
 pub(crate) enum Owned {
     /// The headers and body (empty for a `HEAD`).
     Found(HeaderMap, Bytes),
     /// It could not get it upstream (404): nobody can now.
     Gone,
-    /// It knows an agent closer to the key (421).
-    Redirect(Peer),
-    /// It failed, and is marked.
-    Failed,
-    /// It could not get it this time (503).
-    Unavailable,
 }
 
-/// Asks `peer`, as an owner, for a manifest at `path` (`head`: its description only;
-/// `insist`: fetch it whoever is closer).
+/// Asks `peer`, as an owner (as `asking` says), for a manifest at `path` (`head`: its
+/// description only); where to go next when it gave no answer.
 pub(crate) async fn ask_owner(
     state: &AppState,
     peer: &Peer,
     path: &str,
     accept: &str,
     head: bool,
-    insist: bool,
-) -> Owned {
+    asking: cluster::Asking,
+) -> Result<Owned, Step> {
     let url = format!("http://{}{path}", peer.addr);
     let req = if head {
         state.http.head(url)
@@ -241,46 +233,37 @@ pub(crate) async fn ask_owner(
         state.http.get(url)
     }
     .header(PEER_HEADER, cluster::peer_header(state))
-    .header(CLUSTER_HEADER, cluster::mode(insist))
     .header(header::ACCEPT, accept);
+    let req = asking.headers(req);
     let Some(resp) = peers::send_marking(state, peer, req, state.pull.owner_timeout).await else {
-        return Owned::Failed;
+        return Err(Step::Failed);
     };
     match resp.status() {
         StatusCode::OK => {
             let headers = resp.headers().clone();
             if head {
-                return Owned::Found(headers, Bytes::new());
+                return Ok(Owned::Found(headers, Bytes::new()));
             }
             match fetch::read_limited(state, resp, manifest::MAX_MANIFEST_SIZE).await {
-                Ok(b) => Owned::Found(headers, b),
+                Ok(b) => Ok(Owned::Found(headers, b)),
                 Err(e) => {
                     state
                         .failed_peers
                         .mark(peer, state.peers.failure_backoff, &e);
-                    Owned::Failed
+                    Err(Step::Failed)
                 }
             }
         }
-        StatusCode::NOT_FOUND => Owned::Gone,
-        StatusCode::MISDIRECTED_REQUEST => match cluster::redirected_to(resp.headers()) {
-            Some(to) => Owned::Redirect(to),
-            None => {
-                state.failed_peers.mark(
-                    peer,
-                    state.peers.failure_backoff,
-                    "redirected to no valid agent",
-                );
-                Owned::Failed
-            }
-        },
+        StatusCode::NOT_FOUND => Ok(Owned::Gone),
+        StatusCode::MISDIRECTED_REQUEST => cluster::redirect_of(state, peer, resp.headers())
+            .map_or(Err(Step::Failed), |to| Err(Step::Redirect(to))),
         // Its own fetch failed this time: not its fault; the next owner or upstream.
-        StatusCode::SERVICE_UNAVAILABLE => Owned::Unavailable,
+        StatusCode::SERVICE_UNAVAILABLE => Err(Step::Unavailable),
         s => {
             state
                 .failed_peers
                 .mark(peer, state.peers.failure_backoff, &format!("answered {s}"));
-            Owned::Failed
+            Err(Step::Failed)
         }
     }
 }

@@ -28,7 +28,7 @@ use mirrorlet_oci::{Peer, Registry, Repository, UpstreamError};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{Backing, Origin, Outcome, Sink, Transfer};
-use crate::cluster::{self, BUSY_HEADER, CLUSTER_HEADER, FOLLOWERS_HEADER, Step};
+use crate::cluster::{self, BUSY_HEADER, FOLLOWERS_HEADER, Step};
 use crate::metrics::{FetchLabels, ReasonLabels};
 use crate::peers::{self, Candidates, PEER_HEADER};
 use crate::state::AppState;
@@ -49,7 +49,8 @@ pub(crate) struct Job {
     pub(crate) transfer: Arc<Transfer>,
     pub(crate) registry: Registry,
     pub(crate) repository: Repository,
-    /// Asked by a peer to fetch for the cluster as the owner: from upstream only.
+    /// Asked by a peer to fetch for the cluster as the owner: from holders or upstream,
+    /// never from other owners.
     pub(crate) for_cluster: bool,
 }
 
@@ -367,8 +368,8 @@ enum Answer {
 enum Asking {
     /// For what it holds or is downloading.
     Peer,
-    /// As the owner (`insist`: to fetch it whoever it knows to be closer).
-    Owner { insist: bool },
+    /// As the owner.
+    Owner(cluster::Asking),
 }
 
 /// Where the owners left a request for the blob.
@@ -511,12 +512,9 @@ impl<'a> Sources<'a> {
         let timeout = state.pull.owner_timeout;
         let mut walk = cluster::Walk::new(&state, &key).await;
         let mut asked = false;
-        while let Some((peer, insist)) = walk.next() {
+        while let Some((peer, asking)) = walk.next() {
             asked = true;
-            let step = match self
-                .ask(&peer, pos, Asking::Owner { insist }, timeout)
-                .await
-            {
+            let step = match self.ask(&peer, pos, Asking::Owner(asking), timeout).await {
                 Answer::Body(p, resp) => match self.accept(p, resp, pos, size, Origin::Peer) {
                     Some(o) => return Owners::Opened(o),
                     None if self.abandoned => return Owners::Abandoned,
@@ -567,16 +565,14 @@ impl<'a> Sources<'a> {
             if asked == FOLLOWER_ASKS {
                 break;
             }
-            let peer = Peer {
-                id: addr.to_string(),
-                addr,
-            };
+            let peer = cluster::peer_at(addr);
             if state.failed_peers.is_failed(&peer) {
                 continue;
             }
             asked += 1;
+            // It answers once its own copy has begun, which may wait on upstream.
             match self
-                .ask(&peer, 0, Asking::Peer, state.peers.read_timeout)
+                .ask(&peer, 0, Asking::Peer, state.pull.owner_timeout)
                 .await
             {
                 Answer::Body(p, resp) => {
@@ -698,8 +694,8 @@ impl<'a> Sources<'a> {
             .http
             .get(format!("http://{}{}", peer.addr, self.path()))
             .header(PEER_HEADER, cluster::peer_header(state));
-        if let Asking::Owner { insist } = asking {
-            req = req.header(CLUSTER_HEADER, cluster::mode(insist));
+        if let Asking::Owner(how) = asking {
+            req = how.headers(req);
         }
         if pos > 0 {
             req = req.header(header::RANGE, format!("bytes={pos}-"));
@@ -719,17 +715,8 @@ impl<'a> Sources<'a> {
                 Answer::Busy(followers)
             }
             StatusCode::MISDIRECTED_REQUEST if asking != Asking::Peer => {
-                match cluster::redirected_to(resp.headers()) {
-                    Some(to) => Answer::Redirect(to),
-                    None => {
-                        state.failed_peers.mark(
-                            peer,
-                            state.peers.failure_backoff,
-                            "redirected to no valid agent",
-                        );
-                        Answer::Failed
-                    }
-                }
+                cluster::redirect_of(state, peer, resp.headers())
+                    .map_or(Answer::Failed, Answer::Redirect)
             }
             StatusCode::SERVICE_UNAVAILABLE => Answer::Unavailable,
             StatusCode::NOT_FOUND => Answer::Missing,

@@ -31,7 +31,9 @@ impl EventLoop {
                         .add_provider(record)
                     {
                         Ok(()) => {
-                            if self.advertised.insert(key.clone()) {
+                            if !self.advertised.contains_key(&key) {
+                                // Queued: due again once announced (see `republish.rs`).
+                                self.advertised.insert(key.clone(), None);
                                 self.announcements.push(key);
                             }
                         }
@@ -139,7 +141,7 @@ impl EventLoop {
 
     fn start_announcements(&mut self) {
         while let Some((key, attempt)) = self.announcements.next() {
-            if !self.advertised.contains(&key) {
+            if !self.advertised.contains_key(&key) {
                 continue; // withdrawn while queued
             }
             match self
@@ -149,7 +151,10 @@ impl EventLoop {
                 .start_providing(RecordKey::new(&key))
             {
                 Ok(id) => self.announcements.started(id, key, attempt),
-                Err(e) => tracing::warn!(%key, error = ?e, "announcing a key failed"),
+                Err(e) => {
+                    tracing::warn!(%key, error = ?e, "announcing a key failed");
+                    self.announced(&key, false);
+                }
             }
         }
     }

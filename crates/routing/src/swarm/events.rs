@@ -172,13 +172,15 @@ impl EventLoop {
                     }
                     QueryResult::StartProviding(result) => {
                         match self.announcements.ended(&id, result.is_ok()) {
-                            Some(Ended::Announced) | None => {}
+                            None => {}
+                            Some(Ended::Announced(key)) => self.announced(&key, true),
                             Some(Ended::Retrying) => {
                                 self.metrics.announce_retries.inc();
                             }
                             Some(Ended::GaveUp(key)) => {
                                 self.metrics.announce_failures.inc();
-                                tracing::debug!(%key, "announcing a key failed repeatedly; the next republication tries again");
+                                tracing::debug!(%key, "announcing a key failed repeatedly; it is tried again later");
+                                self.announced(&key, false);
                             }
                         }
                         self.announce_more();

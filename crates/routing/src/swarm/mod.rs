@@ -18,6 +18,7 @@ mod commands;
 mod events;
 mod owners;
 mod pacing;
+mod republish;
 
 use addr::socket_of;
 pub use addr::socket_to_multiaddr;
@@ -64,14 +65,9 @@ pub(crate) const UNREACHABLE_FOR: std::time::Duration = std::time::Duration::fro
 const LIVENESS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a probe may take before the peer counts as unreachable.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-/// The providers whose records this node stores are probed, when it has no connection to
-/// them, once this often each (a bare TCP connect: a SYN, an accept and a close at the
-/// other end), so that a node that died without withdrawing is no longer handed out by the
-/// nodes that store its records within about this long plus a housekeeping round (10 s),
-/// rather than when its records expire (20 min)...
-const PROVIDER_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
-/// ...with at most this many probes per round (so up to 1,500 distinct providers keep the
-/// bound above; more lengthen the cycle).
+/// Probes of providers per housekeeping round at most (see
+/// [`crate::config::DEFAULT_PROVIDER_CHECK`]): up to 1,500 distinct providers keep its
+/// bound; more lengthen the cycle.
 const PROVIDER_CHECKS_PER_ROUND: usize = 256;
 /// A node that knows peers but is connected to none bootstraps again once every this many
 /// `rebootstrap` periods (a minute by default).
@@ -79,6 +75,17 @@ const IDLE_REBOOTSTRAPS: u32 = 6;
 /// Addresses dialled at most from one DNS bootstrap answer: enough to join, without
 /// connecting to every node of a large cluster at once.
 const BOOTSTRAP_DIALS: usize = 8;
+
+/// What a probe of a peer's listener found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Probe {
+    /// It took the connection.
+    Up,
+    /// The connection was refused (or the host is unreachable): nothing listens there.
+    Refused,
+    /// No answer within [`PROBE_TIMEOUT`].
+    Silent,
+}
 
 #[derive(Debug, Default, Clone)]
 struct PeerState {
@@ -97,6 +104,8 @@ struct PeerState {
     /// When it was last probed to see whether it is still there (its connection broke, or
     /// this node stores records of its).
     checked_at: Option<std::time::Instant>,
+    /// Probes in a row that it left unanswered.
+    silent_probes: u8,
     /// Addresses it listens on (dialled, or from identify), to restore it in the routing table.
     addrs: Vec<Multiaddr>,
     /// The remote address of its latest connection.
@@ -149,8 +158,8 @@ pub(crate) struct EventLoop {
     resolved_tx: mpsc::Sender<Vec<SocketAddr>>,
     resolved_rx: mpsc::Receiver<Vec<SocketAddr>>,
     /// Results of liveness probes: the peer, and whether its listener answered.
-    probed_tx: mpsc::Sender<(PeerId, bool, std::time::Instant)>,
-    probed_rx: mpsc::Receiver<(PeerId, bool, std::time::Instant)>,
+    probed_tx: mpsc::Sender<(PeerId, Probe, std::time::Instant)>,
+    probed_rx: mpsc::Receiver<(PeerId, Probe, std::time::Instant)>,
     lookups: HashMap<QueryId, mpsc::Sender<Peer>>,
     /// Where peers reach this node's registry, for [`crate::P2pRouter::registry_addrs`].
     registry_addrs: watch::Sender<Vec<SocketAddr>>,
@@ -164,7 +173,9 @@ pub(crate) struct EventLoop {
         oneshot::Sender<()>,
     )>,
     peers: HashMap<PeerId, PeerState>,
-    advertised: HashSet<String>,
+    /// The keys this node provides, with when each is due to be announced again (`None`
+    /// while its announcement is queued or running).
+    advertised: HashMap<String, Option<std::time::Instant>>,
     /// Addresses this node listens on (to never dial itself).
     own: HashSet<SocketAddr>,
     config: P2pConfig,
@@ -200,7 +211,7 @@ impl EventLoop {
             announcements: Announcements::new(),
             withdrawals: Vec::new(),
             peers: HashMap::new(),
-            advertised: HashSet::new(),
+            advertised: HashMap::new(),
             own,
             config,
             metrics,
@@ -219,7 +230,7 @@ impl EventLoop {
                 },
                 event = self.swarm.select_next_some() => self.on_event(event),
                 Some(addrs) = self.resolved_rx.recv() => self.dial_addrs(addrs),
-                Some((peer, up, started)) = self.probed_rx.recv() => self.probed(peer, up, started),
+                Some((peer, probe, started)) = self.probed_rx.recv() => self.probed(peer, probe, started),
                 _ = tick.tick() => self.housekeeping(),
                 () = self.shutdown.cancelled() => break,
             }
@@ -290,26 +301,42 @@ impl EventLoop {
         let tx = self.probed_tx.clone();
         let started = std::time::Instant::now();
         tokio::spawn(async move {
-            let up = matches!(
-                tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
-                Ok(Ok(_))
-            );
-            let _ = tx.send((peer, up, started)).await;
+            let probe =
+                match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                    .await
+                {
+                    Ok(Ok(_)) => Probe::Up,
+                    Ok(Err(_)) => Probe::Refused,
+                    Err(_) => Probe::Silent,
+                };
+            let _ = tx.send((peer, probe, started)).await;
         });
     }
 
     /// A probe's answer: a peer whose listener did not answer, and that has not connected
-    /// since the probe started, is unreachable.
-    fn probed(&mut self, peer: PeerId, up: bool, started: std::time::Instant) {
-        let Some(state) = self.peers.get(&peer) else {
+    /// since the probe started, is unreachable; one that refused, or stayed silent twice in
+    /// a row, is gone, and the records it left here are dropped (nobody should be sent to
+    /// it; if it comes back it announces them again).
+    fn probed(&mut self, peer: PeerId, probe: Probe, started: std::time::Instant) {
+        let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
         // Connected now, or closed again after the probe began (so it connected since).
-        if up || state.idle_since.is_none_or(|closed| closed > started) {
+        if probe == Probe::Up || state.idle_since.is_none_or(|closed| closed > started) {
+            state.silent_probes = 0;
             return;
         }
-        self.mark_unreachable(peer, "its listener refused a probe");
-        // Nobody should be sent to it any more: the records it left here go.
+        let gone = match probe {
+            Probe::Silent => {
+                state.silent_probes = state.silent_probes.saturating_add(1);
+                state.silent_probes >= 2
+            }
+            _ => true,
+        };
+        self.mark_unreachable(peer, "its listener did not take a probe");
+        if !gone {
+            return;
+        }
         let dropped = self
             .swarm
             .behaviour_mut()
@@ -334,14 +361,17 @@ impl EventLoop {
             .store_mut()
             .remote_providers()
         {
-            if due.len() >= PROVIDER_CHECKS_PER_ROUND || !seen.insert(record.provider) {
+            if due.len() >= PROVIDER_CHECKS_PER_ROUND {
+                break;
+            }
+            if !seen.insert(record.provider) {
                 continue;
             }
             let state = self.peers.get(&record.provider);
             let idle = state.is_none_or(|s| s.connections == 0);
             let checked = state
                 .and_then(|s| s.checked_at)
-                .is_some_and(|at| at.elapsed() < PROVIDER_CHECK_EVERY);
+                .is_some_and(|at| at.elapsed() < self.config.provider_check);
             if !idle || checked {
                 continue;
             }
@@ -415,6 +445,7 @@ impl EventLoop {
             self.heal_routing_table();
         }
         self.check_providers();
+        self.republish_due();
         let abandoned: Vec<QueryId> = self
             .lookups
             .iter()

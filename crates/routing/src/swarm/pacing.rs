@@ -7,8 +7,10 @@
 //! node overloads every connection, and most announcements time out and reach nobody.
 //! So the number running adapts like TCP's congestion window: one more for every window's
 //! worth of announcements that succeed, half as many when one times out. A key whose
-//! announcement failed is announced again, a few times, before Kademlia's periodic
-//! republication is left to catch it.
+//! announcement failed is announced again, a few times, before the next republication is
+//! left to catch it. Republication goes through the same queue (see `swarm::republish`):
+//! libp2p's own job announces every key of a node at once, up to 100 queries at a time,
+//! and a cluster that started together does so together every interval.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
@@ -24,10 +26,10 @@ const ATTEMPTS: u8 = 3;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Ended {
     /// It reached the nodes closest to the key.
-    Announced,
+    Announced(String),
     /// It failed and the key is queued again.
     Retrying,
-    /// It failed [`ATTEMPTS`] times; the key is left to Kademlia's republication.
+    /// It failed [`ATTEMPTS`] times; the key is left to the next republication.
     GaveUp(String),
 }
 
@@ -79,7 +81,7 @@ impl<Id: Hash + Eq> Announcements<Id> {
         let (key, attempt) = self.running.remove(id)?;
         if ok {
             self.window = (self.window + 1.0 / self.window).min(WINDOW_MAX);
-            return Some(Ended::Announced);
+            return Some(Ended::Announced(key));
         }
         self.window = (self.window / 2.0).max(WINDOW_MIN);
         if attempt + 1 < ATTEMPTS {
@@ -118,7 +120,7 @@ mod tests {
         // Successes open the window, up to its bound.
         for _ in 0..300 {
             let done = running.remove(0);
-            assert_eq!(a.ended(&done, true), Some(Ended::Announced));
+            assert!(matches!(a.ended(&done, true), Some(Ended::Announced(_))));
             running.extend(fill(&mut a, &mut id));
         }
         let grown = running.len();
