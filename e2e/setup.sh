@@ -3,7 +3,8 @@
 # protoc (containerd-client's build script), containerd, the Distribution registry,
 # skopeo, iproute2 (ip, tc), apache2-utils (htpasswd), python3-yaml (the chart's values
 # table check), chromium (the status page's browser test), prometheus (evaluates the
-# dashboard's queries) and shellcheck (lints the kind suite). Idempotent; needs root.
+# dashboard's queries), shellcheck (lints the kind suite), and the Docker engine and
+# podman (other clients of the agent). Idempotent; needs root.
 set -euo pipefail
 
 need=()
@@ -18,6 +19,8 @@ python3 -c 'import yaml' 2>/dev/null || need+=(python3-yaml)
 command -v chromium >/dev/null || need+=(chromium)
 [ -x /usr/bin/prometheus ] || need+=(prometheus)
 command -v shellcheck >/dev/null || need+=(shellcheck)
+[ -x /usr/sbin/dockerd ] || need+=(docker.io)
+[ -x /usr/bin/podman ] || need+=(podman)
 
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}"

@@ -30,6 +30,10 @@
 #                  b_every_dashboard_query_names_metrics_and_labels_the_agents_...  operations b
 #                  c_the_dashboard_evaluated_by_prometheus_has_data_in_every_panel  operations c (no preview picture)
 #                  the_query_scanner_reads_selectors_and_groupings                  (unit test: none)
+#   clients.rs     a_docker_pulls_through_the_agent_by_tag_and_by_digest_with_...   clients a
+#                  b_podman_names_the_registry_in_the_mirror_and_never_gets_...     clients b
+#                  (dockerd and podman run in a privileged tools container on the kind
+#                  network and reach node 2's agent at its host port)
 # The chart's own lifecycle, only here: install (always runs), upgrade, uninstall.
 # Scenarios run in the order of SCENARIOS below. Differences: 3 nodes where the namespace
 # suite uses 5 (pullthrough a, c), 2 where it uses 3 (pullthrough i); stopped agents come
@@ -670,6 +674,7 @@ s_setup() {
   make_image "$PUSH" e2e/p2p-corrupt-a:v1 3000000 600000 9000000
   make_image "$PUSH" e2e/p2p-corrupt-b:v1 2000000 500000
   make_image "$PUSH" e2e/upgraded:v1 800000
+  make_image "$PUSH" e2e/clients-app:v1 2000000 700000
   make_image "$PT_PUSH" e2e/pt-preheat:v1 3000000 2000000
   make_image "$PT_PUSH" e2e/pt-preheat-b:v1 1000000
   for r in status dash prom; do
@@ -996,10 +1001,10 @@ s_node_local_e() {
 # p2p.rs (pull-through is off for REG: the agents never fetch it themselves)
 
 head_code() { local url; url=$(agent_url "$1"); code_from "$PROBE" -I "$url/v2/$2/manifests/$3?ns=$REG"; }
-servable() { # node repo reference
+servable() { # node repo reference [registry, default REG]
   local ip
   ip=$(agent_ip_try "$1") || return 1
-  [[ $(code_from "$PROBE" -I "http://$(url_host "$ip"):$REG_PORT/v2/$2/manifests/$3?ns=$REG") == 2* ]]
+  [[ $(code_from "$PROBE" -I "http://$(url_host "$ip"):$REG_PORT/v2/$2/manifests/$3?ns=${4:-$REG}") == 2* ]]
 }
 wait_servable() { wait_for 20 "$2:$3 to be servable at $1" servable "$@"; }
 head_is() { # code node repo reference
@@ -1803,6 +1808,88 @@ EOF
 # =======================================================================================
 # Running.
 
+# =======================================================================================
+# clients.rs: Docker and podman pull through node 2's agent (its host port), from a
+# privileged tools container on the kind network; node 1 holds the image, the upstream is
+# down. REG (and docker.io) are not pulled through, so only node 1 can serve it.
+
+CLIENTS=mirrorlet-e2e-clients
+in_clients() { docker exec "$CLIENTS" "$@"; }
+clients_up() { # a fresh tools container
+  docker rm -f "$CLIENTS" >/dev/null 2>&1 || true
+  track "$CLIENTS"
+  docker run -d --privileged --name "$CLIENTS" --network kind --entrypoint sleep "$TOOLS" infinity >/dev/null
+}
+# client_pull LIMIT COMMAND...: runs a pull in the tools container; its output goes to
+# $WORK/client.out, its time in seconds to $WORK/client.secs; status as the command's.
+client_pull() {
+  local limit=$1 t0 rc=0
+  shift
+  t0=$(date +%s)
+  in_clients timeout "$limit" "$@" >"$WORK/client.out" 2>&1 || rc=$?
+  echo $(($(date +%s) - t0)) >"$WORK/client.secs"
+  return "$rc"
+}
+must_client_pull() { client_pull 180 "$@" || fail "$* failed: $(tail_of "$WORK/client.out")"; }
+# A pull nobody can serve fails, and within 60 s (not at the limit).
+client_miss() {
+  local rc=0
+  client_pull 60 "$@" || rc=$?
+  ((rc != 0)) || fail "$* succeeded: $(tail_of "$WORK/client.out")"
+  ((rc != 124)) || fail "$* hung for 60 s"
+  log "$* failed after $(<"$WORK/client.secs") s: $(tail_of "$WORK/client.out" 200)"
+}
+hold_on_node_1() { # image (as the CRI names it): on node 1 only, the upstream down
+  local n
+  registry_up "$UPSTREAM" "$PUSH"
+  for n in "${NODES[@]}"; do rm_image "$n" "$1"; done
+  must_pull "$N1" "$1"
+  registry_down "$UPSTREAM"
+}
+
+s_clients_a() {
+  local repo=e2e/clients-app digest mirror c0 d
+  wait_agents
+  wait_members
+  digest=$(manifest_digest "http://$PUSH" "$repo" v1)
+  hold_on_node_1 "docker.io/$repo:v1"
+  wait_servable "$N2" "$repo" v1 docker.io
+  mirror="$(url_host "$(node_ip "$N2")"):$HOSTPORT"
+  c0=$(metric "$N2" mirrorlet_registry_requests_total requester=docker)
+  clients_up
+  in_clients sh -c "dockerd --registry-mirror http://$mirror --insecure-registry $mirror \
+    --storage-driver vfs --iptables=false --ip-masq=false --bridge=none >/var/log/dockerd.log 2>&1 &"
+  wait_for 60 "dockerd in $CLIENTS" in_clients docker version
+  must_client_pull docker pull "$repo:v1"
+  d=$(in_clients docker image inspect --format '{{json .RepoDigests}}' "$repo:v1")
+  [[ $d == *"$digest"* ]] || fail "docker recorded $d, not $digest"
+  must_client_pull docker pull "$repo@$digest"
+  client_miss docker pull e2e/nobody-has-this:v1
+  expect "counted as Docker's" "$(minus "$(metric "$N2" mirrorlet_registry_requests_total requester=docker)" "$c0")" ">=" 3
+}
+
+s_clients_b() {
+  local repo=e2e/clients-app digest mirror c0 r
+  wait_agents
+  wait_members
+  digest=$(manifest_digest "http://$PUSH" "$repo" v1)
+  hold_on_node_1 "$REG/$repo:v1"
+  wait_servable "$N2" "$repo" v1
+  mirror="$(url_host "$(node_ip "$N2")"):$HOSTPORT"
+  c0=$(metric "$N2" mirrorlet_registry_requests_total requester=containers)
+  clients_up
+  for r in "$REG" quay.io; do
+    printf '[[registry]]\nlocation = "%s"\ninsecure = true\n[[registry.mirror]]\nlocation = "%s/%s"\ninsecure = true\n\n' "$r" "$mirror" "$r"
+  done | docker exec -i "$CLIENTS" sh -c 'cat >/etc/containers/registries.conf'
+  local podman=(podman --storage-driver vfs --cgroup-manager cgroupfs --events-backend file pull --quiet)
+  must_client_pull "${podman[@]}" "$REG/$repo:v1"
+  must_client_pull "${podman[@]}" "$REG/$repo@$digest"
+  # The same repository and tag under another registry is another image.
+  client_miss "${podman[@]}" "quay.io/$repo:v1"
+  client_miss "${podman[@]}" "$REG/$repo-nobody-has-this:v1"
+  expect "counted as podman's" "$(minus "$(metric "$N2" mirrorlet_registry_requests_total requester=containers)" "$c0")" ">=" 3
+}
+
 SCENARIOS=(
   "node_local a" s_node_local_a
   "node_local b" s_node_local_b
@@ -1827,6 +1914,8 @@ SCENARIOS=(
   "operations a" s_operations_a
   "operations b" s_operations_b
   "operations c" s_operations_c
+  "clients a" s_clients_a
+  "clients b" s_clients_b
   "upgrade" s_upgrade
   "uninstall" s_uninstall
   "pullthrough i" s_pullthrough_i

@@ -46,6 +46,20 @@ pub struct PullThrough {
     pub credentials: Option<(String, String)>,
 }
 
+/// An HTTP client that asks as containerd does (every manifest type accepted), for the
+/// tests' own requests to agents and to the registry.
+pub fn client() -> Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::ACCEPT,
+        reqwest::header::HeaderValue::from_static(ACCEPT),
+    );
+    Ok(reqwest::Client::builder()
+        .user_agent("containerd/e2e")
+        .default_headers(headers)
+        .build()?)
+}
+
 /// Port of the Docker-Hub-like front.
 pub const FRONT_PORT: u16 = 6000;
 /// Port of its "CDN".
@@ -164,7 +178,7 @@ impl Cluster {
         let mut cluster = Self {
             nodes,
             upstream,
-            http: reqwest::Client::new(),
+            http: client()?,
             front,
             upstream_login: opts.upstream_login.clone(),
             slot,
@@ -223,6 +237,32 @@ impl Cluster {
             req = req.basic_auth(user, Some(password));
         }
         Ok(req.send().await?)
+    }
+
+    /// Waits (20 s at most) until node `i`'s agent can serve `image` as `registry`'s (from
+    /// itself or a peer).
+    pub async fn wait_servable(&self, i: usize, registry: &str, image: &TestImage) -> Result<()> {
+        let url = format!(
+            "{}/v2/{}/manifests/{}?ns={registry}",
+            self.node(i).agent_url(),
+            image.repo,
+            image.tag
+        );
+        let http = self.http.clone();
+        crate::wait::wait_until(
+            Duration::from_secs(20),
+            "the image to be advertised",
+            || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    http.head(&url)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success())
+                }
+            },
+        )
+        .await
     }
 
     /// The digest upstream gives `repo:tag`.

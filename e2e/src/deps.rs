@@ -17,6 +17,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("/usr/sbin/ip", "iproute2"),
     ("/usr/sbin/tc", "iproute2"),
     ("/usr/bin/htpasswd", "apache2-utils"),
+    ("/usr/sbin/dockerd", "docker.io"),
+    ("/usr/bin/podman", "podman"),
 ];
 
 /// Checks for root and installs missing packages (once per process).

@@ -6,6 +6,7 @@
 //! bridge, files), and clusters left by a killed run are swept at the next start.
 
 pub mod browser;
+pub mod clients;
 pub mod cluster;
 pub mod dashboard;
 pub mod deps;

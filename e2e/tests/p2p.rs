@@ -44,32 +44,6 @@ async fn cluster(nodes: usize, images: Vec<TestImage>, agent_args: Vec<String>) 
     .expect("cluster starts")
 }
 
-/// Waits until node `i`'s agent can serve `repo:tag` (from itself or a peer).
-async fn wait_servable(c: &Cluster, i: usize, image: &TestImage) {
-    let url = format!(
-        "{}/v2/{}/manifests/{}?ns={REGISTRY}",
-        c.node(i).agent_url(),
-        image.repo,
-        image.tag
-    );
-    let http = c.http.clone();
-    wait_until(
-        Duration::from_secs(20),
-        "the image to be advertised",
-        || {
-            let (http, url) = (http.clone(), url.clone());
-            async move {
-                http.head(&url)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-            }
-        },
-    )
-    .await
-    .expect("advertised");
-}
-
 #[tokio::test]
 async fn a_nodes_pull_from_a_peer_by_tag_and_by_digest_with_upstream_down() {
     let mut c = cluster(mirrorlet_e2e::cluster::default_nodes(), vec![app()], vec![]).await;
@@ -84,7 +58,9 @@ async fn a_nodes_pull_from_a_peer_by_tag_and_by_digest_with_upstream_down() {
         .await
         .expect("node 1 pulls from upstream");
     c.upstream.stop();
-    wait_servable(&c, 2, &image).await;
+    c.wait_servable(2, REGISTRY, &image)
+        .await
+        .expect("advertised");
 
     c.node(2)
         .cri
@@ -181,7 +157,9 @@ async fn c_a_removed_image_is_withdrawn() {
         .pull(&Cluster::image_ref(&image), PULL)
         .await
         .expect("pull");
-    wait_servable(&c, 2, &image).await;
+    c.wait_servable(2, REGISTRY, &image)
+        .await
+        .expect("advertised");
     let manifest = c
         .upstream_digest(&image.repo, &image.tag)
         .await
@@ -331,7 +309,9 @@ async fn big_image_on_nodes_1_and_3(c: &mut Cluster) {
         .await
         .expect("node 3 pulls the big image");
     c.upstream.stop();
-    wait_servable(c, 2, &big()).await;
+    c.wait_servable(2, REGISTRY, &big())
+        .await
+        .expect("advertised");
 }
 
 #[tokio::test]

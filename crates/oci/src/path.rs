@@ -47,6 +47,39 @@ pub enum PathError {
 }
 
 impl Route {
+    /// The registry a request path is for, and its route. `ns` (containerd's `?ns=`
+    /// parameter) names the registry when given. Without it, a first path component that
+    /// is a host name (it has a dot or a colon, capitals, or is `localhost`: the rule by
+    /// which Docker tells a registry from a repository) names it, and the rest is the path
+    /// within it (`/v2/quay.io/org/app/manifests/2`: podman, CRI-O and skopeo name the
+    /// registry in their mirror's location). Else it is Docker Hub, whose repositories
+    /// never start with such a component.
+    pub fn locate(path: &str, ns: Option<Registry>) -> Result<(Registry, Self), PathError> {
+        if let Some(registry) = ns {
+            let route = Self::parse(path, &registry)?;
+            return Ok((registry, route));
+        }
+        let named = path.strip_prefix("/v2/").and_then(|rest| {
+            // A host only where a repository follows it: `/v2/Upper/manifests/1` is a
+            // (bad) repository name, not a registry with none.
+            let (first, tail) = rest.split_once('/')?;
+            let names_repository = !(tail.starts_with("manifests/") || tail.starts_with("blobs/"));
+            (is_host(first) && names_repository).then_some((first, tail))
+        });
+        match named {
+            Some((host, tail)) => {
+                let registry = Registry::parse(host)?;
+                let route = Self::parse(&format!("/v2/{tail}"), &registry)?;
+                Ok((registry, route))
+            }
+            None => {
+                let registry = Registry::docker_hub();
+                let route = Self::parse(path, &registry)?;
+                Ok((registry, route))
+            }
+        }
+    }
+
     /// Parses a request path (starting with `/v2`) for a request aimed at `registry`.
     pub fn parse(path: &str, registry: &Registry) -> Result<Self, PathError> {
         let rest = path
@@ -76,6 +109,13 @@ impl Route {
             _ => Err(PathError::NotFound(path.to_owned())),
         }
     }
+}
+
+/// Whether the first component of a name is a registry host, as Docker decides.
+fn is_host(component: &str) -> bool {
+    component.contains(['.', ':'])
+        || component == "localhost"
+        || component.bytes().any(|b| b.is_ascii_uppercase())
 }
 
 #[cfg(test)]
@@ -109,6 +149,56 @@ mod tests {
         };
         assert_eq!(repository.as_str(), "a/manifests");
         assert_eq!(digest.as_str(), D);
+    }
+
+    #[test]
+    fn the_registry_is_the_ns_parameter_else_a_host_in_the_path_else_docker_hub() {
+        let repo_of = |r: &Route| match r {
+            Route::Manifest { repository, .. } | Route::Blob { repository, .. } => {
+                repository.as_str().to_owned()
+            }
+            Route::Base => String::new(),
+        };
+        let located = |path: &str, ns: Option<&str>| {
+            let ns = ns.map(|n| Registry::parse(n).expect("registry"));
+            let (r, route) = Route::locate(path, ns).expect("located");
+            (r.as_str().to_owned(), repo_of(&route))
+        };
+        // podman's mirror location `agent:30020/quay.io`.
+        assert_eq!(
+            located("/v2/quay.io/someorg/app/manifests/2", None),
+            ("quay.io".to_owned(), "someorg/app".to_owned())
+        );
+        assert_eq!(
+            located(&format!("/v2/localhost:5000/app/blobs/{D}"), None),
+            ("localhost:5000".to_owned(), "app".to_owned())
+        );
+        assert_eq!(
+            located("/v2/docker.io/nginx/manifests/1", None),
+            ("docker.io".to_owned(), "library/nginx".to_owned())
+        );
+        // Without a host first: Docker Hub (Docker's registry-mirrors), never another.
+        assert_eq!(
+            located("/v2/someorg/app/manifests/2", None),
+            ("docker.io".to_owned(), "someorg/app".to_owned())
+        );
+        // containerd's `ns` decides; the path is the repository's.
+        assert_eq!(
+            located("/v2/someorg/app/manifests/2", Some("quay.io")),
+            ("quay.io".to_owned(), "someorg/app".to_owned())
+        );
+        assert_eq!(
+            located("/v2/", None),
+            ("docker.io".to_owned(), String::new())
+        );
+        assert!(matches!(
+            Route::locate("/v2/Upper/manifests/v1", None),
+            Err(PathError::Name(_))
+        ));
+        assert!(matches!(
+            Route::locate("/v2/bad..host!/app/manifests/2", None),
+            Err(PathError::Name(_))
+        ));
     }
 
     #[test]

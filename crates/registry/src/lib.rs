@@ -16,6 +16,7 @@ pub mod error;
 pub mod fetch;
 pub mod metrics;
 pub mod mirror;
+mod negotiate;
 pub mod ops;
 pub mod peers;
 pub mod pullthrough;

@@ -47,7 +47,7 @@ pub struct RequestLabels {
     pub status: u16,
     /// Where the content came from.
     pub source: &'static str,
-    /// `containerd` (any client) or `peer` (another agent).
+    /// `peer` (another agent) or one of [`CLIENTS`].
     pub requester: &'static str,
 }
 
@@ -65,7 +65,7 @@ pub struct DurationLabels {
 pub struct SourceLabels {
     /// Where the bytes came from.
     pub source: &'static str,
-    /// `containerd` (any client of this node) or `peer` (another agent).
+    /// `peer` (another agent) or one of [`CLIENTS`].
     pub requester: &'static str,
 }
 
@@ -74,6 +74,35 @@ pub struct SourceLabels {
 pub struct LookupLabels {
     /// One of [`LOOKUP_OUTCOMES`].
     pub outcome: &'static str,
+}
+
+/// The clients a request can come from, told apart by `User-Agent`: `containerd`,
+/// `docker` (the Docker engine), `containers` (podman, skopeo, buildah and CRI-O, which
+/// share the containers/image library) or `other`; requests from other agents are `peer`.
+pub const CLIENTS: [&str; 4] = ["containerd", "docker", "containers", "other"];
+
+/// Who sent a request with `headers`: `peer` for another agent, else one of [`CLIENTS`].
+pub fn requester(headers: &http::HeaderMap) -> &'static str {
+    if headers.contains_key(crate::peers::PEER_HEADER) {
+        return "peer";
+    }
+    let agent = headers
+        .get(http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if agent.starts_with("containerd/") {
+        "containerd"
+    } else if agent.starts_with("docker/") {
+        "docker"
+    } else if agent.starts_with("containers/")
+        || agent.starts_with("cri-o/")
+        || agent.contains("github.com/containers/image")
+    {
+        "containers"
+    } else {
+        "other"
+    }
 }
 
 /// How a lookup ends: a peer found, or none within the time allowed.
@@ -251,13 +280,15 @@ impl Metrics {
         for route in ["manifest", "blob"] {
             for (source, status) in sources {
                 let source = source.as_str();
-                drop(me.requests.get_or_create(&RequestLabels {
-                    route,
-                    method: "GET",
-                    status,
-                    source,
-                    requester: "containerd",
-                }));
+                for requester in CLIENTS {
+                    drop(me.requests.get_or_create(&RequestLabels {
+                        route,
+                        method: "GET",
+                        status,
+                        source,
+                        requester,
+                    }));
+                }
                 drop(
                     me.durations
                         .get_or_create(&DurationLabels { route, source }),
@@ -268,7 +299,7 @@ impl Metrics {
             drop(me.fetches.get_or_create(&FetchLabels { kind, role }));
         }
         for (source, _) in &sources[..3] {
-            for requester in ["containerd", "peer"] {
+            for requester in CLIENTS.into_iter().chain(["peer"]) {
                 let source = source.as_str();
                 drop(me.bytes.get_or_create(&SourceLabels { source, requester }));
             }
@@ -336,7 +367,7 @@ impl Metrics {
         me
     }
 
-    /// A counter of bytes served from `source` to `requester` (`containerd` or `peer`).
+    /// A counter of bytes served from `source` to `requester` ([`requester`]).
     pub fn bytes_from(&self, source: Source, requester: &'static str) -> Counter {
         self.bytes
             .get_or_create(&SourceLabels {

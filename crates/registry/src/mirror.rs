@@ -30,6 +30,7 @@ use crate::cluster::{self, CLUSTER_HEADER, Step, TAG_CONFIRMED_HEADER};
 use crate::error::RegistryError;
 use crate::fetch;
 use crate::metrics::{FetchLabels, Source};
+use crate::negotiate;
 use crate::peers::PEER_HEADER;
 use crate::pullthrough::{self, Miss, Owned, tags};
 use crate::range;
@@ -136,11 +137,7 @@ impl Ask<'_> {
     }
 
     fn requester_label(&self) -> &'static str {
-        if self.is_agent() {
-            "peer"
-        } else {
-            "containerd"
-        }
+        crate::metrics::requester(&self.parts.headers)
     }
 }
 
@@ -152,7 +149,7 @@ async fn dispatch(
     if method != Method::GET && method != Method::HEAD {
         return Err(RegistryError::MethodNotAllowed(method.to_string()));
     }
-    let registry = namespace(parts.uri.query())?;
+    let (registry, route) = Route::locate(parts.uri.path(), namespace(parts.uri.query())?)?;
     let requester = match (
         parts.headers.contains_key(PEER_HEADER),
         parts.headers.contains_key(CLUSTER_HEADER),
@@ -181,7 +178,7 @@ async fn dispatch(
         insist,
         sender: from.and_then(|ip| cluster::sender(&parts.headers, ip)),
     };
-    match Route::parse(parts.uri.path(), &registry)? {
+    match route {
         Route::Base => Ok((
             ([(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
             Source::None,
@@ -189,27 +186,58 @@ async fn dispatch(
         Route::Manifest {
             repository,
             reference: Reference::Digest(digest),
-        } => manifest_by_digest(&ask, &registry, &repository, &digest).await,
+        } => negotiated(
+            &ask,
+            true,
+            manifest_by_digest(&ask, &registry, &repository, &digest).await,
+        ),
         Route::Manifest {
             repository,
             reference,
-        } => tag(&ask, ImageName::new(registry, repository, reference)).await,
+        } => negotiated(
+            &ask,
+            false,
+            tag(&ask, ImageName::new(registry, repository, reference)).await,
+        ),
         Route::Blob { repository, digest } => blob(&ask, &registry, &repository, &digest).await,
     }
 }
 
-/// The registry a request is for: the `ns` query parameter, or Docker Hub.
-fn namespace(query: Option<&str>) -> Result<Registry, RegistryError> {
+/// A manifest answer for a client, unless the client does not take its media type (see
+/// [`negotiate`]): then a 404 that sends it on to the next host.
+fn negotiated(
+    ask: &Ask<'_>,
+    by_digest: bool,
+    answer: Result<(Response, Source), RegistryError>,
+) -> Result<(Response, Source), RegistryError> {
+    let (resp, source) = answer?;
+    if ask.is_agent() || !resp.status().is_success() {
+        return Ok((resp, source));
+    }
+    let media_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if negotiate::accepts(&ask.parts.headers, media_type, by_digest) {
+        return Ok((resp, source));
+    }
+    Err(RegistryError::ManifestUnknown(format!(
+        "the manifest is {media_type}, which the request's Accept does not list"
+    )))
+}
+
+/// The registry named by the `ns` query parameter, if any.
+fn namespace(query: Option<&str>) -> Result<Option<Registry>, RegistryError> {
     let ns = query.and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "ns")
             .map(|(_, v)| v.into_owned())
     });
-    match ns {
-        None => Ok(Registry::docker_hub()),
-        Some(ns) => Registry::parse(&ns)
-            .map_err(|e| RegistryError::NameInvalid(format!("ns parameter: {e}"))),
-    }
+    ns.map(|ns| {
+        Registry::parse(&ns).map_err(|e| RegistryError::NameInvalid(format!("ns parameter: {e}")))
+    })
+    .transpose()
 }
 
 async fn manifest_by_digest(
@@ -590,7 +618,7 @@ async fn serve_client(
         (size, generation) = (p.size.unwrap_or(size), p.generation);
     }
     let (source, range, head) = transfer_head(ask, transfer, size)?;
-    let counter = ask.state.metrics.bytes_from(source, "containerd");
+    let counter = ask.state.metrics.bytes_from(source, ask.requester_label());
     let sent = Arc::new(AtomicBool::new(false));
     let (state, t) = (ask.state.clone(), transfer.clone());
     let body = transfer.read(range, generation).map(move |item| {

@@ -58,7 +58,8 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// Counts, times and logs each `/v2` request once its response head is ready.
+/// Counts and times each `/v2` request once its response head is ready, and logs it once
+/// its body has been sent (or abandoned), with both times.
 pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = match *req.method() {
@@ -67,11 +68,7 @@ pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next)
         _ => "other",
     };
     let path = req.uri().path().to_owned();
-    let requester = if req.headers().contains_key(crate::peers::PEER_HEADER) {
-        "peer"
-    } else {
-        "containerd"
-    };
+    let requester = crate::metrics::requester(req.headers());
     let ns = req.uri().query().map(ToOwned::to_owned);
     let resp = next.run(req).await;
     let served = resp
@@ -108,7 +105,8 @@ pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next)
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
+        .unwrap_or("-")
+        .to_owned();
     if matches!(served.route, "manifest" | "blob") && method != "other" {
         let registry = ns.as_deref().and_then(|q| {
             form_urlencoded::parse(q.as_bytes())
@@ -127,12 +125,97 @@ pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next)
             elapsed,
         });
     }
-    let query = ns.as_deref().unwrap_or("");
-    let ms = elapsed.as_secs_f64() * 1000.0;
-    if status >= 500 {
-        tracing::warn!(method, %path, query, status, source, requester, length, ms, "request failed");
-    } else {
-        tracing::info!(method, %path, query, status, source, requester, length, ms, "request");
+    let (parts, body) = resp.into_parts();
+    // A HEAD answer's body is never sent, and an empty one has nothing to wait for.
+    let nothing = method == "HEAD" || hyper::body::Body::size_hint(&body).exact() == Some(0);
+    let line = Line {
+        method,
+        path,
+        query: ns.unwrap_or_default(),
+        status,
+        source,
+        requester,
+        length,
+        started,
+        head_ms: elapsed.as_secs_f64() * 1000.0,
+        sent: 0,
+        ended: nothing,
+    };
+    let body = axum::body::Body::from_stream(Logged {
+        inner: body.into_data_stream(),
+        line,
+    });
+    Response::from_parts(parts, body)
+}
+
+/// The log line of one request, written when its body has been sent or abandoned.
+struct Line {
+    method: &'static str,
+    path: String,
+    query: String,
+    status: u16,
+    source: &'static str,
+    requester: &'static str,
+    length: String,
+    started: Instant,
+    /// Time to the response head.
+    head_ms: f64,
+    /// Body bytes handed to the connection.
+    sent: u64,
+    /// Whether the body was sent to its end (not cut: the client went away, or the
+    /// stream failed).
+    ended: bool,
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        let Self {
+            method,
+            ref path,
+            ref query,
+            status,
+            source,
+            requester,
+            ref length,
+            head_ms: ms,
+            sent,
+            ended,
+            ..
+        } = *self;
+        let total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        // hyper stops polling a body once it has written its Content-Length, so a body
+        // sent to its declared length never sees its end poll.
+        let ended = ended || length.parse::<u64>().is_ok_and(|n| n == sent);
+        if status >= 500 || !ended {
+            tracing::warn!(method, %path, %query, status, source, requester, %length, sent, ms, total_ms, ended, "request failed");
+        } else {
+            tracing::info!(method, %path, %query, status, source, requester, %length, sent, ms, total_ms, "request");
+        }
     }
-    resp
+}
+
+/// A response body that counts what it hands out and logs the request when it is done.
+struct Logged<S> {
+    inner: S,
+    line: Line,
+}
+
+impl<S> futures_util::Stream for Logged<S>
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, axum::Error>> + Unpin,
+{
+    type Item = Result<bytes::Bytes, axum::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let item = std::pin::Pin::new(&mut self.inner).poll_next(cx);
+        match &item {
+            std::task::Poll::Ready(Some(Ok(chunk))) => self.line.sent += chunk.len() as u64,
+            std::task::Poll::Ready(None) => self.line.ended = true,
+            _ => {}
+        }
+        item
+    }
 }

@@ -73,7 +73,7 @@ impl Recent {
     /// Records a manifest or blob request.
     pub fn record(&self, served: Served) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        if served.requester == "containerd" && served.method == "GET" {
+        if served.requester != "peer" && served.method == "GET" {
             *inner.by_source.entry(served.source).or_default() += 1;
         }
         if inner.served.len() == RECENT {

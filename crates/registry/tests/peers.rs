@@ -127,7 +127,7 @@ async fn a_node_serves_what_only_its_peer_has() {
     let (a, router_a) = node(&net, "a", store_a, test_config()).await;
     router_a.advertise(keys(&img)).await.expect("advertise");
     let (b, _) = node(&net, "b", Arc::new(MemoryStore::new()), test_config()).await;
-    let http = reqwest::Client::new();
+    let http = support::client();
 
     // By tag (resolved through the peer), by digest, HEAD, blob, range.
     let r = http
@@ -250,7 +250,7 @@ async fn corrupt_small_blobs_are_never_delivered_and_the_peer_is_avoided() {
     )
     .await;
     let (b, _) = node(&net, "b", Arc::new(MemoryStore::new()), test_config()).await;
-    let http = reqwest::Client::new();
+    let http = support::client();
     let r = http
         .get(blob_url(&b, &img.layer.digest))
         .send()

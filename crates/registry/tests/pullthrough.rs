@@ -181,7 +181,7 @@ async fn five_nodes_pulling_a_new_image_at_once_cost_one_upstream_request_each()
     let up = Arc::new(MemoryUpstream::new([registry()]));
     let image = push(&up, "v1", 1);
     let (net, nodes) = cluster(5, &up, pull()).await;
-    let http = reqwest::Client::new();
+    let http = support::client();
     futures_util::future::join_all(
         nodes
             .iter()
@@ -330,11 +330,7 @@ async fn wrong_bytes_from_upstream_never_complete_and_the_partial_download_is_ab
 
     // Upstream mends: the retry starts clean and completes.
     up.set_fault(&big.digest, None);
-    let (s, body) = get(
-        &reqwest::Client::new(),
-        &url(node, "blobs", big.digest.as_str()),
-    )
-    .await;
+    let (s, body) = get(&support::client(), &url(node, "blobs", big.digest.as_str())).await;
     assert_eq!(s, StatusCode::OK);
     assert!(body == data, "{} bytes, {} wanted", body.len(), data.len());
 }
@@ -349,7 +345,7 @@ async fn tags_are_checked_once_per_window_and_served_stale_while_upstream_is_dow
         ..pull()
     };
     let (_net, nodes) = cluster(3, &up, config).await;
-    let http = reqwest::Client::new();
+    let http = support::client();
     let digest_at = |i: usize| {
         let (http, u) = (http.clone(), url(&nodes[i].0, "manifests", "v1"));
         async move {
@@ -456,7 +452,7 @@ async fn nodes_that_do_not_know_the_owner_are_sent_on_to_it() {
                 n.router.forget(&ranked[0]);
             }
         }
-        let http = reqwest::Client::new();
+        let http = support::client();
         let path = if what == "blobs" {
             "blobs"
         } else {
@@ -522,7 +518,7 @@ async fn an_owner_asked_for_what_a_peer_holds_takes_it_from_that_peer() {
         Duration::from_secs(60),
         "a lookup that missed",
     );
-    let http = reqwest::Client::new();
+    let http = support::client();
     let (s, body) = get(&http, &url(&asker.0, "blobs", layer.digest.as_str())).await;
     assert_eq!(s, StatusCode::OK);
     assert!(body == data);
@@ -570,7 +566,7 @@ async fn a_dead_owner_named_in_a_redirect_is_passed_over() {
             n.router.forget(&ranked[0]);
         }
     }
-    let http = reqwest::Client::new();
+    let http = support::client();
     let asker = nodes
         .iter()
         .find(|(name, _)| *name == ranked[2] || *name == ranked[3])
@@ -632,7 +628,7 @@ async fn an_owner_streams_to_a_bounded_number_of_peers_and_the_rest_follow_them(
     };
     let (_net, nodes) = cluster(6, &up, config).await;
     let owner = owner_of(big.digest.as_str(), 6);
-    let http = reqwest::Client::new();
+    let http = support::client();
     let followers = nodes
         .iter()
         .enumerate()
@@ -663,7 +659,7 @@ async fn an_owner_streams_to_a_bounded_number_of_peers_and_the_rest_follow_them(
 async fn registries_not_pulled_through_are_never_contacted() {
     let up = Arc::new(MemoryUpstream::new([registry()]));
     let (_net, nodes) = cluster(2, &up, pull()).await;
-    let http = reqwest::Client::new();
+    let http = support::client();
     let other = format!(
         "{}/v2/team/app/blobs/{}?ns=elsewhere.example",
         nodes[0].0.base,
@@ -788,7 +784,7 @@ async fn the_status_page_shows_peers_recent_requests_and_upstream_state() {
     let up = Arc::new(MemoryUpstream::new([registry()]));
     let image = push(&up, "v1", 7);
     let (_net, nodes) = cluster(2, &up, pull()).await;
-    let http = reqwest::Client::new();
+    let http = support::client();
     let (n1, n2) = (&nodes[0].0, &nodes[1].0);
     pull_image(http.clone(), n1, "v1", &image).await;
     // A miss, and a peer that failed.

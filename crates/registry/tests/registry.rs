@@ -73,7 +73,7 @@ async fn error_code(resp: reqwest::Response) -> String {
 async fn serves_manifests_by_tag_and_digest() {
     let fx = fixture();
     let srv = start(fx.store.clone()).await;
-    let http = reqwest::Client::new();
+    let http = support::client();
 
     let r = http
         .get(format!("{}/v2/", srv.base))
@@ -155,11 +155,149 @@ async fn serves_manifests_by_tag_and_digest() {
     srv.shutdown.cancel();
 }
 
+/// A manifest goes only to a client that takes its media type, as Distribution decides;
+/// otherwise a 404 sends the client on to the registry itself.
+#[tokio::test]
+async fn manifests_are_answered_in_a_type_the_client_accepts_or_not_at_all() {
+    let fx = fixture();
+    let srv = start(fx.store.clone()).await;
+    let http = reqwest::Client::new();
+    let get = |path: String, accept: Option<&'static str>| {
+        let mut req = http.get(format!("{}{path}", srv.base));
+        if let Some(a) = accept {
+            req = req.header("accept", a);
+        }
+        async move { req.send().await.expect("get").status() }
+    };
+    let docker_only = Some(
+        "application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json",
+    );
+    let schema1_only = Some("application/vnd.docker.distribution.manifest.v1+prettyjws");
+    let index_tag = "/v2/org/app/manifests/multi?ns=ghcr.io".to_owned();
+    let index_digest = format!("/v2/org/app/manifests/{}?ns=ghcr.io", fx.index.digest);
+    let schema2_tag = "/v2/app/manifests/1.0".to_owned();
+    let schema2_digest = format!("/v2/app/manifests/{}", fx.manifest.digest);
+    // An OCI index: only to clients that list it, by tag or by digest.
+    assert_eq!(
+        get(index_tag.clone(), Some(OCI_INDEX)).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(index_tag.clone(), docker_only).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(index_digest.clone(), docker_only).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(index_tag, None).await,
+        StatusCode::NOT_FOUND,
+        "no Accept"
+    );
+    assert_eq!(
+        get(index_digest, Some("*/*")).await,
+        StatusCode::NOT_FOUND,
+        "*/*"
+    );
+    // Docker schema 2: by tag to clients that list it; by digest to anyone.
+    assert_eq!(get(schema2_tag.clone(), docker_only).await, StatusCode::OK);
+    assert_eq!(
+        get(schema2_tag.clone(), schema1_only).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(get(schema2_tag, None).await, StatusCode::NOT_FOUND);
+    assert_eq!(
+        get(schema2_digest.clone(), schema1_only).await,
+        StatusCode::OK
+    );
+    assert_eq!(get(schema2_digest, None).await, StatusCode::OK);
+    srv.shutdown.cancel();
+}
+
+/// podman, CRI-O and skopeo name the registry in their mirror's location (no `ns`): a
+/// host as the first path component is the registry; without one, Docker Hub.
+#[tokio::test]
+async fn a_registry_named_in_the_path_is_the_one_served() {
+    let fx = fixture();
+    fx.store.put_image("quay.io/org/app:2", fx.index.clone());
+    fx.store
+        .put_image("docker.io/org/app:2", fx.manifest.clone());
+    let srv = start(fx.store.clone()).await;
+    let http = support::client();
+    let digest_of = |path: &'static str| {
+        let req = http.get(format!("{}{path}", srv.base));
+        async move {
+            let r = req.send().await.expect("get");
+            (
+                r.status(),
+                r.headers()
+                    .get("docker-content-digest")
+                    .map(|v| v.to_str().expect("text").to_owned()),
+            )
+        }
+    };
+    let (s, d) = digest_of("/v2/quay.io/org/app/manifests/2").await;
+    assert_eq!(
+        (s, d.as_deref()),
+        (StatusCode::OK, Some(fx.index.digest.as_str()))
+    );
+    let (s, d) = digest_of("/v2/org/app/manifests/2").await;
+    assert_eq!(
+        (s, d.as_deref()),
+        (StatusCode::OK, Some(fx.manifest.digest.as_str())),
+        "Docker Hub's"
+    );
+    let (s, d) = digest_of("/v2/docker.io/org/app/manifests/2").await;
+    assert_eq!(
+        (s, d.as_deref()),
+        (StatusCode::OK, Some(fx.manifest.digest.as_str()))
+    );
+    // The same name under a registry the node holds nothing of: never another's image.
+    let (s, _) = digest_of("/v2/registry.example.com/org/app/manifests/2").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = digest_of("/v2/ghcr.io/app/manifests/1.0").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    srv.shutdown.cancel();
+}
+
+/// Requests are counted by the client that sent them, told apart by `User-Agent`.
+#[tokio::test]
+async fn requests_are_counted_by_client() {
+    let fx = fixture();
+    let srv = start(fx.store.clone()).await;
+    let url = format!("{}/v2/app/manifests/{}", srv.base, fx.manifest.digest);
+    for agent in [
+        "containerd/1.6.20+unknown",
+        "docker/20.10.24+dfsg1 go/go1.19.8 git-commit/5d6db84 kernel/6.1.0 os/linux arch/amd64 UpstreamClient(Docker-Client/20.10.24+dfsg1 \\(linux\\))",
+        "containers/5.23.1 (github.com/containers/image)",
+        "curl/7.88.1",
+    ] {
+        let r = reqwest::Client::builder()
+            .user_agent(agent)
+            .build()
+            .expect("client")
+            .get(&url)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), StatusCode::OK);
+        let _ = r.bytes().await;
+    }
+    for client in ["containerd", "docker", "containers", "other"] {
+        let n = srv.metric(&format!(
+            "mirrorlet_registry_requests_total{{route=\"manifest\",method=\"GET\",status=\"200\",source=\"local\",requester=\"{client}\"}}"
+        ));
+        assert_eq!(n, 1.0, "{client}");
+    }
+    srv.shutdown.cancel();
+}
+
 #[tokio::test]
 async fn serves_blobs_and_ranges() {
     let fx = fixture();
     let srv = start(fx.store.clone()).await;
-    let http = reqwest::Client::new();
+    let http = support::client();
     let url = format!(
         "{}/v2/any/repo/blobs/{}?ns=example.com",
         srv.base, fx.layer.digest
@@ -227,7 +365,7 @@ async fn serves_blobs_and_ranges() {
 async fn bad_requests_get_oci_errors() {
     let fx = fixture();
     let srv = start(fx.store.clone()).await;
-    let http = reqwest::Client::new();
+    let http = support::client();
     let cases = [
         (
             "/v2/Upper/manifests/v1",
@@ -296,7 +434,7 @@ async fn bad_requests_get_oci_errors() {
 async fn health_and_metrics() {
     let fx = fixture();
     let srv = start(fx.store.clone()).await;
-    let http = reqwest::Client::new();
+    let http = support::client();
     assert_eq!(
         http.get(format!("{}/livez", srv.base))
             .send()
@@ -386,7 +524,7 @@ async fn the_operational_listener_serves_health_and_metrics_but_no_content() {
         mirrorlet_registry::server::Limits::default(),
         shutdown.clone(),
     ));
-    let http = reqwest::Client::new();
+    let http = support::client();
     let live = http.get(format!("{base}/livez")).send().await.expect("get");
     assert_eq!(live.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(
@@ -444,7 +582,7 @@ impl Store for DownStore {
 #[tokio::test]
 async fn unavailable_store_answers_404_so_containerd_falls_through() {
     let srv = start(Arc::new(DownStore)).await;
-    let http = reqwest::Client::new();
+    let http = support::client();
     let r = http
         .get(format!("{}/v2/a/manifests/v1", srv.base))
         .send()
@@ -471,7 +609,7 @@ async fn large_blob_streams_whole_and_shutdown_drains() {
     let big = Bytes::from(vec![7u8; 64 * 1024 * 1024]);
     let desc = store.put_blob(big.clone());
     let mut srv = start(store).await;
-    let http = reqwest::Client::new();
+    let http = support::client();
     let r = http
         .get(format!("{}/v2/a/blobs/{}", srv.base, desc.digest))
         .send()

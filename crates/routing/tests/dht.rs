@@ -520,6 +520,11 @@ async fn the_records_of_a_node_that_died_are_dropped_by_the_nodes_that_store_the
     })
     .await;
     let keys: Vec<String> = (0..3).map(|i| format!("sha256:gone-{i}")).collect();
+    // Each node knows the others before b announces, so every record reaches both of them
+    // (an announcement reaches the nodes its sender knows of then).
+    for n in &nodes {
+        ranks_all_closest_first(n, &keys[0], &nodes).await;
+    }
     nodes[1]
         .router
         .advertise(keys.clone())

@@ -111,3 +111,18 @@ impl TestNode {
             .fold(0.0, |a, b| a + b)
     }
 }
+
+/// An HTTP client as containerd is one: it says so in its `User-Agent` and accepts every
+/// manifest type.
+pub(crate) fn client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::ACCEPT,
+        reqwest::header::HeaderValue::from_static(mirrorlet_registry::pullthrough::ACCEPT_ALL),
+    );
+    reqwest::Client::builder()
+        .user_agent("containerd/1.6.20")
+        .default_headers(headers)
+        .build()
+        .expect("client")
+}
