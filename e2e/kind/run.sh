@@ -26,6 +26,7 @@
 #                  h_wrong_bytes_from_the_registry_never_reach_containerds_store    pullthrough h
 #                  i_ipv6_only_nodes_pull_through_their_agents_and_from_each_other  pullthrough i (own cluster)
 #                  j_preheat_puts_images_on_every_node_for_one_upstream_fetch       pullthrough j (chart's preheat.images)
+#                  k_private_images_need_the_pods_pull_secret_and_layers_come_...   pullthrough k (chart's upstream.private)
 #   operations.rs  a_the_status_page_over_http_in_a_terminal_and_in_a_browser       operations a (no browser here)
 #                  b_every_dashboard_query_names_metrics_and_labels_the_agents_...  operations b
 #                  c_the_dashboard_evaluated_by_prometheus_has_data_in_every_panel  operations c (no preview picture)
@@ -615,6 +616,7 @@ upstream:
   registries: [$(IFS=,; echo "${PULLED_THROUGH[*]}")]
   endpoints:
 $ep  credentialsSecret: regcred
+  private: [$PRIV_REG/e2e/pt-secret]
   tagRevalidate: 2s
 ${4:-}
 EOF
@@ -677,6 +679,7 @@ s_setup() {
   make_image "$PUSH" e2e/clients-app:v1 2000000 700000
   make_image "$PT_PUSH" e2e/pt-preheat:v1 3000000 2000000
   make_image "$PT_PUSH" e2e/pt-preheat-b:v1 1000000
+  CREDS=alice:s3cret make_image "$PRIV_PUSH" e2e/pt-secret:v1 3000000 1000000
   for r in status dash prom; do
     make_image "$PT_PUSH" "e2e/ops-$r:v1" 2000000 1000000
     make_image "$PT_PUSH" "e2e/ops-$r-other:v1" 500000
@@ -1347,6 +1350,25 @@ s_pullthrough_d() {
   set_credentials s3cret # for pods started later
 }
 
+# The agents hold working credentials for PRIV_REG (regcred), yet its e2e/pt-secret
+# repository is private: a node without the pod's pull secret cannot get it through them;
+# nodes with it resolve the tag at the registry and take the layers from a peer.
+s_pullthrough_k() {
+  local img=$PRIV_REG/e2e/pt-secret:v1 n p2 r3
+  wait_agents
+  wait_members
+  for n in "${NODES[@]}"; do rm_image "$n" "$img"; done
+  p2=$(metric "$N2" mirrorlet_registry_served_bytes_total source=peer)
+  r3=$(metric "$N3" mirrorlet_registry_private_tags_refused_total)
+  for n in "$N1" "$N2"; do
+    docker exec "$n" timeout 300 crictl pull --creds alice:s3cret "$img" >/dev/null 2>"$WORK/pull.err.$n" \
+      || fail "$n could not pull with the pull secret: $(tail_of "$WORK/pull.err.$n")"
+  done
+  expect "node 2 got its layers from node 1" "$(minus "$(metric "$N2" mirrorlet_registry_served_bytes_total source=peer)" "$p2")" ">=" 4000000
+  must_fail_pull "$N3" "$img" 60 "no pull secret, no image, whatever the agents' credentials"
+  expect "node 3's agent refused the tag" "$(minus "$(metric "$N3" mirrorlet_registry_private_tags_refused_total)" "$r3")" ">=" 1
+}
+
 s_pullthrough_e() {
   local repo=e2e/pt-moving n old new listed
   wait_agents
@@ -1910,6 +1932,7 @@ SCENARIOS=(
   "pullthrough g" s_pullthrough_g
   "pullthrough h" s_pullthrough_h
   "pullthrough j" s_pullthrough_j
+  "pullthrough k" s_pullthrough_k
   "pullthrough f" s_pullthrough_f # leaves its registry stopped; later scenarios start it
   "operations a" s_operations_a
   "operations b" s_operations_b

@@ -381,10 +381,16 @@ async fn c_pulls_succeed_with_the_agent_stopped_or_killed() {
 }
 
 fn snapshot(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
+    try_snapshot(root).expect("snapshot")
+}
+
+/// Every file under `root` with its bytes, and every directory; an error if something
+/// vanished while it was read (another process is changing the tree).
+fn try_snapshot(root: &Path) -> std::io::Result<BTreeMap<String, Option<Vec<u8>>>> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_owned()];
     while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).expect("read dir").flatten() {
+        for e in std::fs::read_dir(&dir)?.flatten() {
             let p = e.path();
             let rel = p
                 .strip_prefix(root)
@@ -395,11 +401,11 @@ fn snapshot(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
                 out.insert(rel, None);
                 stack.push(p);
             } else {
-                out.insert(rel, Some(std::fs::read(&p).expect("read")));
+                out.insert(rel, Some(std::fs::read(&p)?));
             }
         }
     }
-    out
+    Ok(out)
 }
 
 #[tokio::test]
@@ -488,7 +494,8 @@ async fn d_configure_then_cleanup_leave_certs_d_as_it_was() {
     )
     .expect("spawn cleanup --hold");
     wait_until(Duration::from_secs(10), "cleanup --hold restores", || {
-        std::future::ready(snapshot(&certs) == before)
+        // The cleanup runs meanwhile: a file may go between listing and reading.
+        std::future::ready(try_snapshot(&certs).is_ok_and(|now| now == before))
     })
     .await
     .expect("cleanup restored certs.d exactly");

@@ -676,3 +676,70 @@ async fn j_preheat_puts_images_on_every_node_for_one_upstream_fetch() {
         "{out}"
     );
 }
+
+/// A private repository (`--private`): the agents hold working credentials for the
+/// registry, yet a node without the pod's pull secret cannot get the image through them;
+/// nodes with it resolve the tag at the registry and take the layers from a peer.
+#[tokio::test]
+async fn k_private_images_need_the_pods_pull_secret_and_layers_come_from_peers() {
+    let login = ("alice".to_owned(), "s3cret".to_owned());
+    let image = TestImage::single("e2e/pt-secret", "v1", &[3_000_000, 1_000_000]);
+    let pt = PullThrough {
+        credentials: Some(login.clone()),
+        ..PullThrough::default()
+    };
+    let private = format!("{REGISTRY}/e2e/pt-secret");
+    let c = cluster(
+        3,
+        vec![image.clone()],
+        pt,
+        Some(login),
+        args(&["--private", &private]),
+    )
+    .await;
+    let name = Cluster::image_ref(&image);
+    let secret = Some(("alice", "s3cret"));
+    c.node(1)
+        .cri
+        .pull_with(&name, PULL, secret)
+        .await
+        .expect("node 1 pulls with the pull secret");
+    let tag = format!(
+        "{}/v2/{}/manifests/{}?ns={REGISTRY}",
+        c.node(2).agent_url(),
+        image.repo,
+        image.tag
+    );
+    let head = c.http.head(&tag).send().await.expect("head");
+    assert_eq!(head.status(), 404, "a private tag is never answered");
+    c.node(2)
+        .cri
+        .pull_with(&name, PULL, secret)
+        .await
+        .expect("node 2 pulls with the pull secret");
+    let from_peer = c
+        .node(2)
+        .metric(
+            "mirrorlet_registry_served_bytes_total",
+            &[("source", "peer")],
+        )
+        .await
+        .expect("metrics");
+    assert!(
+        from_peer >= 4_000_000.0,
+        "node 2 got its layers from node 1: {from_peer}"
+    );
+    let err = c
+        .node(3)
+        .cri
+        .pull(&name, Duration::from_secs(60))
+        .await
+        .expect_err("no pull secret, no image, whatever the agents' credentials");
+    eprintln!("without a pull secret: {err:#}");
+    let refused = c
+        .node(3)
+        .metric("mirrorlet_registry_private_tags_refused_total", &[])
+        .await
+        .expect("metrics");
+    assert!(refused >= 1.0, "node 3's agent refused the tag: {refused}");
+}

@@ -103,6 +103,10 @@ pub(crate) struct RunArgs {
     /// Time a client has to send its request head.
     #[arg(long, env = "MIRRORLET_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub(crate) header_read_timeout: Duration,
+    /// Time a response may wait for a client that takes no bytes before its connection
+    /// is closed.
+    #[arg(long, env = "MIRRORLET_SEND_STALL_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub(crate) send_stall_timeout: Duration,
     /// On SIGTERM, time allowed for in-flight responses to finish.
     #[arg(long, env = "MIRRORLET_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub(crate) shutdown_grace: Duration,
@@ -170,6 +174,21 @@ pub(crate) struct UpstreamArgs {
     /// it from nodes that are downloading it too.
     #[arg(long, env = "MIRRORLET_MAX_PEER_STREAMS", default_value = "4", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub(crate) max_peer_streams: u32,
+    /// Private repositories, comma-separated: a registry (all its repositories) or
+    /// `registry/repository` with `*` for any run of characters. Their tags are never
+    /// answered (containerd resolves them at the registry with the pod's pull secret) nor
+    /// advertised; their content is served by digest from this node and its peers.
+    #[arg(long, env = "MIRRORLET_PRIVATE", value_delimiter = ',', default_value = "", value_parser = parse_private)]
+    pub(crate) private: Vec<String>,
+    /// Let the agents still pull private repositories through, by digest, with the
+    /// cluster's credentials (--upstream-credentials).
+    #[arg(long, env = "MIRRORLET_PRIVATE_PULL_THROUGH", default_value = "false", action = clap::ArgAction::Set)]
+    pub(crate) private_pull_through: bool,
+}
+
+fn parse_private(s: &str) -> Result<String, String> {
+    mirrorlet_oci::private::Private::new(&[s], false)?;
+    Ok(s.to_owned())
 }
 
 /// A registry flag entry (empty entries are ignored).
@@ -556,20 +575,52 @@ fn parse_mirror_url(s: &str) -> Result<String, String> {
         return Err("must start with http:// or https://".into());
     };
     let rest = &s[scheme.len()..];
-    if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
-        return Err("must be scheme://host[:port] with no path".into());
-    }
+    const SHAPE: &str = "must be scheme://host[:port] with no path (a host name, an IPv4 address or an IPv6 address in brackets)";
     // A bare IPv6 address, as Kubernetes gives a node's address (`$(NODE_IP):30020`), with
     // the port last: containerd needs it in brackets.
     if !rest.starts_with('[') && rest.matches(':').count() >= 2 {
         let bracketed = rest.rsplit_once(':').and_then(|(host, port)| {
-            let ok = host.parse::<std::net::Ipv6Addr>().is_ok() && port.parse::<u16>().is_ok();
+            let ok = host.parse::<std::net::Ipv6Addr>().is_ok() && valid_port(port);
             ok.then(|| format!("{scheme}[{host}]:{port}"))
         });
         return bracketed
             .ok_or_else(|| "an IPv6 address needs its port last: http://[addr]:port".into());
     }
+    // It goes into hosts.toml as a table name: nothing but a host and a port may pass.
+    let (host_ok, port) = match rest.strip_prefix('[') {
+        Some(v6) => {
+            let (addr, after) = v6.split_once(']').ok_or(SHAPE)?;
+            let port = if after.is_empty() {
+                None
+            } else {
+                Some(after.strip_prefix(':').ok_or(SHAPE)?)
+            };
+            (addr.parse::<std::net::Ipv6Addr>().is_ok(), port)
+        }
+        None => {
+            let (host, port) = rest
+                .split_once(':')
+                .map_or((rest, None), |(h, p)| (h, Some(p)));
+            let ok = !host.is_empty()
+                && host.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            (ok, port)
+        }
+    };
+    let port_ok = port.is_none_or(valid_port);
+    if !host_ok || !port_ok {
+        return Err(SHAPE.into());
+    }
     Ok(s.to_owned())
+}
+
+fn valid_port(p: &str) -> bool {
+    p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok_and(|n| n > 0)
 }
 
 #[cfg(test)]
@@ -682,6 +733,38 @@ mod tests {
             format!("{err:#}").contains("not a Docker config.json"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn mirror_urls_that_are_not_a_host_and_port_are_refused_with_exit_2() {
+        for ok in [
+            "http://127.0.0.1:5000",
+            "https://mirror.example",
+            "http://node-1.internal:30020",
+        ] {
+            assert_eq!(parse_mirror_url(ok).as_deref(), Ok(ok));
+        }
+        for bad in [
+            "http://127.0.0.1:5000\n[host.\"http://evil\"]",
+            "http://a\"b:5000",
+            "http://a b",
+            "http://host:5000/path",
+            "http://host:0",
+            "http://host:99999",
+            "http://host:+80",
+            "http://:5000",
+            "http://a..b",
+            "http://[fd00::1]x",
+            "http://[nope]:1",
+            "http://h\\x",
+            "ftp://host",
+        ] {
+            assert!(parse_mirror_url(bad).is_err(), "{bad:?} accepted");
+        }
+        let err = Cli::try_parse_from(["mirrorlet", "configure", "--mirror-url", "http://a\"b"])
+            .expect_err("refused");
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--mirror-url"), "{err}");
     }
 
     #[test]

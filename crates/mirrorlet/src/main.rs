@@ -50,23 +50,15 @@ fn main() -> ExitCode {
                 stop.await
             })
         }),
-        Command::Configure(args) => hosts::configure(&args.options())
-            .map(|files| {
-                for f in files {
-                    tracing::info!(file = %f.display(), "configured");
-                }
-            })
-            .map_err(anyhow::Error::from),
-        Command::Cleanup(args) => hosts::cleanup(&args.config_path)
-            .map(|dirs| {
-                for d in &dirs {
-                    tracing::info!(dir = %d.display(), "restored");
-                }
-                if dirs.is_empty() {
+        Command::Configure(args) => {
+            report(hosts::configure(&args.options()), "configured").map(drop)
+        }
+        Command::Cleanup(args) => report(hosts::cleanup(&args.config_path), "restored")
+            .map(|done| {
+                if done == 0 {
                     tracing::info!(config_path = %args.config_path.display(), "nothing to restore");
                 }
             })
-            .map_err(anyhow::Error::from)
             .and_then(|()| {
                 if !args.hold {
                     return Ok(());
@@ -86,6 +78,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs each path `configure` or `cleanup` handled and each failure (with its causes);
+/// an error naming how many failed if any did. Returns how many were handled.
+fn report(
+    result: Result<Vec<std::path::PathBuf>, hosts::Failed>,
+    did: &'static str,
+) -> anyhow::Result<usize> {
+    let (done, errors) = match result {
+        Ok(done) => (done, Vec::new()),
+        Err(failed) => (failed.done, failed.errors),
+    };
+    for path in &done {
+        tracing::info!(path = %path.display(), "{did}");
+    }
+    let failed = errors.len();
+    for e in errors {
+        tracing::error!("{:#}", anyhow::Error::from(e));
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} registry directories could not be {did} (each logged above)");
+    }
+    Ok(done.len())
 }
 
 fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -64,20 +64,25 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         .iter()
         .map(ToString::to_string)
         .collect();
+    let private = mirrorlet_oci::private::Private::new(
+        &args.upstream.private,
+        args.upstream.private_pull_through,
+    )
+    .map_err(|e| anyhow::anyhow!("--private {e}"))?;
     let upstream = mirrorlet_upstream::Client::new(upstream_config, upstream_metrics)
         .context("building the upstream client")?;
 
     let shutdown = CancellationToken::new();
     let router_shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
+    // The tasks that must run until shutdown report here if one ends before it.
+    let (died, mut deaths) = tokio::sync::mpsc::channel(4);
     let p2p = &args.p2p;
     let router: Arc<dyn Router> = if p2p.enabled {
         let config = p2p_config(p2p, args.listen.port())?;
         let (router, task) = P2pRouter::start(config, p2p_metrics, router_shutdown.clone())
             .with_context(|| format!("--p2p-listen {}", p2p.p2p_listen))?;
-        tasks.spawn(async move {
-            let _ = task.await;
-        });
+        tasks.spawn(guard("p2p router", task, shutdown.clone(), died.clone()));
         Arc::new(router)
     } else {
         // A network of one: lookups find nothing, so every miss falls through upstream.
@@ -133,7 +138,8 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         ready,
     )
     .context("building the peer HTTP client")?
-    .with_upstream(Arc::new(upstream), pull, args.upstream.cache_size);
+    .with_upstream(Arc::new(upstream), pull, args.upstream.cache_size)
+    .with_private(private.clone());
     // The node's store with the pull-through cache under it: advertised as one.
     let store = state.store.clone();
     if p2p.peer_upload_limit > 0 {
@@ -164,19 +170,26 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Without p2p the router is a network of one: advertising into it costs nothing, and
     // the advertiser still keeps the inventory gauges.
     let config = AdvertiserConfig {
+        private,
         tag_excludes: tag_excludes(p2p),
         revalidated: pulled_through.clone(),
     };
-    let advertising = tokio::spawn(advertiser::run(
-        store.clone(),
-        router.clone(),
-        config,
-        inventory_metrics,
+    let advertising = tokio::spawn(guard(
+        "advertiser",
+        tokio::spawn(advertiser::run(
+            store.clone(),
+            router.clone(),
+            config,
+            inventory_metrics,
+            shutdown.clone(),
+        )),
         shutdown.clone(),
+        died.clone(),
     ));
     let limits = Limits {
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         header_read_timeout: args.header_read_timeout,
+        send_stall_timeout: args.send_stall_timeout,
     };
     let mut server = tokio::spawn(server::serve(
         listener,
@@ -185,14 +198,19 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     // Probes and scrapes keep being answered while the registry drains.
-    tasks.spawn(server::serve(
-        ops_listener,
-        mirrorlet_registry::ops_app(state),
-        Limits {
-            max_connections: OPS_CONNECTIONS,
-            header_read_timeout: args.header_read_timeout,
-        },
-        router_shutdown.clone(),
+    tasks.spawn(guard(
+        "health and metrics server",
+        tokio::spawn(server::serve(
+            ops_listener,
+            mirrorlet_registry::ops_app(state),
+            Limits {
+                max_connections: OPS_CONNECTIONS,
+                ..limits
+            },
+            router_shutdown.clone(),
+        )),
+        shutdown.clone(),
+        died,
     ));
     tracing::info!(
         listen = %args.listen,
@@ -206,11 +224,19 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         "mirrorlet agent started"
     );
 
-    let server_failed = tokio::select! {
-        _ = term.recv() => { tracing::info!("SIGTERM received; shutting down"); false }
-        _ = int.recv() => { tracing::info!("SIGINT received; shutting down"); false }
-        r = &mut server => { tracing::error!(result = ?r, "HTTP server stopped unexpectedly"); true }
+    let mut server_failed = false;
+    let failed: Option<String> = tokio::select! {
+        _ = term.recv() => { tracing::info!("SIGTERM received; shutting down"); None }
+        _ = int.recv() => { tracing::info!("SIGINT received; shutting down"); None }
+        r = &mut server => {
+            server_failed = true;
+            Some(format!("the HTTP server stopped unexpectedly ({})", ended_how(r)))
+        }
+        Some((task, how)) = deaths.recv() => Some(format!("the {task} task {how}")),
     };
+    if let Some(why) = &failed {
+        tracing::error!(why = %why, "a task of the agent ended; stopping (Kubernetes restarts the agent)");
+    }
     shutdown.cancel();
     tasks.close();
     let drained = tokio::time::timeout(args.shutdown_grace, async {
@@ -227,10 +253,41 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::warn!(grace = ?args.shutdown_grace, "shutdown grace period over; closing remaining connections");
     }
     tracing::info!("mirrorlet agent stopped");
-    if server_failed {
-        anyhow::bail!("the HTTP server stopped unexpectedly");
+    if let Some(why) = failed {
+        anyhow::bail!("{why}");
     }
     Ok(())
+}
+
+/// Waits for `task`, one of the agent's tasks that must run until `shutdown`; if it ends
+/// (returns or panics) before that, tells `died` its name and how it ended.
+async fn guard(
+    name: &'static str,
+    task: tokio::task::JoinHandle<()>,
+    shutdown: CancellationToken,
+    died: tokio::sync::mpsc::Sender<(&'static str, String)>,
+) {
+    let how = ended_how(task.await);
+    if !shutdown.is_cancelled() {
+        let _ = died.send((name, how)).await;
+    }
+}
+
+/// How a task ended, in words.
+fn ended_how(r: Result<(), tokio::task::JoinError>) -> String {
+    match r {
+        Ok(()) => "returned".to_owned(),
+        Err(e) if e.is_panic() => {
+            let payload = e.into_panic();
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(ToString::to_string)
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            format!("panicked: {what}")
+        }
+        Err(e) => format!("was cancelled: {e}"),
+    }
 }
 
 /// Binds a listener. `[::]` (every address, IPv6 and IPv4 alike on Linux) falls back to
@@ -338,4 +395,37 @@ fn p2p_config(p2p: &P2pArgs, http_port: u16) -> anyhow::Result<P2pConfig> {
     config.provider_ttl = p2p.provider_ttl;
     config.republish = p2p.republish_interval;
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_that_panics_or_returns_before_shutdown_is_reported_by_name() {
+        let shutdown = CancellationToken::new();
+        let (died, mut deaths) = tokio::sync::mpsc::channel(4);
+        let panics = tokio::spawn(async { panic!("store gone") });
+        guard("advertiser", panics, shutdown.clone(), died.clone()).await;
+        let (name, how) = deaths.recv().await.expect("reported");
+        assert_eq!(name, "advertiser");
+        assert_eq!(how, "panicked: store gone");
+
+        guard(
+            "p2p router",
+            tokio::spawn(async {}),
+            shutdown.clone(),
+            died.clone(),
+        )
+        .await;
+        assert_eq!(
+            deaths.recv().await.expect("reported"),
+            ("p2p router", "returned".to_owned())
+        );
+
+        // Ending at shutdown is what it should do.
+        shutdown.cancel();
+        guard("p2p router", tokio::spawn(async {}), shutdown, died).await;
+        assert!(deaths.recv().await.is_none(), "nothing reported");
+    }
 }

@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod memory;
 pub mod name;
 pub mod path;
+pub mod private;
 pub mod reference;
 pub mod rendezvous;
 pub mod routing;

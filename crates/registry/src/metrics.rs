@@ -175,6 +175,8 @@ pub struct Metrics {
     pub peer_failures: Family<ReasonLabels, Counter>,
     /// Content from peers that did not match its digest.
     pub digest_mismatches: Counter,
+    /// Tags of private repositories asked for and not answered.
+    pub private_tags_refused: Counter,
     /// Blob streams continued at another peer after a failure.
     pub resumes: Counter,
     /// Second peers raced against a slow first one.
@@ -213,6 +215,7 @@ impl Metrics {
             peers_skipped: Counter::default(),
             peer_failures: Family::default(),
             digest_mismatches: Counter::default(),
+            private_tags_refused: Counter::default(),
             resumes: Counter::default(),
             hedges: Counter::default(),
             fetches: Family::default(),
@@ -313,6 +316,11 @@ impl Metrics {
             "mirrorlet_peer_digest_mismatches",
             "Content from peers that did not match its digest (and was not delivered whole)",
             me.digest_mismatches.clone(),
+        );
+        registry.register(
+            "mirrorlet_registry_private_tags_refused",
+            "Tags of private repositories (--private) asked for and not answered",
+            me.private_tags_refused.clone(),
         );
         registry.register(
             "mirrorlet_peer_resumes",

@@ -288,7 +288,18 @@ async fn manifest_by_digest(
 /// A manifest by tag.
 async fn tag(ask: &Ask<'_>, name: ImageName) -> Result<(Response, Source), RegistryError> {
     let state = ask.state;
-    let pulls_through = state.upstream.allows(&name.registry);
+    // A private tag is resolved by the registry alone, with the client's own credentials:
+    // nobody learns it from an agent, not even an agent asking as a peer.
+    if state
+        .private
+        .covers(name.registry.as_str(), name.repository.as_str())
+    {
+        state.metrics.private_tags_refused.inc();
+        return Err(RegistryError::ManifestUnknown(format!(
+            "{name} is private: its tags are resolved by the registry itself"
+        )));
+    }
+    let pulls_through = state.pulls_through(&name.registry, &name.repository);
     match ask.requester {
         Requester::Cluster if pulls_through => {
             if let Some(owner) = closer_owner(ask, &name.to_string()).await {
@@ -472,7 +483,7 @@ async fn blob(
         local_problem
             .unwrap_or_else(|| RegistryError::BlobUnknown(format!("{digest} is not on this node")))
     };
-    let pulls_through = state.upstream.allows(registry);
+    let pulls_through = state.pulls_through(registry, repository);
     let transfer = match ask.requester {
         Requester::Peer => state.transfers.get(digest),
         // A transfer under way here serves whoever asks; else an owner closer to the key

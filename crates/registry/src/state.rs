@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use mirrorlet_oci::layered::Layered;
-use mirrorlet_oci::{Digest, MemoryUpstream, Router, Store, Upstream};
+use mirrorlet_oci::private::Private;
+use mirrorlet_oci::{Digest, MemoryUpstream, Registry, Repository, Router, Store, Upstream};
 use tokio::sync::Semaphore;
 
 use crate::cache::Cache;
@@ -71,6 +72,8 @@ pub struct AppState {
     pub peers: PeerConfig,
     /// How the cluster pulls through.
     pub pull: PullThroughConfig,
+    /// Repositories whose tags are never answered (see [`Private`]).
+    pub private: Private,
     /// Peers that failed recently.
     pub failed_peers: FailedPeers,
     /// The HTTP client for peers (no proxy, short connect timeout).
@@ -132,6 +135,7 @@ impl AppState {
             upstream: Arc::new(MemoryUpstream::new([])),
             peers,
             pull: PullThroughConfig::default(),
+            private: Private::default(),
             failed_peers: FailedPeers::default(),
             http,
             buffer_slots: Arc::new(Semaphore::new(BUFFER_SLOTS)),
@@ -163,6 +167,21 @@ impl AppState {
         self.pull = pull;
         self.cache.set_disk_budget(cache_bytes);
         self
+    }
+
+    /// Treats the repositories `private` covers as private.
+    pub fn with_private(mut self, private: Private) -> Self {
+        self.private = private;
+        self
+    }
+
+    /// Whether this agent pulls `registry/repository` through: the upstream allows the
+    /// registry, and the repository is not private (or private pull-through is allowed).
+    pub fn pulls_through(&self, registry: &Registry, repository: &Repository) -> bool {
+        self.upstream.allows(registry)
+            && self
+                .private
+                .may_pull_through(registry.as_str(), repository.as_str())
     }
 }
 

@@ -887,3 +887,97 @@ async fn the_status_page_shows_peers_recent_requests_and_upstream_state() {
         .expect("status");
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
 }
+
+/// Private repositories: no agent answers their tags (to a client or to another agent),
+/// their content is served by digest from the nodes that hold it, and the agents never
+/// fetch it upstream with the cluster's credentials unless allowed.
+#[tokio::test]
+async fn private_tags_are_never_answered_and_content_comes_only_from_nodes() {
+    use mirrorlet_oci::private::Private;
+    let up = Arc::new(MemoryUpstream::new([registry()]));
+    let image = push(&up, "v1", 23);
+    let net = Arc::new(MemoryNetwork::default());
+    let start = |id: &'static str, pull_through: bool, net: Arc<MemoryNetwork>| {
+        let up = up.clone();
+        async move {
+            let store = Arc::new(MemoryStore::new());
+            let private =
+                Private::new(&[format!("{REGISTRY}/team/*")], pull_through).expect("valid");
+            let (node, _) =
+                Node::start_configured(&net, id, store.clone(), peers(), Some((up, pull())), |s| {
+                    s.with_private(private)
+                })
+                .await;
+            (node, store)
+        }
+    };
+    let (holder, held) = start("n1", false, net.clone()).await;
+    let (asker, _) = start("n2", false, net.clone()).await;
+    // The holder got the image with a pull secret, as containerd keeps it.
+    let mut keys = Vec::new();
+    for (d, data) in image.blobs.iter().chain([&image.manifest]) {
+        held.put_blob(data.clone());
+        keys.push(d.digest.to_string());
+    }
+    held.put_image(&format!("{REGISTRY}/{REPO}:v1"), image.manifest.0.clone());
+    keys.push(format!("{REGISTRY}/{REPO}:v1"));
+    holder.router.advertise(keys).await.expect("advertise");
+    let http = support::client();
+
+    for node in [&holder, &asker] {
+        let (s, body) = get(&http, &url(node, "manifests", "v1")).await;
+        assert_eq!(
+            s,
+            StatusCode::NOT_FOUND,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(String::from_utf8_lossy(&body).contains("private"));
+    }
+    // Not even to an agent asking as a peer.
+    let as_peer = http
+        .get(url(&holder, "manifests", "v1"))
+        .header("accept", ACCEPT)
+        .header("x-mirrorlet-peer", "127.0.0.1:1")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(as_peer.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        holder.metric("mirrorlet_registry_private_tags_refused"),
+        2.0
+    );
+    assert_eq!(asker.metric("mirrorlet_registry_private_tags_refused"), 1.0);
+
+    // By digest: from the holder.
+    let (s, body) = get(
+        &http,
+        &url(&asker, "manifests", image.manifest.0.digest.as_str()),
+    )
+    .await;
+    assert_eq!((s, &body), (StatusCode::OK, &image.manifest.1));
+    for (d, data) in &image.blobs {
+        let (s, body) = get(&http, &url(&asker, "blobs", d.digest.as_str())).await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(body == *data);
+    }
+    assert!(up.requests().is_empty(), "{:?}", up.requests());
+
+    // Content nobody holds is not fetched with the cluster's credentials...
+    let other = push(&up, "v2", 24);
+    let (d, _) = &other.blobs[1];
+    assert_eq!(
+        get(&http, &url(&asker, "blobs", d.digest.as_str())).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert!(up.requests().is_empty(), "{:?}", up.requests());
+    // ...unless that is allowed (in a cluster of its own: every agent has the same
+    // settings); the tag is still the registry's alone.
+    let (allowed, _) = start("n3", true, Arc::new(MemoryNetwork::default())).await;
+    let (s, _) = get(&http, &url(&allowed, "blobs", d.digest.as_str())).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        get(&http, &url(&allowed, "manifests", "v2")).await.0,
+        StatusCode::NOT_FOUND
+    );
+}

@@ -30,6 +30,8 @@ pub struct AdvertiserConfig {
     /// revalidates upstream (pull-through): a peer's copy is only used while upstream is
     /// down, as the last digest the cluster knew.
     pub revalidated: Vec<String>,
+    /// Private repositories, whose tags are never advertised.
+    pub private: mirrorlet_oci::private::Private,
 }
 
 /// Gauges of what the node holds.
@@ -174,7 +176,8 @@ impl Advertiser {
                 t.strip_prefix(r.as_str())
                     .is_some_and(|rest| rest.starts_with('/'))
             });
-            revalidated || !any_match(&self.config.tag_excludes, t)
+            !self.config.private.covers_tag_key(t)
+                && (revalidated || !any_match(&self.config.tag_excludes, t))
         })
     }
 

@@ -84,6 +84,7 @@ async fn start_agent(k: usize, seeds: Vec<Multiaddr>, upstream_url: &str) -> Res
         AdvertiserConfig {
             tag_excludes: Vec::new(),
             revalidated: vec![UPSTREAM.to_owned()],
+            ..AdvertiserConfig::default()
         },
         InventoryMetrics::default(),
         shutdown.child_token(),

@@ -4,11 +4,19 @@
 //!
 //! A file mirrorlet writes starts with a marker line recording what was there before, so
 //! configuring twice gives the same bytes and `cleanup` restores the original exactly: the
-//! user's file (kept byte for byte in `hosts.toml.mirrorlet-orig`), or nothing.
+//! user's file (kept as `hosts.toml.mirrorlet-orig`, a hard link to the very file or
+//! symbolic link that was there), or nothing.
+//!
+//! Both run as root on every node, so they write only inside the registry directories
+//! under `config_path`: a registry directory that is a symbolic link is refused, temporary
+//! files are created exclusively and never through a link, and an existing hosts.toml is
+//! read only if it is a regular file of reasonable size. Every registry directory is
+//! attempted; every failure is reported.
 
 use std::fs;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::io::{self, Read as _, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Component, Path, PathBuf};
 
 use toml_edit::{Array, DocumentMut, Item, Table, value};
 
@@ -46,7 +54,7 @@ pub(crate) struct ConfigureOptions {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum HostsError {
     /// Reading or writing a file failed.
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io {
         /// What was being done.
         action: &'static str,
@@ -57,7 +65,7 @@ pub(crate) enum HostsError {
         source: io::Error,
     },
     /// An existing hosts.toml is not valid TOML.
-    #[error("existing {path} is not valid TOML (fix or remove it): {source}")]
+    #[error("existing {path} is not valid TOML (fix or remove it)")]
     Parse {
         /// The file.
         path: PathBuf,
@@ -65,7 +73,36 @@ pub(crate) enum HostsError {
         #[source]
         source: toml_edit::TomlError,
     },
+    /// A path mirrorlet would write through is not what it must be.
+    #[error("{path}: {why}; mirrorlet writes only inside the registry directories of config_path")]
+    Refused {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: &'static str,
+    },
 }
+
+/// Some registry directories could not be configured or restored; the others were.
+#[derive(Debug, thiserror::Error)]
+#[error("{} of the registry directories under config_path failed", errors.len())]
+pub(crate) struct Failed {
+    /// What was done nonetheless.
+    pub(crate) done: Vec<PathBuf>,
+    /// Every failure.
+    pub(crate) errors: Vec<HostsError>,
+}
+
+fn outcome(done: Vec<PathBuf>, errors: Vec<HostsError>) -> Result<Vec<PathBuf>, Failed> {
+    if errors.is_empty() {
+        Ok(done)
+    } else {
+        Err(Failed { done, errors })
+    }
+}
+
+/// The largest hosts.toml read (they are a few hundred bytes).
+const MAX_FILE: u64 = 1 << 20;
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> HostsError {
     let path = path.to_owned();
@@ -128,34 +165,95 @@ pub(crate) fn default_server(registry: &str) -> Option<String> {
 
 /// Writes hosts.toml for every registry in `opts`, and restores those it wrote before for
 /// registries no longer listed (an upgrade that narrows the list leaves nothing pointing
-/// at the agent). Returns the files written or already up to date.
-pub(crate) fn configure(opts: &ConfigureOptions) -> Result<Vec<PathBuf>, HostsError> {
-    let mut done = Vec::new();
+/// at the agent). Returns the files written or already up to date; a registry that fails
+/// leaves the others configured, and every failure is returned.
+pub(crate) fn configure(opts: &ConfigureOptions) -> Result<Vec<PathBuf>, Failed> {
+    let (mut done, mut errors) = (Vec::new(), Vec::new());
     for registry in &opts.registries {
-        done.push(configure_one(opts, registry)?);
-    }
-    for dir in managed_dirs(&opts.config_path)? {
-        let listed = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| opts.registries.iter().any(|r| r == n));
-        if !listed {
-            restore(&dir)?;
+        match configure_one(opts, registry) {
+            Ok(file) => done.push(file),
+            Err(e) => errors.push(e),
         }
     }
-    Ok(done)
+    match managed_dirs(&opts.config_path) {
+        Ok(dirs) => {
+            for dir in dirs {
+                let listed = dir
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| opts.registries.iter().any(|r| r == n));
+                if !listed && let Err(e) = restore(&dir) {
+                    errors.push(e);
+                }
+            }
+        }
+        Err(e) => errors.push(e),
+    }
+    outcome(done, errors)
 }
 
+/// Reads `path` if it exists: a regular file (or a link to one) of at most [`MAX_FILE`]
+/// bytes. Opened without blocking, so a FIFO or device planted there cannot hang us.
 fn read_optional(path: &Path) -> Result<Option<String>, HostsError> {
-    match fs::read_to_string(path) {
-        Ok(s) => Ok(Some(s)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err("reading", path)(e)),
+    let mut f = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("reading", path)(e)),
+    };
+    let meta = f.metadata().map_err(io_err("reading", path))?;
+    if !meta.is_file() {
+        return Err(HostsError::Refused {
+            path: path.to_owned(),
+            why: "not a regular file",
+        });
+    }
+    let mut text = String::new();
+    (&mut f)
+        .take(MAX_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(io_err("reading", path))?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(HostsError::Refused {
+            path: path.to_owned(),
+            why: "larger than 1 MiB",
+        });
+    }
+    Ok(Some(text))
+}
+
+/// The registry's directory under `config_path`: one plain path component, and a real
+/// directory if it exists (not a symbolic link, which would take our writes elsewhere).
+fn registry_dir(config_path: &Path, registry: &str) -> Result<PathBuf, HostsError> {
+    let dir = config_path.join(registry);
+    let mut parts = Path::new(registry).components();
+    if !matches!(
+        (parts.next(), parts.next()),
+        (Some(Component::Normal(_)), None)
+    ) {
+        return Err(HostsError::Refused {
+            path: dir,
+            why: "a registry name must be one path component",
+        });
+    }
+    match fs::symlink_metadata(&dir) {
+        Ok(m) if m.file_type().is_symlink() => Err(HostsError::Refused {
+            path: dir,
+            why: "a symbolic link",
+        }),
+        Ok(m) if !m.is_dir() => Err(HostsError::Refused {
+            path: dir,
+            why: "not a directory",
+        }),
+        _ => Ok(dir),
     }
 }
 
 fn configure_one(opts: &ConfigureOptions, registry: &str) -> Result<PathBuf, HostsError> {
-    let dir = opts.config_path.join(registry);
+    let dir = registry_dir(&opts.config_path, registry)?;
     let file = dir.join(HOSTS);
     let backup = dir.join(BACKUP);
     let current = read_optional(&file)?;
@@ -174,9 +272,13 @@ fn configure_one(opts: &ConfigureOptions, registry: &str) -> Result<PathBuf, Hos
                 had_file: current.is_some(),
                 had_dir: dir.is_dir(),
             };
-            fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
-            if let Some(text) = &current {
-                write_atomic(&dir, &backup, text)?;
+            if !state.had_dir {
+                fs::create_dir_all(&opts.config_path)
+                    .map_err(io_err("creating", &opts.config_path))?;
+                fs::create_dir(&dir).map_err(io_err("creating", &dir))?;
+            }
+            if current.is_some() {
+                keep_original(&file, &backup)?;
             }
             (state, current.clone())
         }
@@ -290,25 +392,64 @@ fn make_dotted(table: &mut Table) {
     }
 }
 
+/// Keeps the user's `file` as `backup`: a second name for the very file, or for the
+/// symbolic link itself (a hard link does not follow it), so restoring is one rename and
+/// puts back exactly what was there. A backup left by an interrupted run is replaced.
+fn keep_original(file: &Path, backup: &Path) -> Result<(), HostsError> {
+    remove_if_present(backup)?;
+    fs::hard_link(file, backup).map_err(io_err("keeping the original as", backup))
+}
+
+/// Removes the entry at `path` (a link itself, never what it points to), if any.
+fn remove_if_present(path: &Path) -> Result<(), HostsError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("removing", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Replaces `path` with `text` at once: written to a temporary file created exclusively
+/// (never through a link planted at its name), synced, then renamed over `path`.
 fn write_atomic(dir: &Path, path: &Path, text: &str) -> Result<(), HostsError> {
     let tmp = dir.join(TEMP);
-    fs::write(&tmp, text).map_err(io_err("writing", &tmp))?;
+    remove_if_present(&tmp)?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(io_err("creating", &tmp))?;
+    let written = f.write_all(text.as_bytes()).and_then(|()| f.sync_all());
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err("writing", &tmp)(e));
+    }
     fs::rename(&tmp, path).map_err(io_err("renaming into place", path))
 }
 
 /// Restores every registry directory under `config_path` that mirrorlet configured.
-/// Returns the directories restored.
-pub(crate) fn cleanup(config_path: &Path) -> Result<Vec<PathBuf>, HostsError> {
-    let mut restored = Vec::new();
-    for dir in managed_dirs(config_path)? {
-        if restore(&dir)? {
-            restored.push(dir);
+/// Returns the directories restored; one that fails leaves the others restored, and every
+/// failure is returned.
+pub(crate) fn cleanup(config_path: &Path) -> Result<Vec<PathBuf>, Failed> {
+    let (mut restored, mut errors) = (Vec::new(), Vec::new());
+    match managed_dirs(config_path) {
+        Ok(dirs) => {
+            for dir in dirs {
+                match restore(&dir) {
+                    Ok(true) => restored.push(dir),
+                    Ok(false) => {}
+                    Err(e) => errors.push(e),
+                }
+            }
         }
+        Err(e) => errors.push(e),
     }
-    Ok(restored)
+    outcome(restored, errors)
 }
 
-/// The registry directories under `config_path`, sorted (none if it does not exist).
+/// The registry directories under `config_path`, sorted (none if it does not exist);
+/// symbolic links are not followed.
 fn managed_dirs(config_path: &Path) -> Result<Vec<PathBuf>, HostsError> {
     let entries = match fs::read_dir(config_path) {
         Ok(e) => e,
@@ -317,8 +458,8 @@ fn managed_dirs(config_path: &Path) -> Result<Vec<PathBuf>, HostsError> {
     };
     let mut dirs: Vec<PathBuf> = entries
         .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .map(|e| e.path())
-        .filter(|p| p.is_dir())
         .collect();
     dirs.sort();
     Ok(dirs)

@@ -142,7 +142,10 @@ fn invalid_existing_file_is_a_clear_error() {
     let dir = tmp.path().join("docker.io");
     fs::create_dir_all(&dir).expect("mkdir");
     fs::write(dir.join("hosts.toml"), "server = [").expect("write");
-    let err = configure(&opts(tmp.path(), &["docker.io"])).expect_err("invalid TOML");
+    let failed = configure(&opts(tmp.path(), &["docker.io"])).expect_err("invalid TOML");
+    let [err] = &failed.errors[..] else {
+        panic!("{failed:?}")
+    };
     assert!(err.to_string().contains("docker.io/hosts.toml"), "{err}");
     assert!(matches!(err, HostsError::Parse { .. }));
 }
@@ -224,4 +227,195 @@ fn ipv6_hosts_are_dotted_keys_that_containerd_1_6_reads_in_order() {
         fs::read_to_string(dir.join("hosts.toml")).expect("read"),
         user
     );
+}
+
+/// An entry's kind and contents without following links: a link is its target's path.
+fn entry(path: &Path) -> String {
+    let meta = fs::symlink_metadata(path).expect("entry");
+    if meta.file_type().is_symlink() {
+        format!("link to {}", fs::read_link(path).expect("link").display())
+    } else {
+        format!("file {}", fs::read_to_string(path).expect("read"))
+    }
+}
+
+#[test]
+fn a_link_planted_at_the_temporary_name_is_not_followed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("certs.d");
+    let dir = root.join("docker.io");
+    fs::create_dir_all(&dir).expect("mkdir");
+    let outside = tmp.path().join("shadow");
+    fs::write(&outside, "root:x:0:0\n").expect("write");
+    std::os::unix::fs::symlink(&outside, dir.join(TEMP)).expect("plant");
+    configure(&opts(&root, &["docker.io"])).expect("configure");
+    assert_eq!(fs::read_to_string(&outside).expect("read"), "root:x:0:0\n");
+    assert!(
+        fs::read_to_string(dir.join(HOSTS))
+            .expect("read")
+            .starts_with(MARKER)
+    );
+    assert!(!dir.join(TEMP).exists(), "no temporary file left");
+}
+
+#[test]
+fn a_linked_hosts_toml_is_restored_as_the_same_link_and_its_target_never_written() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("certs.d");
+    let dir = root.join("quay.io");
+    fs::create_dir_all(&dir).expect("mkdir");
+    let target = tmp.path().join("shared-quay.toml");
+    fs::write(&target, USER_FILE).expect("write");
+    std::os::unix::fs::symlink(&target, dir.join(HOSTS)).expect("link");
+    let before = entry(&dir.join(HOSTS));
+
+    configure(&opts(&root, &["quay.io"])).expect("configure");
+    let ours = fs::read_to_string(dir.join(HOSTS)).expect("read");
+    assert!(
+        ours.contains("corp-mirror.example"),
+        "the link's settings kept: {ours}"
+    );
+    assert!(
+        !fs::symlink_metadata(dir.join(HOSTS))
+            .expect("meta")
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        entry(&dir.join(BACKUP)),
+        before,
+        "the backup is the link itself"
+    );
+    configure(&opts(&root, &["quay.io"])).expect("again");
+
+    cleanup(&root).expect("cleanup");
+    assert_eq!(entry(&dir.join(HOSTS)), before);
+    assert!(!dir.join(BACKUP).exists(), "no copy left behind");
+    assert_eq!(fs::read_to_string(&target).expect("read"), USER_FILE);
+    let names: Vec<_> = fs::read_dir(&dir)
+        .expect("dir")
+        .map(|e| e.expect("e").file_name())
+        .collect();
+    assert_eq!(names, [HOSTS]);
+}
+
+#[test]
+fn a_registry_directory_that_is_a_link_is_refused_and_the_others_configured() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("certs.d");
+    fs::create_dir_all(&root).expect("mkdir");
+    let elsewhere = tmp.path().join("etc");
+    fs::create_dir_all(&elsewhere).expect("mkdir");
+    std::os::unix::fs::symlink(&elsewhere, root.join("quay.io")).expect("link");
+
+    let failed =
+        configure(&opts(&root, &["docker.io", "quay.io", "ghcr.io"])).expect_err("refused");
+    assert_eq!(failed.done.len(), 2, "{failed:?}");
+    let [HostsError::Refused { path, .. }] = &failed.errors[..] else {
+        panic!("{failed:?}")
+    };
+    assert_eq!(path, &root.join("quay.io"));
+    assert_eq!(
+        fs::read_dir(&elsewhere).expect("dir").count(),
+        0,
+        "nothing written there"
+    );
+    assert!(
+        root.join("ghcr.io").join(HOSTS).exists(),
+        "the registry after it configured"
+    );
+    // cleanup does not follow the link either.
+    fs::write(
+        elsewhere.join(HOSTS),
+        format!("{MARKER}\n{STATE_PREFIX} original=none dir=created\n"),
+    )
+    .expect("write");
+    assert_eq!(cleanup(&root).expect("cleanup").len(), 2);
+    assert!(elsewhere.join(HOSTS).exists());
+}
+
+#[test]
+fn one_broken_registry_leaves_the_others_configured_and_every_failure_reported() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for (registry, text) in [("docker.io", "server = ["), ("quay.io", "host = 1 = 2")] {
+        let dir = tmp.path().join(registry);
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::write(dir.join(HOSTS), text).expect("write");
+    }
+    let failed = configure(&opts(
+        tmp.path(),
+        &["docker.io", "ghcr.io", "quay.io", "gcr.io"],
+    ))
+    .expect_err("two broken");
+    assert_eq!(failed.errors.len(), 2, "{failed:?}");
+    assert_eq!(
+        failed.done,
+        [
+            tmp.path().join("ghcr.io/hosts.toml"),
+            tmp.path().join("gcr.io/hosts.toml")
+        ]
+    );
+}
+
+#[test]
+fn cleanup_goes_on_past_a_directory_it_cannot_restore() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for registry in ["docker.io", "quay.io"] {
+        let dir = tmp.path().join(registry);
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::write(dir.join(HOSTS), USER_FILE).expect("write");
+    }
+    configure(&opts(tmp.path(), &["docker.io", "ghcr.io", "quay.io"])).expect("configure");
+    // docker.io's original is gone: it cannot be put back.
+    fs::remove_file(tmp.path().join("docker.io").join(BACKUP)).expect("rm");
+    let failed = cleanup(tmp.path()).expect_err("docker.io fails");
+    assert_eq!(failed.errors.len(), 1, "{failed:?}");
+    assert!(
+        failed.errors[0].to_string().contains("docker.io"),
+        "{}",
+        failed.errors[0]
+    );
+    assert_eq!(
+        failed.done,
+        [tmp.path().join("ghcr.io"), tmp.path().join("quay.io")]
+    );
+    assert_eq!(
+        fs::read_to_string(tmp.path().join("quay.io").join(HOSTS)).expect("read"),
+        USER_FILE
+    );
+}
+
+#[test]
+fn a_fifo_or_huge_file_at_hosts_toml_is_refused_without_hanging() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fifo = tmp.path().join("docker.io");
+    fs::create_dir_all(&fifo).expect("mkdir");
+    let made = std::process::Command::new("mkfifo")
+        .arg(fifo.join(HOSTS))
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+    let big = tmp.path().join("quay.io");
+    fs::create_dir_all(&big).expect("mkdir");
+    fs::write(big.join(HOSTS), vec![b'#'; 2 << 20]).expect("write");
+    let failed = configure(&opts(tmp.path(), &["docker.io", "quay.io"])).expect_err("refused");
+    assert_eq!(failed.errors.len(), 2, "{failed:?}");
+    for e in &failed.errors {
+        assert!(matches!(e, HostsError::Refused { .. }), "{e}");
+    }
+}
+
+#[test]
+fn an_error_names_its_cause_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("docker.io");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::write(dir.join(HOSTS), "server = [").expect("write");
+    let failed = configure(&opts(tmp.path(), &["docker.io"])).expect_err("invalid");
+    let err = failed.errors.into_iter().next().expect("one");
+    let cause = std::error::Error::source(&err)
+        .expect("a cause")
+        .to_string();
+    let shown = format!("{:#}", anyhow::Error::from(err));
+    assert_eq!(shown.matches(cause.trim()).count(), 1, "{shown}");
 }

@@ -122,7 +122,7 @@ async fn fetch_manifest(
             source: Source::Peer,
         });
     }
-    if !state.upstream.allows(registry) {
+    if !state.pulls_through(registry, repository) {
         return Err(Miss::Gone(format!(
             "no peer has {digest}, and pulling through from {registry} is not enabled"
         )));

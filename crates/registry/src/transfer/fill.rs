@@ -448,7 +448,7 @@ impl<'a> Sources<'a> {
     async fn open(&mut self, pos: u64, size: Option<u64>) -> Option<Opened> {
         let state = self.job.state.clone();
         let pull = &state.pull;
-        let may_pull = state.upstream.allows(&self.job.registry);
+        let may_pull = state.pulls_through(&self.job.registry, &self.job.repository);
         // Why this node goes upstream itself, if it does (see `UPSTREAM_REASONS`).
         let mut reason = if self.job.for_cluster {
             "asked"

@@ -55,6 +55,18 @@ impl TestNode {
         peers: PeerConfig,
         upstream: Option<(Arc<dyn Upstream>, PullThroughConfig)>,
     ) -> (Self, Arc<MemoryRouter>) {
+        Self::start_configured(net, id, store, peers, upstream, |s| s).await
+    }
+
+    /// Starts a node as [`TestNode::start_with`] does, its state changed by `configure`.
+    pub(crate) async fn start_configured(
+        net: &Arc<MemoryNetwork>,
+        id: &str,
+        store: Arc<dyn Store>,
+        peers: PeerConfig,
+        upstream: Option<(Arc<dyn Upstream>, PullThroughConfig)>,
+        configure: impl FnOnce(AppState) -> AppState,
+    ) -> (Self, Arc<MemoryRouter>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -78,10 +90,10 @@ impl TestNode {
             Arc::new(|| async { Ok(()) }.boxed()),
         )
         .expect("state");
-        let state = Arc::new(match upstream {
+        let state = Arc::new(configure(match upstream {
             Some((u, pull)) => state.with_upstream(u, pull, 1 << 30),
             None => state,
-        });
+        }));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::serve(
             listener,

@@ -44,11 +44,14 @@ async fn follows_the_store_and_withdraws_on_shutdown() {
     store.put_image("example.com/app:latest", manifest.clone());
     store.put_image("pulled.example/app:latest", manifest.clone());
     store.put_image("pulled.example.other/app:latest", manifest.clone());
+    store.put_image("pulled.example/secret/app:v1", manifest.clone());
 
     let shutdown = CancellationToken::new();
     let config = AdvertiserConfig {
         tag_excludes: vec![Glob::new("*:latest")],
         revalidated: vec!["pulled.example".into()],
+        private: mirrorlet_oci::private::Private::new(&["pulled.example/secret/*"], false)
+            .expect("valid"),
     };
     let metrics = InventoryMetrics::default();
     let task = tokio::spawn(run(
@@ -67,15 +70,17 @@ async fn follows_the_store_and_withdraws_on_shutdown() {
     // ...but tags of registries the cluster revalidates upstream are advertised all.
     eventually(&other, "pulled.example/app:latest", true).await;
     assert!(!found(&other, "pulled.example.other/app:latest").await);
+    // A private repository's tags never, even of a revalidated registry.
+    assert!(!found(&other, "pulled.example/secret/app:v1").await);
 
-    // The inventory gauges follow the store: four images, all tagged, two digests.
+    // The inventory gauges follow the store: five images, all tagged, two digests.
     assert_eq!(
         (
             metrics.images.get(),
             metrics.tags.get(),
             metrics.blobs.get()
         ),
-        (4, 4, 2)
+        (5, 5, 2)
     );
 
     // A blob is advertised as soon as it lands, before any image refers to it.

@@ -1,0 +1,103 @@
+//! Private images: repositories whose tags the agents never answer, so that a node learns
+//! a private tag only from the registry itself, with the pod's own pull secret (which
+//! proves access); their content is then served by digest, from the node and its peers,
+//! and pulled through with the cluster's credentials only if explicitly allowed.
+
+use crate::glob::Glob;
+use crate::name::Registry;
+
+/// Which repositories are private.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Private {
+    /// Over `registry/repository`.
+    patterns: Vec<Glob>,
+    /// Whether the agents may still pull them through with the cluster's credentials.
+    pub pull_through: bool,
+}
+
+impl Private {
+    /// From patterns: a registry (`registry.corp.example`: all its repositories) or a
+    /// registry and repository where `*` matches any run of characters
+    /// (`ghcr.io/myorg/*`). Empty patterns are skipped.
+    pub fn new<S: AsRef<str>>(patterns: &[S], pull_through: bool) -> Result<Self, String> {
+        let mut globs = Vec::new();
+        for p in patterns.iter().map(AsRef::as_ref).filter(|p| !p.is_empty()) {
+            let (registry, rest) = p.split_once('/').map_or((p, None), |(r, t)| (r, Some(t)));
+            Registry::parse(registry).map_err(|e| format!("{p}: {e}"))?;
+            match rest {
+                None => globs.push(Glob::new(&format!("{registry}/*"))),
+                Some("") => return Err(format!("{p}: a repository pattern after the '/'")),
+                Some(_) => globs.push(Glob::new(p)),
+            }
+        }
+        Ok(Self {
+            patterns: globs,
+            pull_through,
+        })
+    }
+
+    /// Whether no repository is private.
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// Whether `registry/repository` is private.
+    pub fn covers(&self, registry: &str, repository: &str) -> bool {
+        if self.patterns.is_empty() {
+            return false;
+        }
+        let name = format!("{registry}/{repository}");
+        self.patterns.iter().any(|g| g.matches(&name))
+    }
+
+    /// Whether the tag key `registry/repository:tag` names a private repository.
+    pub fn covers_tag_key(&self, key: &str) -> bool {
+        let name = key.rsplit_once(':').map_or(key, |(name, _)| name);
+        !self.patterns.is_empty() && self.patterns.iter().any(|g| g.matches(name))
+    }
+
+    /// Whether the agents may pull `registry/repository` through themselves: only if it is
+    /// not private, or private pull-through is allowed.
+    pub fn may_pull_through(&self, registry: &str, repository: &str) -> bool {
+        self.pull_through || !self.covers(registry, repository)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registry_covers_its_repositories_and_a_pattern_only_its_own() {
+        let p = Private::new(
+            &["registry.corp.example", "ghcr.io/myorg/*", "quay.io/a/app"],
+            false,
+        )
+        .expect("valid");
+        assert!(p.covers("registry.corp.example", "team/app"));
+        assert!(p.covers("ghcr.io", "myorg/app"));
+        assert!(p.covers("quay.io", "a/app"));
+        assert!(!p.covers("quay.io", "a/app2"));
+        assert!(!p.covers("ghcr.io", "otherorg/app"));
+        assert!(!p.covers("docker.io", "library/nginx"));
+        assert!(
+            !p.covers("registry.corp.example.evil", "x"),
+            "the whole registry name"
+        );
+        assert!(p.covers_tag_key("registry.corp.example/team/app:1.2"));
+        assert!(p.covers_tag_key("quay.io/a/app:latest"));
+        assert!(!p.covers_tag_key("quay.io/a/app2:latest"));
+        assert!(!p.may_pull_through("ghcr.io", "myorg/app"));
+        assert!(p.may_pull_through("docker.io", "library/nginx"));
+        let allowed = Private::new(&["ghcr.io/myorg/*"], true).expect("valid");
+        assert!(allowed.may_pull_through("ghcr.io", "myorg/app"));
+    }
+
+    #[test]
+    fn bad_patterns_are_refused_and_empty_ones_skipped() {
+        assert!(Private::new(&["Not A Registry"], false).is_err());
+        assert!(Private::new(&["ghcr.io/"], false).is_err());
+        assert!(Private::new(&[""], false).expect("empty").is_empty());
+        assert!(!Private::default().covers("ghcr.io", "x"));
+    }
+}
