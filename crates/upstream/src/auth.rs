@@ -322,3 +322,30 @@ mod tests {
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 4);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn challenge() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "(Bearer|Basic|bearer|Digest) ?(realm|service|scope|x)=\"[a-z:/.0-9?=&\" ]{0,40}\"(, ?[a-z]{1,6}=\"?[a-z:/.0-9]{0,20}\"?){0,3}",
+            any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Any `WWW-Authenticate` value: no panic, and a Bearer realm is always an
+        /// http(s) URL (a token is never fetched from anywhere else).
+        #[test]
+        fn challenges_never_panic_and_realms_are_http(v in challenge()) {
+            if let Some(Challenge::Bearer { realm, .. }) = parse_challenge(&v) {
+                prop_assert!(matches!(realm.scheme(), "http" | "https"));
+            }
+        }
+    }
+}

@@ -199,3 +199,47 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod props {
+    use base64::Engine as _;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any text: no panic.
+        #[test]
+        fn any_text_is_parsed_or_refused(text in any::<String>()) {
+            let _ = Credentials::parse(&text);
+        }
+
+        /// A well-formed entry gives back its login for its registry; a malformed `auth`
+        /// is refused or ignored, never a panic.
+        #[test]
+        fn entries_give_back_their_login(
+            key in prop_oneof!["[a-z]{1,8}\\.[a-z]{2,4}(:[0-9]{1,5})?", "https?://[a-z.]{1,12}(/v1/)?", any::<String>()],
+            user in "[a-zA-Z0-9_]{1,12}",
+            password in any::<String>(),
+            raw_auth in any::<String>(),
+        ) {
+            let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            let config = |entry| serde_json::json!({ "auths": { key.clone(): entry } }).to_string();
+            for entry in [
+                serde_json::json!({ "auth": auth }),
+                serde_json::json!({ "username": user, "password": password }),
+            ] {
+                let parsed = Credentials::parse(&config(entry));
+                if let Some(registry) = registry_of(&key) {
+                    let c = parsed.expect("a well-formed entry");
+                    let login = c.get(&registry).expect("its login");
+                    prop_assert_eq!(&login.username, &user);
+                    prop_assert_eq!(&login.password, &password);
+                }
+            }
+            let _ = Credentials::parse(&config(serde_json::json!({ "auth": raw_auth })));
+        }
+    }
+}

@@ -419,3 +419,61 @@ fn an_error_names_its_cause_once() {
     let shown = format!("{:#}", anyhow::Error::from(err));
     assert_eq!(shown.matches(cause.trim()).count(), 1, "{shown}");
 }
+
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// hosts.toml texts a user might have: real settings in any order, and any text.
+    fn user_file() -> impl Strategy<Value = String> {
+        let line = prop_oneof![
+            Just("server = \"https://registry.example\"".to_owned()),
+            Just("skip_verify = true".to_owned()),
+            "\\[host\\.\"https?://[a-z0-9.:\\[\\]]{1,20}\"\\]",
+            "  capabilities = \\[(\"pull\"|\"resolve\"|, ){0,4}\\]",
+            "  ca = \"/[a-z/]{0,12}\"",
+            "# [^\n]{0,30}",
+            "[a-z_]{1,8} = \"[^\"\n\\\\]{0,10}\"",
+            Just(String::new()),
+        ];
+        prop_oneof![
+            4 => proptest::collection::vec(line, 0..8).prop_map(|l| l.join("\n")),
+            1 => any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Whatever the user's file holds: configure refuses it with an error naming it,
+        /// or configures it twice to the same bytes with the mirror first; cleanup then
+        /// gives back the user's exact bytes.
+        #[test]
+        fn configure_then_cleanup_gives_back_the_users_bytes(text in user_file()) {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let dir = tmp.path().join("registry.example");
+            fs::create_dir_all(&dir).expect("mkdir");
+            fs::write(dir.join(HOSTS), &text).expect("write");
+            let o = opts(tmp.path(), &["registry.example"]);
+            match configure(&o) {
+                Err(failed) => {
+                    let [err] = &failed.errors[..] else { panic!("{failed:?}") };
+                    prop_assert!(err.to_string().contains("registry.example"), "{err}");
+                    prop_assert_eq!(fs::read_to_string(dir.join(HOSTS)).expect("read"), text);
+                }
+                Ok(_) => {
+                    let first = fs::read_to_string(dir.join(HOSTS)).expect("read");
+                    prop_assert!(first.starts_with(MARKER));
+                    let doc: DocumentMut = first.parse().expect("what we write is TOML");
+                    let hosts = doc["host"].as_table_like().expect("a host table");
+                    prop_assert_eq!(hosts.iter().next().map(|(k, _)| k), Some("http://127.0.0.1:5000"));
+                    configure(&o).expect("again");
+                    prop_assert_eq!(&fs::read_to_string(dir.join(HOSTS)).expect("read"), &first);
+                    cleanup(tmp.path()).expect("cleanup");
+                    prop_assert_eq!(fs::read_to_string(dir.join(HOSTS)).expect("read"), text);
+                }
+            }
+        }
+    }
+}
