@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup build demo test unit e2e lint bench bench-scale chart-check clean-e2e
+.PHONY: setup build demo test unit e2e lint bench bench-scale soak chart-check clean-e2e
 
 setup:
 	bash e2e/setup.sh
@@ -42,6 +42,10 @@ bench: setup
 ## The DHT at 10 to 100 nodes in one process, every node announcing at once.
 bench-scale: setup
 	bash e2e/bench/scale.sh
+
+## One agent under mixed well-behaved, slow, stalled and broken clients for 10 minutes.
+soak: setup
+	bash e2e/bench/soak.sh
 
 ## Checks the Helm chart offline with the workspace's chart-check tool (needs ../shared).
 chart-check:

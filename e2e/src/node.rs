@@ -217,6 +217,11 @@ state = "{d}/containerd/state"
         }
     }
 
+    /// The agent's process id, while it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Proc::pid)
+    }
+
     /// Whether the agent process is running.
     pub fn agent_running(&mut self) -> bool {
         self.agent.as_mut().is_some_and(Proc::is_running)
