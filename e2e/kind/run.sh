@@ -16,6 +16,7 @@
 #                  d_the_serving_agent_killed_mid_blob_and_the_pull_completes_...   p2p d
 #                  e_a_peer_serving_corrupt_bytes_never_gets_a_wrong_byte_accepted  p2p e
 #                  f_a_peers_link_cut_mid_pull_and_the_pull_completes_from_others   p2p f
+#                  g_a_full_spool_disk_is_logged_and_counted_and_the_pull_completes p2p g
 #   pullthrough.rs a_nodes_pulling_a_new_image_at_once_cost_one_upstream_get_...    pullthrough a
 #                  b_the_owner_killed_mid_layer_and_every_pull_completes            pullthrough b
 #                  c_a_rate_limited_hub_with_a_budget_of_one_serves_every_node      pullthrough c
@@ -74,6 +75,7 @@ TOOLS=mirrorlet-e2e-tools:e2e
 PROM_IMAGE=${MIRRORLET_KIND_PROMETHEUS:-prom/prometheus:v2.53.2}
 REG_PORT=5000 OPS_PORT=5002 HOSTPORT=30020 HOSTPORT2=30021
 CERTS=/etc/containerd/certs.d
+SPOOL=/var/lib/mirrorlet/spool # the chart's dataDir/spool on a node
 MARKER='# Written by mirrorlet configure'
 ACCEPT='application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json'
 # Upload limit of the agents: a 256 MiB blob takes seconds between two nodes, long enough
@@ -211,6 +213,16 @@ tc_cap() { # registry container, rate
   docker exec "$1" tc qdisc replace dev eth0 root tbf rate "$2" burst 256kb latency 400ms
 }
 tc_uncap() { docker exec "$1" tc qdisc del dev eth0 root >/dev/null 2>&1 || true; }
+spool_full() { # node: a 4 KiB tmpfs over the agents' spool (the pod must be replaced to see it)
+  echo "$1" >>"$WORK/spools"
+  docker exec "$1" sh -c "mkdir -p $SPOOL && mount -t tmpfs -o size=4k tmpfs $SPOOL"
+}
+spool_free_all() { # the pods are replaced by the caller (or are gone, at exit)
+  [[ -s $WORK/spools ]] || return 0
+  local n
+  while read -r n; do docker exec "$n" umount -l "$SPOOL" >/dev/null 2>&1 || true; done < <(sort -u "$WORK/spools")
+  : >"$WORK/spools"
+}
 tc_uncap_all() {
   [[ -s $WORK/capped ]] || return 0
   local c
@@ -676,6 +688,7 @@ s_setup() {
   make_image "$PUSH" e2e/p2p-corrupt-a:v1 3000000 600000 9000000
   make_image "$PUSH" e2e/p2p-corrupt-b:v1 2000000 500000
   make_image "$PUSH" e2e/upgraded:v1 800000
+  make_image "$PUSH" e2e/spool-full:v1 12000000
   make_image "$PUSH" e2e/clients-app:v1 2000000 700000
   make_image "$PT_PUSH" e2e/pt-preheat:v1 3000000 2000000
   make_image "$PT_PUSH" e2e/pt-preheat-b:v1 1000000
@@ -1830,6 +1843,35 @@ EOF
 # =======================================================================================
 # Running.
 
+# Node 2's spool disk is full (a 4 KiB tmpfs over the chart's dataDir/spool, the agent pod
+# replaced to see it): a blob from node 1 cannot be written, the agent answers 404 before
+# a byte, containerd takes the blob from the registry, and the failure is logged and counted.
+replace_agent() { # node
+  local uid
+  uid=$(agent_uid "$1")
+  kc delete pod -n "$NS" "$(agent_pod "$1")" --wait=false >/dev/null
+  wait_for 240 "a new agent pod on $1" agent_ready "$1" "$uid"
+}
+s_p2p_g() {
+  local img=$REG/e2e/spool-full:v1 n f0
+  wait_agents
+  wait_members
+  registry_up "$UPSTREAM" "$PUSH"
+  for n in "${NODES[@]}"; do rm_image "$n" "$img"; done
+  must_pull "$N1" "$img"
+  spool_full "$N2"
+  replace_agent "$N2"
+  wait_members
+  f0=$(metric "$N2" mirrorlet_peer_failures_total reason=spool)
+  wait_servable "$N2" e2e/spool-full v1
+  must_pull "$N2" "$img"
+  expect "the failed spool write is counted" "$(minus "$(metric "$N2" mirrorlet_peer_failures_total reason=spool)" "$f0")" ">=" 1
+  agent_logs "$N2" >"$WORK/agent.log"
+  grep -q "writing the spool failed" "$WORK/agent.log" || fail "no warning about the spool: $(tail_of "$WORK/agent.log" 600)"
+  spool_free_all
+  replace_agent "$N2"
+}
+
 # =======================================================================================
 # clients.rs: Docker and podman pull through node 2's agent (its host port), from a
 # privileged tools container on the kind network; node 1 holds the image, the upstream is
@@ -1924,6 +1966,7 @@ SCENARIOS=(
   "p2p d" s_p2p_d
   "p2p e" s_p2p_e
   "p2p f" s_p2p_f
+  "p2p g" s_p2p_g
   "pullthrough a" s_pullthrough_a
   "pullthrough b" s_pullthrough_b
   "pullthrough c" s_pullthrough_c
@@ -1982,6 +2025,7 @@ recover() {
   uncut_all
   start_services
   tc_uncap_all
+  spool_free_all
   helm status "$RELEASE" -n "$NS" >/dev/null 2>&1 || return 0
   SCENARIO="recovery after $SCENARIO"
   rm -f "$WORK/failed"
@@ -2009,6 +2053,7 @@ on_exit() {
   uncut_all
   start_services
   tc_uncap_all
+  spool_free_all
   if [[ ${MIRRORLET_KIND_KEEP:-} == 1 ]]; then
     say "kept: clusters $CLUSTER, $CLUSTER6 and the containers in $WORK/containers (KUBECONFIG=$WORK/kubeconfig)"
     exit "$rc"

@@ -508,3 +508,74 @@ async fn e_a_peer_serving_corrupt_bytes_never_gets_a_wrong_byte_accepted() {
         }
     }
 }
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).expect("mount point");
+        mirrorlet_e2e::process::run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                &at.display().to_string(),
+            ],
+        )
+        .expect("mount tmpfs");
+        Self(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = mirrorlet_e2e::process::run("umount", &["-l", &self.0.display().to_string()]);
+    }
+}
+
+/// Node 2's spool disk is full: a blob from node 1 cannot be written, the agent answers
+/// 404 before sending a byte, containerd takes the blob from the registry, and the
+/// failure is a warning in the log and counted.
+#[tokio::test]
+async fn g_a_full_spool_disk_is_logged_and_counted_and_the_pull_completes() {
+    let image = TestImage::single("e2e/spool-full", "v1", &[12 << 20]);
+    let mut c = cluster(2, vec![image.clone()], vec![]).await;
+    c.node(1)
+        .cri
+        .pull(&Cluster::image_ref(&image), PULL)
+        .await
+        .expect("node 1 pulls");
+    assert!(c.node_mut(2).stop_agent(), "node 2's agent stops");
+    let spool = Tmpfs::mount(&c.node(2).dir.join("spool"), "4k");
+    c.node_mut(2)
+        .start_agent()
+        .await
+        .expect("node 2's agent restarts");
+    c.wait_members().await.expect("members");
+    c.wait_servable(2, REGISTRY, &image)
+        .await
+        .expect("advertised");
+    c.node(2)
+        .cri
+        .pull(&Cluster::image_ref(&image), PULL)
+        .await
+        .expect("node 2's pull completes from the registry");
+    let failures = c
+        .node(2)
+        .metric("mirrorlet_peer_failures_total", &[("reason", "spool")])
+        .await
+        .expect("metrics");
+    assert!(failures >= 1.0, "counted: {failures}");
+    let log = c.node(2).agent_log();
+    assert!(
+        log.contains("writing the spool failed"),
+        "logged: {}",
+        c.node(2).agent_log_tail(20)
+    );
+    c.node_mut(2).stop_agent();
+    drop(spool);
+}

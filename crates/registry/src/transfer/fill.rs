@@ -260,7 +260,17 @@ impl Job {
         let mut current = first;
         let mut batch = BytesMut::with_capacity(BATCH);
         let mut pos: u64 = 0;
-        let disk = |e: io::Error| CopyFailed::plain(format!("writing the spool: {e}"));
+        let disk = |e: io::Error| {
+            // Disk full and the like: the request still gets its 404 (containerd goes on
+            // to the registry), but the operator must hear of it.
+            tracing::warn!(digest = %self.transfer.digest, error = %e, spool = %state.peers.spool_dir.display(), "writing the spool failed");
+            state
+                .metrics
+                .peer_failures
+                .get_or_create(&ReasonLabels { reason: "spool" })
+                .inc();
+            CopyFailed::plain(format!("writing the spool: {e}"))
+        };
         while pos < size {
             // Upstream bodies carry their own stall limit; peers get the peer read timeout.
             let stall = match current.origin {
