@@ -63,7 +63,8 @@ impl Route {
             // A host only where a repository follows it: `/v2/Upper/manifests/1` is a
             // (bad) repository name, not a registry with none.
             let (first, tail) = rest.split_once('/')?;
-            let names_repository = !(tail.starts_with("manifests/") || tail.starts_with("blobs/"));
+            // (`/v2/quay.io/blobs/app/manifests/1` is quay.io's `blobs/app`).
+            let names_repository = tail.rsplitn(3, '/').nth(2).is_some_and(|r| !r.is_empty());
             (is_host(first) && names_repository).then_some((first, tail))
         });
         match named {
@@ -112,7 +113,7 @@ impl Route {
 }
 
 /// Whether the first component of a name is a registry host, as Docker decides.
-fn is_host(component: &str) -> bool {
+pub(crate) fn is_host(component: &str) -> bool {
     component.contains(['.', ':'])
         || component == "localhost"
         || component.bytes().any(|b| b.is_ascii_uppercase())
@@ -190,6 +191,15 @@ mod tests {
         assert_eq!(
             located("/v2/", None),
             ("docker.io".to_owned(), String::new())
+        );
+        // A repository may start with `blobs` or `manifests`.
+        assert_eq!(
+            located("/v2/quay.io/blobs/app/manifests/1", None),
+            ("quay.io".to_owned(), "blobs/app".to_owned())
+        );
+        assert_eq!(
+            located("/v2/quay.io/manifests/app/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000", None).0,
+            "quay.io"
         );
         assert!(matches!(
             Route::locate("/v2/Upper/manifests/v1", None),

@@ -18,16 +18,30 @@ pub struct Private {
 impl Private {
     /// From patterns: a registry (`registry.corp.example`: all its repositories) or a
     /// registry and repository where `*` matches any run of characters
-    /// (`ghcr.io/myorg/*`). Empty patterns are skipped.
+    /// (`ghcr.io/myorg/*`). The registry is normalised as names are (`Index.Docker.io` is
+    /// `docker.io`), and a pattern whose first component is not a host is Docker Hub's, as
+    /// Docker reads names (`myorg/*` is `docker.io/myorg/*`). Empty patterns are skipped.
     pub fn new<S: AsRef<str>>(patterns: &[S], pull_through: bool) -> Result<Self, String> {
         let mut globs = Vec::new();
         for p in patterns.iter().map(AsRef::as_ref).filter(|p| !p.is_empty()) {
-            let (registry, rest) = p.split_once('/').map_or((p, None), |(r, t)| (r, Some(t)));
-            Registry::parse(registry).map_err(|e| format!("{p}: {e}"))?;
+            let (first, rest) = p.split_once('/').map_or((p, None), |(r, t)| (r, Some(t)));
+            let (registry, rest) = if crate::path::is_host(first) {
+                (first, rest)
+            } else if rest.is_some() {
+                ("docker.io", Some(p))
+            } else {
+                return Err(format!(
+                    "{p}: name a registry (a host: with a dot or a port, or localhost) or registry/repository"
+                ));
+            };
+            let registry = Registry::parse(registry).map_err(|e| format!("{p}: {e}"))?;
             match rest {
-                None => globs.push(Glob::new(&format!("{registry}/*"))),
+                None => globs.push(Glob::new(&format!("{}/*", registry.as_str()))),
                 Some("") => return Err(format!("{p}: a repository pattern after the '/'")),
-                Some(_) => globs.push(Glob::new(p)),
+                Some(r) if r.bytes().any(|b| b.is_ascii_uppercase()) => {
+                    return Err(format!("{p}: repository names are lowercase"));
+                }
+                Some(r) => globs.push(Glob::new(&format!("{}/{r}", registry.as_str()))),
             }
         }
         Ok(Self {
@@ -97,6 +111,28 @@ mod tests {
     fn bad_patterns_are_refused_and_empty_ones_skipped() {
         assert!(Private::new(&["Not A Registry"], false).is_err());
         assert!(Private::new(&["ghcr.io/"], false).is_err());
+        assert!(
+            Private::new(&["myorg"], false).is_err(),
+            "not a host, no repository"
+        );
+        assert!(
+            Private::new(&["ghcr.io/MyOrg/*"], false).is_err(),
+            "uppercase"
+        );
+        // Written as people write them: normalised as names are.
+        let hub = Private::new(
+            &[
+                "myorg/*",
+                "Index.Docker.io/other/app",
+                "Registry.Corp.Example",
+            ],
+            false,
+        )
+        .expect("valid");
+        assert!(hub.covers("docker.io", "myorg/app"));
+        assert!(hub.covers("docker.io", "other/app"));
+        assert!(hub.covers("registry.corp.example", "team/app"));
+        assert!(!hub.covers("docker.io", "library/nginx"));
         assert!(Private::new(&[""], false).expect("empty").is_empty());
         assert!(!Private::default().covers("ghcr.io", "x"));
     }

@@ -257,7 +257,8 @@ fn configure_one(opts: &ConfigureOptions, registry: &str) -> Result<PathBuf, Hos
     let file = dir.join(HOSTS);
     let backup = dir.join(BACKUP);
     let current = read_optional(&file)?;
-    let (state, original) = match current.as_deref().and_then(State::from_managed) {
+    let managed = current.as_deref().and_then(State::from_managed);
+    let (state, original) = match managed {
         // Ours already: regenerate from the recorded original so the bytes stay the same.
         Some(state) => {
             let original = if state.had_file {
@@ -272,20 +273,27 @@ fn configure_one(opts: &ConfigureOptions, registry: &str) -> Result<PathBuf, Hos
                 had_file: current.is_some(),
                 had_dir: dir.is_dir(),
             };
-            if !state.had_dir {
-                fs::create_dir_all(&opts.config_path)
-                    .map_err(io_err("creating", &opts.config_path))?;
-                fs::create_dir(&dir).map_err(io_err("creating", &dir))?;
-            }
-            if current.is_some() {
-                keep_original(&file, &backup)?;
-            }
             (state, current.clone())
         }
     };
+    // Rendered before anything is changed: a file refused leaves the directory as it was.
     let rendered = render(opts, registry, state, original.as_deref(), &file)?;
+    // The user's file keeps its permissions in ours (a 0600 original stays 0600).
+    let original_path = if managed.is_some() { &backup } else { &file };
+    let mode = fs::metadata(original_path)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap_or(0o644);
+    if managed.is_none() {
+        if !state.had_dir {
+            fs::create_dir_all(&opts.config_path).map_err(io_err("creating", &opts.config_path))?;
+            fs::create_dir(&dir).map_err(io_err("creating", &dir))?;
+        }
+        if state.had_file {
+            keep_original(&file, &backup)?;
+        }
+    }
     if current.as_deref() != Some(rendered.as_str()) {
-        write_atomic(&dir, &file, &rendered)?;
+        write_atomic(&dir, &file, &rendered, mode)?;
     }
     Ok(file)
 }
@@ -410,13 +418,13 @@ fn remove_if_present(path: &Path) -> Result<(), HostsError> {
 
 /// Replaces `path` with `text` at once: written to a temporary file created exclusively
 /// (never through a link planted at its name), synced, then renamed over `path`.
-fn write_atomic(dir: &Path, path: &Path, text: &str) -> Result<(), HostsError> {
+fn write_atomic(dir: &Path, path: &Path, text: &str, mode: u32) -> Result<(), HostsError> {
     let tmp = dir.join(TEMP);
     remove_if_present(&tmp)?;
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
+        .mode(mode)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(io_err("creating", &tmp))?;

@@ -461,6 +461,7 @@ mod props {
                     let [err] = &failed.errors[..] else { panic!("{failed:?}") };
                     prop_assert!(err.to_string().contains("registry.example"), "{err}");
                     prop_assert_eq!(fs::read_to_string(dir.join(HOSTS)).expect("read"), text);
+                    prop_assert!(!dir.join(BACKUP).exists(), "a refused file leaves no backup");
                 }
                 Ok(_) => {
                     let first = fs::read_to_string(dir.join(HOSTS)).expect("read");
@@ -476,4 +477,30 @@ mod props {
             }
         }
     }
+}
+
+#[test]
+fn the_users_permissions_are_kept_and_a_refused_file_leaves_no_backup() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("quay.io");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::write(dir.join(HOSTS), USER_FILE).expect("write");
+    fs::set_permissions(dir.join(HOSTS), fs::Permissions::from_mode(0o600)).expect("chmod");
+    configure(&opts(tmp.path(), &["quay.io"])).expect("configure");
+    let mode = |p: &Path| fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(
+        mode(&dir.join(HOSTS)),
+        0o600,
+        "ours is as private as theirs"
+    );
+
+    let bad = tmp.path().join("ghcr.io");
+    fs::create_dir_all(&bad).expect("mkdir");
+    fs::write(bad.join(HOSTS), "server = [").expect("write");
+    configure(&opts(tmp.path(), &["ghcr.io"])).expect_err("refused");
+    assert!(
+        !bad.join(BACKUP).exists(),
+        "no backup left by a refused file"
+    );
 }
