@@ -2020,11 +2020,13 @@ run_scenario() {
 # After a failed scenario: faults undone, the credentials right, every agent ready; sets OK.
 # A plain command, as run_scenario.
 recover() {
-  local rc
+  local rc n
+  local -a spooled=()
   OK=1
   uncut_all
   start_services
   tc_uncap_all
+  [[ -s $WORK/spools ]] && mapfile -t spooled < <(sort -u "$WORK/spools")
   spool_free_all
   helm status "$RELEASE" -n "$NS" >/dev/null 2>&1 || return 0
   SCENARIO="recovery after $SCENARIO"
@@ -2033,6 +2035,8 @@ recover() {
   (
     set -e
     set_credentials s3cret
+    # A pod that saw a full spool keeps its view of the tmpfs: replace it.
+    for n in "${spooled[@]}"; do replace_agent "$n"; done
     wait_agents
   )
   rc=$?
