@@ -29,25 +29,32 @@ async fn cluster() -> Cluster {
     .expect("cluster starts")
 }
 
-#[tokio::test]
-async fn a_docker_pulls_through_the_agent_by_tag_and_by_digest_with_upstream_down() {
+/// A cluster where only node 1 holds `image` (pulled through the CRI as `registry`'s),
+/// the upstream stopped, and node 2's agent able to serve it; the image's digest.
+async fn held_by_node_1_only(registry: &str) -> (Cluster, TestImage, mirrorlet_oci::Digest) {
     let mut c = cluster().await;
     let image = app();
     let digest = c
         .upstream_digest(&image.repo, &image.tag)
         .await
         .expect("digest");
-    // Node 1's containerd holds it as a Docker Hub image (its docker.io hosts.toml points
-    // at the test registry).
     c.node(1)
         .cri
-        .pull(&format!("docker.io/{}:{}", image.repo, image.tag), PULL)
+        .pull(&format!("{registry}/{}:{}", image.repo, image.tag), PULL)
         .await
         .expect("node 1 pulls");
     c.upstream.stop();
-    c.wait_servable(2, "docker.io", &image)
+    c.wait_servable(2, registry, &image)
         .await
         .expect("advertised");
+    (c, image, digest)
+}
+
+#[tokio::test]
+async fn a_docker_pulls_through_the_agent_by_tag_and_by_digest_with_upstream_down() {
+    // Node 1's containerd holds it as a Docker Hub image (its docker.io hosts.toml points
+    // at the test registry).
+    let (c, image, digest) = held_by_node_1_only("docker.io").await;
     let docker = Dockerd::start(c.node(2)).await.expect("dockerd starts");
 
     let by_tag = docker
@@ -89,21 +96,7 @@ async fn a_docker_pulls_through_the_agent_by_tag_and_by_digest_with_upstream_dow
 
 #[tokio::test]
 async fn b_podman_names_the_registry_in_the_mirror_and_never_gets_another_registrys_image() {
-    let mut c = cluster().await;
-    let image = app();
-    let digest = c
-        .upstream_digest(&image.repo, &image.tag)
-        .await
-        .expect("digest");
-    c.node(1)
-        .cri
-        .pull(&Cluster::image_ref(&image), PULL)
-        .await
-        .expect("node 1 pulls");
-    c.upstream.stop();
-    c.wait_servable(2, REGISTRY, &image)
-        .await
-        .expect("advertised");
+    let (c, image, digest) = held_by_node_1_only(REGISTRY).await;
     let podman = Podman::new(c.node(2), &[REGISTRY, "quay.io"]).expect("podman");
 
     let name = format!("{REGISTRY}/{}", image.repo);

@@ -191,11 +191,16 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         header_read_timeout: args.header_read_timeout,
         send_stall_timeout: args.send_stall_timeout,
     };
-    let mut server = tokio::spawn(server::serve(
-        listener,
-        mirrorlet_registry::app(state.clone()),
-        limits,
+    let server = tokio::spawn(guard(
+        "HTTP server",
+        tokio::spawn(server::serve(
+            listener,
+            mirrorlet_registry::app(state.clone()),
+            limits,
+            shutdown.clone(),
+        )),
         shutdown.clone(),
+        died.clone(),
     ));
     // Probes and scrapes keep being answered while the registry drains.
     tasks.spawn(guard(
@@ -224,14 +229,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         "mirrorlet agent started"
     );
 
-    let mut server_failed = false;
     let failed: Option<String> = tokio::select! {
         _ = term.recv() => { tracing::info!("SIGTERM received; shutting down"); None }
         _ = int.recv() => { tracing::info!("SIGINT received; shutting down"); None }
-        r = &mut server => {
-            server_failed = true;
-            Some(format!("the HTTP server stopped unexpectedly ({})", ended_how(r)))
-        }
         Some((task, how)) = deaths.recv() => Some(format!("the {task} task {how}")),
     };
     if let Some(why) = &failed {
@@ -241,9 +241,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     tasks.close();
     let drained = tokio::time::timeout(args.shutdown_grace, async {
         let _ = advertising.await;
-        if !server_failed {
-            let _ = (&mut server).await;
-        }
+        let _ = server.await;
         // Last: in-flight responses may still look up and resume at peers.
         router_shutdown.cancel();
         tasks.wait().await;

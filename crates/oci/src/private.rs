@@ -50,24 +50,18 @@ impl Private {
         })
     }
 
-    /// Whether no repository is private.
-    pub fn is_empty(&self) -> bool {
-        self.patterns.is_empty()
-    }
-
     /// Whether `registry/repository` is private.
     pub fn covers(&self, registry: &str, repository: &str) -> bool {
-        if self.patterns.is_empty() {
-            return false;
-        }
-        let name = format!("{registry}/{repository}");
-        self.patterns.iter().any(|g| g.matches(&name))
+        !self.patterns.is_empty() && self.matches(&format!("{registry}/{repository}"))
     }
 
     /// Whether the tag key `registry/repository:tag` names a private repository.
     pub fn covers_tag_key(&self, key: &str) -> bool {
-        let name = key.rsplit_once(':').map_or(key, |(name, _)| name);
-        !self.patterns.is_empty() && self.patterns.iter().any(|g| g.matches(name))
+        self.matches(key.rsplit_once(':').map_or(key, |(name, _)| name))
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        self.patterns.iter().any(|g| g.matches(name))
     }
 
     /// Whether the agents may pull `registry/repository` through themselves: only if it is
@@ -133,7 +127,10 @@ mod tests {
         assert!(hub.covers("docker.io", "other/app"));
         assert!(hub.covers("registry.corp.example", "team/app"));
         assert!(!hub.covers("docker.io", "library/nginx"));
-        assert!(Private::new(&[""], false).expect("empty").is_empty());
+        assert_eq!(
+            Private::new(&[""], false).expect("empty"),
+            Private::default()
+        );
         assert!(!Private::default().covers("ghcr.io", "x"));
     }
 }

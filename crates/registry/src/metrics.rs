@@ -88,17 +88,22 @@ pub fn requester(headers: &http::HeaderMap) -> &'static str {
     }
     let agent = headers
         .get(http::header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    if agent.starts_with("containerd/") {
+        .map_or(&b""[..], http::HeaderValue::as_bytes);
+    let starts = |p: &str| {
+        agent
+            .get(..p.len())
+            .is_some_and(|a| a.eq_ignore_ascii_case(p.as_bytes()))
+    };
+    if starts("containerd/") {
         "containerd"
-    } else if agent.starts_with("docker/") {
+    } else if starts("docker/") {
         "docker"
-    } else if agent.starts_with("containers/")
-        || agent.starts_with("cri-o/")
-        || agent.contains("github.com/containers/image")
-    {
+    } else if starts("containers/") || starts("cri-o/") || {
+        let library = b"github.com/containers/image";
+        agent
+            .windows(library.len())
+            .any(|w| w.eq_ignore_ascii_case(library))
+    } {
         "containers"
     } else {
         "other"

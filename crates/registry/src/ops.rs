@@ -128,6 +128,7 @@ pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next)
     let (parts, body) = resp.into_parts();
     // A HEAD answer's body is never sent, and an empty one has nothing to wait for.
     let nothing = method == "HEAD" || hyper::body::Body::size_hint(&body).exact() == Some(0);
+    let declared = length.parse().ok();
     let line = Line {
         method,
         path,
@@ -138,13 +139,11 @@ pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next)
         length,
         started,
         head_ms: elapsed.as_secs_f64() * 1000.0,
+        declared,
         sent: 0,
         ended: nothing,
     };
-    let body = axum::body::Body::from_stream(Logged {
-        inner: body.into_data_stream(),
-        line,
-    });
+    let body = axum::body::Body::new(Logged { inner: body, line });
     Response::from_parts(parts, body)
 }
 
@@ -160,6 +159,8 @@ struct Line {
     started: Instant,
     /// Time to the response head.
     head_ms: f64,
+    /// The body's Content-Length, if it has one.
+    declared: Option<u64>,
     /// Body bytes handed to the connection.
     sent: u64,
     /// Whether the body was sent to its end (not cut: the client went away, or the
@@ -183,9 +184,6 @@ impl Drop for Line {
             ..
         } = *self;
         let total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        // hyper stops polling a body once it has written its Content-Length, so a body
-        // sent to its declared length never sees its end poll.
-        let ended = ended || length.parse::<u64>().is_ok_and(|n| n == sent);
         if status >= 500 || !ended {
             tracing::warn!(method, %path, %query, status, source, requester, %length, sent, ms, total_ms, ended, "request failed");
         } else {
@@ -194,28 +192,45 @@ impl Drop for Line {
     }
 }
 
-/// A response body that counts what it hands out and logs the request when it is done.
-struct Logged<S> {
-    inner: S,
+/// A response body that counts what it hands out and logs the request when it is done;
+/// its size and end are the inner body's, so hyper frames it as it would the original.
+struct Logged<B> {
+    inner: B,
     line: Line,
 }
 
-impl<S> futures_util::Stream for Logged<S>
+impl<B> hyper::body::Body for Logged<B>
 where
-    S: futures_util::Stream<Item = Result<bytes::Bytes, axum::Error>> + Unpin,
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
 {
-    type Item = Result<bytes::Bytes, axum::Error>;
+    type Data = bytes::Bytes;
+    type Error = B::Error;
 
-    fn poll_next(
+    fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        let item = std::pin::Pin::new(&mut self.inner).poll_next(cx);
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let item = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        let line = &mut self.line;
         match &item {
-            std::task::Poll::Ready(Some(Ok(chunk))) => self.line.sent += chunk.len() as u64,
-            std::task::Poll::Ready(None) => self.line.ended = true,
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    line.sent += data.len() as u64;
+                    // hyper stops polling once it has written the Content-Length.
+                    line.ended |= line.declared == Some(line.sent);
+                }
+            }
+            std::task::Poll::Ready(None) => line.ended = true,
             _ => {}
         }
         item
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
