@@ -24,8 +24,14 @@ else
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=1
 endif
 
-unit: setup
+## Tiers 1 and 2 (unit tests, in-process servers and DHTs): no root, no containerd, no
+## network namespaces. Everything that needs real parts is in mirrorlet-e2e.
+unit:
+ifeq ($(NEXTEST),yes)
+	$(CARGO) nextest run --workspace --exclude mirrorlet-e2e
+else
 	$(CARGO) test --workspace --exclude mirrorlet-e2e
+endif
 
 e2e: build
 	$(CARGO) test -p mirrorlet-e2e -- --test-threads=1

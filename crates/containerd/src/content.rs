@@ -12,7 +12,7 @@ use containerd_client::services::v1::{
 };
 use containerd_client::tonic::transport::Channel;
 use futures_util::{StreamExt, TryStreamExt, stream};
-use mirrorlet_oci::{BlobStream, ByteRange, Digest, StoreError, filestream};
+use mirrorlet_oci::{BlobStream, Budget, ByteRange, Digest, StoreError, filestream};
 
 use crate::client::{is_not_found, request, unavailable};
 
@@ -23,15 +23,23 @@ pub(crate) struct Content {
     namespace: String,
     /// `<root>/io.containerd.content.v1.content`, when mounted.
     dir: Option<PathBuf>,
+    /// What chunks read from blob files count against.
+    budget: Budget,
 }
 
 impl Content {
-    pub(crate) fn new(channel: Channel, namespace: String, dir: Option<PathBuf>) -> Self {
+    pub(crate) fn new(
+        channel: Channel,
+        namespace: String,
+        dir: Option<PathBuf>,
+        budget: Budget,
+    ) -> Self {
         let client = ContentClient::new(channel).max_decoding_message_size(16 * 1024 * 1024);
         Self {
             client,
             namespace,
             dir,
+            budget,
         }
     }
 
@@ -160,7 +168,7 @@ impl Content {
         range: ByteRange,
     ) -> Result<BlobStream, StoreError> {
         if let Some(path) = self.blob_path(digest) {
-            match open_file(path, digest, range).await {
+            match open_file(path, digest, range, self.budget.clone()).await {
                 Ok(s) => return Ok(s),
                 // Not on disk (or not readable): containerd may still have it.
                 Err(StoreError::Read { .. } | StoreError::NotFound(_)) => {}
@@ -204,6 +212,7 @@ async fn open_file(
     path: PathBuf,
     digest: &Digest,
     range: ByteRange,
+    budget: Budget,
 ) -> Result<BlobStream, StoreError> {
     let opened = tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&path)?;
@@ -225,5 +234,5 @@ async fn open_file(
         }
     };
     range.check(digest, size)?;
-    Ok(filestream::stream(file, range))
+    Ok(filestream::stream(file, range, budget))
 }

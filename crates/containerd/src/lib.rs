@@ -51,6 +51,9 @@ pub struct Config {
     pub content_dir: Option<PathBuf>,
     /// Entries in the media-type cache.
     pub media_type_cache: NonZeroUsize,
+    /// What the chunks of blob files being sent count against (shared with the registry's
+    /// spool reads, so one bound covers every stream of the agent).
+    pub stream_budget: mirrorlet_oci::Budget,
 }
 
 /// A download under way in containerd's content store.
@@ -90,6 +93,7 @@ impl ContainerdStore {
             channel.clone(),
             config.namespace.clone(),
             config.content_dir,
+            config.stream_budget,
         );
         Self {
             channel,

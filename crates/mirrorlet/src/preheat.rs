@@ -39,6 +39,8 @@ pub(crate) async fn run(args: &PreheatArgs) -> anyhow::Result<()> {
         namespace: "k8s.io".into(),
         content_dir: None,
         media_type_cache: std::num::NonZeroUsize::MIN,
+        // Preheat sends no content.
+        stream_budget: mirrorlet_oci::Budget::default(),
     });
     let slots = Arc::new(Semaphore::new(args.parallel as usize));
     let started = Instant::now();

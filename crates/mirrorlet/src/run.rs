@@ -10,10 +10,10 @@ use anyhow::Context as _;
 use futures_util::FutureExt;
 use mirrorlet_containerd::{Config as ContainerdConfig, ContainerdStore};
 use mirrorlet_oci::glob::Glob;
-use mirrorlet_oci::{MemoryNetwork, MemoryRouter, Peer, Router, Store};
+use mirrorlet_oci::{Alone, Budget, Peer, Router, Store};
+use mirrorlet_registry::NodeInfo;
 use mirrorlet_registry::ratelimit::RateLimiter;
 use mirrorlet_registry::server::{self, Limits};
-use mirrorlet_registry::status::NodeInfo;
 use mirrorlet_registry::{AppState, Metrics, PeerConfig, PullThroughConfig};
 use mirrorlet_routing::advertiser::{self, AdvertiserConfig, InventoryMetrics};
 use mirrorlet_routing::{P2pConfig, P2pMetrics, P2pRouter, identity};
@@ -46,11 +46,13 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             None
         }
     };
+    let stream_budget = Budget::new(usize::try_from(args.stream_memory).unwrap_or(usize::MAX));
     let store: Arc<dyn Store> = Arc::new(ContainerdStore::new(ContainerdConfig {
         socket: args.containerd_socket.clone(),
         namespace: args.containerd_namespace.clone(),
         content_dir: content_dir.clone(),
         media_type_cache: args.media_type_cache,
+        stream_budget: stream_budget.clone(),
     }));
 
     let mut registry = prometheus_client::registry::Registry::default();
@@ -85,12 +87,11 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         tasks.spawn(guard("p2p router", task, shutdown.clone(), died.clone()));
         Arc::new(router)
     } else {
-        // A network of one: lookups find nothing, so every miss falls through upstream.
-        let me = Peer {
+        // Alone: lookups find nothing, so every miss falls through upstream.
+        Arc::new(Alone::new(Peer {
             id: "local".into(),
             addr: args.listen,
-        };
-        Arc::new(MemoryRouter::new(Arc::new(MemoryNetwork::default()), me))
+        }))
     };
 
     if p2p.enabled {
@@ -139,7 +140,8 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     )
     .context("building the peer HTTP client")?
     .with_upstream(Arc::new(upstream), pull, args.upstream.cache_size)
-    .with_private(private.clone());
+    .with_private(private.clone())
+    .with_stream_budget(stream_budget);
     // The node's store with the pull-through cache under it: advertised as one.
     let store = state.store.clone();
     if p2p.peer_upload_limit > 0 {

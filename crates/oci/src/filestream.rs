@@ -2,7 +2,8 @@
 //! shared by the containerd store (blob files) and the registry (its spool of verified
 //! peer content). Chunks are read on the blocking pool by a small task that stays at most
 //! `READ_AHEAD` chunks ahead of the consumer, so memory per stream is bounded and a slow
-//! client never pins a blocking thread.
+//! client never pins a blocking thread; every chunk is counted against a [`Budget`], so
+//! the memory of all streams together is bounded too.
 
 use std::io::{self, Read, Seek, SeekFrom};
 
@@ -11,6 +12,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::budget::Budget;
 use crate::store::{BlobStream, ByteRange};
 
 /// Bytes per chunk (1 MiB measured best here: see BENCHMARKS.md).
@@ -18,9 +20,10 @@ pub const CHUNK: usize = 1024 * 1024;
 /// Chunks read ahead of the consumer.
 pub const READ_AHEAD: usize = 2;
 
-/// Streams `range` of `file`. The caller has checked the range against the file's size; a
-/// file that turns out shorter ends the stream with an error.
-pub fn stream(mut file: std::fs::File, range: ByteRange) -> BlobStream {
+/// Streams `range` of `file`, its chunks counted against `budget`. The caller has checked
+/// the range against the file's size; a file that turns out shorter ends the stream with
+/// an error.
+pub fn stream(mut file: std::fs::File, range: ByteRange, budget: Budget) -> BlobStream {
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     tokio::spawn(async move {
         let start = range.start;
@@ -38,17 +41,22 @@ pub fn stream(mut file: std::fs::File, range: ByteRange) -> BlobStream {
                 return;
             }
         };
-        read_chunks(file, range.len(), tx).await;
+        read_chunks(file, range.len(), tx, budget).await;
     });
     ReceiverStream::new(rx).boxed()
 }
 
-async fn read_chunks(mut file: std::fs::File, mut left: u64, tx: mpsc::Sender<io::Result<Bytes>>) {
+async fn read_chunks(
+    mut file: std::fs::File,
+    mut left: u64,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    budget: Budget,
+) {
     while left > 0 {
         let want = left.min(CHUNK as u64);
+        let mut buf = budget.buffer(usize::try_from(want).unwrap_or(CHUNK)).await;
         let read = tokio::task::spawn_blocking(move || {
-            let mut buf = Vec::with_capacity(usize::try_from(want).unwrap_or(CHUNK));
-            let got = (&mut file).take(want).read_to_end(&mut buf);
+            let got = (&mut file).take(want).read_to_end(&mut buf.data);
             (file, got.map(|_| buf))
         })
         .await;
@@ -61,7 +69,7 @@ async fn read_chunks(mut file: std::fs::File, mut left: u64, tx: mpsc::Sender<io
         };
         file = f;
         let chunk = match result {
-            Ok(buf) if buf.len() as u64 == want => buf,
+            Ok(buf) if buf.data.len() as u64 == want => buf.freeze(),
             Ok(_) => {
                 let short = io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -76,7 +84,7 @@ async fn read_chunks(mut file: std::fs::File, mut left: u64, tx: mpsc::Sender<io
             }
         };
         left -= want;
-        if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
+        if tx.send(Ok(chunk)).await.is_err() {
             return; // The consumer went away.
         }
     }
@@ -106,6 +114,7 @@ mod tests {
                     start: start as u64,
                     end: end as u64,
                 },
+                Budget::default(),
             );
             let mut got = Vec::new();
             while let Some(c) = s.next().await {
@@ -122,12 +131,75 @@ mod tests {
                 start: 0,
                 end: data.len() as u64 + 1,
             },
+            Budget::default(),
         );
         let mut failed = false;
         while let Some(c) = s.next().await {
             failed |= c.is_err();
         }
         assert!(failed, "a short file ends the stream with an error");
+    }
+
+    #[tokio::test]
+    async fn streams_together_hold_no_more_than_the_budget() {
+        // Each stream opens the file itself (clones of one handle share its offset).
+        let path = std::env::temp_dir().join(format!(
+            "mirrorlet-filestream-budget-{}",
+            std::process::id()
+        ));
+        let data: Vec<u8> = (0..4 * CHUNK).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).expect("write");
+        let budget = Budget::new(3 * CHUNK);
+        let range = ByteRange {
+            start: 0,
+            end: data.len() as u64,
+        };
+        // Eight streams nobody reads: each would read ahead, but together they stop at
+        // the budget (without it: 8 x (READ_AHEAD + 1) chunks).
+        let streams: Vec<_> = (0..8)
+            .map(|_| {
+                stream(
+                    std::fs::File::open(&path).expect("open"),
+                    range,
+                    budget.clone(),
+                )
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while budget.in_use() < 3 * CHUNK {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the streams never read ahead"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // Give them every chance to read more than they may.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            budget.in_use(),
+            3 * CHUNK,
+            "the budget is spent, not exceeded"
+        );
+        // Read together, every one delivers the whole file within the budget.
+        let reads = streams.into_iter().map(|mut s| {
+            let budget = budget.clone();
+            async move {
+                let mut got = Vec::new();
+                while let Some(c) = s.next().await {
+                    got.extend_from_slice(&c.expect("chunk"));
+                    assert!(budget.in_use() <= 3 * CHUNK);
+                }
+                got
+            }
+        });
+        let all = futures_util::future::join_all(reads).await;
+        let _ = std::fs::remove_file(&path);
+        for got in all {
+            assert!(got == data, "a stream delivered other bytes");
+        }
+        assert_eq!(budget.in_use(), 0);
     }
 
     fn tempfile_in_target() -> std::fs::File {

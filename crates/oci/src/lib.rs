@@ -1,15 +1,15 @@
 //! The vocabulary every mirrorlet layer shares: OCI digests, names, references and
 //! manifests, registry path parsing, and the [`Store`](store::Store) and router interfaces
 //! through which the registry reaches containerd and the peer-to-peer network without
-//! depending on either. No I/O happens here beyond the in-memory implementations and
-//! [`filestream`], the file-range streaming both the store and the registry use.
+//! depending on either. No I/O happens here beyond the in-memory twins (feature `test-util`)
+//! and [`filestream`], the file-range streaming both the store and the registry use.
 
+pub mod budget;
 pub mod digest;
 pub mod filestream;
 pub mod glob;
 pub mod layered;
 pub mod manifest;
-pub mod memory;
 pub mod name;
 pub mod path;
 pub mod private;
@@ -22,20 +22,21 @@ pub mod walk;
 
 #[cfg(feature = "test-util")]
 pub mod conformance;
+#[cfg(feature = "test-util")]
+pub mod memory;
 
+pub use budget::Budget;
 pub use digest::Digest;
 pub use manifest::{Descriptor, Manifest};
-pub use memory::MemoryStore;
+#[cfg(feature = "test-util")]
+pub use memory::{MemoryNetwork, MemoryRouter, MemoryStore, MemoryUpstream};
 pub use name::{Registry, Repository};
 pub use reference::{ImageName, Reference, Tag};
-pub use routing::{
-    LinkState, MemoryNetwork, MemoryRouter, Owner, Peer, PeerLink, Router, RouterError,
-    RouterStatus,
-};
+pub use routing::{Alone, LinkState, Owner, Peer, PeerLink, Router, RouterError, RouterStatus};
 pub use store::{
     BlobStream, ByteRange, ImageContent, Inventory, Store, StoreError, StoreEvent, TagTarget,
 };
-pub use upstream::{MemoryUpstream, RegistryState, Upstream, UpstreamBlob, UpstreamError};
+pub use upstream::{NoUpstream, RegistryState, Upstream, UpstreamBlob, UpstreamError};
 
 #[cfg(all(test, feature = "test-util"))]
 mod tests {

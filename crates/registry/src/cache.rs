@@ -20,9 +20,9 @@ use tokio::sync::broadcast;
 use crate::transfer::Backing;
 
 /// Default budget for blobs kept in spool files.
-pub const DEFAULT_DISK_BUDGET: u64 = 4 << 30;
+pub(crate) const DEFAULT_DISK_BUDGET: u64 = 4 << 30;
 /// Budget for what is kept in memory (manifests, small blobs).
-pub const MEMORY_BUDGET: u64 = 64 << 20;
+pub(crate) const MEMORY_BUDGET: u64 = 64 << 20;
 
 enum Entry {
     Blob { backing: Arc<Backing>, size: u64 },
@@ -308,7 +308,11 @@ mod tests {
             let file = tempfile::tempfile_in(dir.path()).expect("file");
             std::os::unix::fs::FileExt::write_all_at(&file, &data, 0).expect("write");
             let d = Digest::sha256_of(&data);
-            cache.put_blob(&d, Arc::new(Backing::File(file)), 400);
+            cache.put_blob(
+                &d,
+                Arc::new(Backing::File(file, mirrorlet_oci::Budget::default())),
+                400,
+            );
             digests.push(d);
         }
         let mut seen = Vec::new();
@@ -338,7 +342,11 @@ mod tests {
         std::os::unix::fs::FileExt::write_all_at(&file, &big, 0).expect("write");
         let bd = Digest::sha256_of(&big);
         let cache2 = Cache::new(1 << 30);
-        cache2.put_blob(&bd, Arc::new(Backing::File(file)), big.len() as u64);
+        cache2.put_blob(
+            &bd,
+            Arc::new(Backing::File(file, mirrorlet_oci::Budget::default())),
+            big.len() as u64,
+        );
         let size = big.len() as u64;
         let mut a = cache2.open(&bd, ByteRange::full(size)).await.expect("open");
         let mut b = cache2
@@ -368,7 +376,11 @@ mod tests {
         // Too large for the budget at all: not kept.
         let big = Digest::sha256_of(b"big");
         let file = tempfile::tempfile_in(dir.path()).expect("file");
-        cache.put_blob(&big, Arc::new(Backing::File(file)), 5000);
+        cache.put_blob(
+            &big,
+            Arc::new(Backing::File(file, mirrorlet_oci::Budget::default())),
+            5000,
+        );
         assert_eq!(cache.size(&big).await.expect("size"), None);
     }
 }

@@ -17,48 +17,29 @@
 //! answered as if it insisted.
 //!
 //! An owner streams a blob to a bounded number of peers while it downloads; when full, it
-//! answers "busy" with the agents reading from it ([`FOLLOWERS_HEADER`]), each of which can
+//! answers "busy" with the agents reading from it ([`crate::headers::FOLLOWERS_HEADER`]), each of which can
 //! stream its own growing copy to others: the cluster's copies form a tree, and a burst of
 //! requests for one new blob costs one upstream download whatever the cluster's size.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use http::{HeaderMap, HeaderValue};
 use mirrorlet_oci::{Owner, Peer};
 
+use crate::headers::{
+    ASK_OWNER, CLUSTER_HEADER, FAILED_HEADER, INSIST, OWNER_HEADER, addr_header, addr_list, peer_at,
+};
 use crate::state::AppState;
 
-/// With [`crate::PEER_HEADER`], asks the receiving agent to act as the owner: to fetch
-/// what it does not hold from upstream, for the cluster, and serve it as it arrives. Its
-/// value is [`ASK_OWNER`] or [`INSIST`] (any other value counts as insisting).
-pub const CLUSTER_HEADER: &str = "x-mirrorlet-fetch";
-/// [`CLUSTER_HEADER`]: fetch it, or send the asker on to an agent closer to the key.
-pub const ASK_OWNER: &str = "owner";
-/// [`CLUSTER_HEADER`]: fetch it here, whoever is closer (the asker found no better owner).
-pub const INSIST: &str = "insist";
-/// On an [`INSIST`]: the agent this one redirected to, which failed the asker.
-pub const FAILED_HEADER: &str = "x-mirrorlet-failed";
 /// Peer owners asked (the owner, then one backup) before fetching directly.
-pub const OWNER_PEERS: usize = 2;
+pub(crate) const OWNER_PEERS: usize = 2;
 /// Redirects followed from one owner asked before insisting. Each hop gets closer to the
 /// key, and a few hops reach the owner in any cluster (about log2(N)/4 of them).
-pub const MAX_REDIRECTS: usize = 8;
-
-/// Set on the `503` of an agent that already streams a blob to as many peers as it may.
-pub const BUSY_HEADER: &str = "x-mirrorlet-busy";
-/// On a busy answer: the registries of agents that read the blob from this one lately,
-/// comma-separated: they stream their own copies as they grow.
-pub const FOLLOWERS_HEADER: &str = "x-mirrorlet-followers";
-/// On a `421` to an agent that asked this one as the owner: the registry of an agent
-/// closer to the key, to ask instead.
-pub const OWNER_HEADER: &str = "x-mirrorlet-owner";
-/// When the digest a tag resolves to was last confirmed upstream, in seconds since the
-/// Unix epoch: on tag answers between agents, so a stale answer never looks fresh.
-pub const TAG_CONFIRMED_HEADER: &str = "x-mirrorlet-tag-confirmed";
+pub(crate) const MAX_REDIRECTS: usize = 8;
 
 /// Peers ranked above this node for `key`, best first, at most `max`: the owner and its
 /// backups to ask before fetching here. Empty when this node owns the key.
-pub async fn ahead_of_me(state: &AppState, key: &str, max: usize) -> Vec<Peer> {
+pub(crate) async fn ahead_of_me(state: &AppState, key: &str, max: usize) -> Vec<Peer> {
     owners(state, key)
         .await
         .into_iter()
@@ -72,7 +53,7 @@ pub async fn ahead_of_me(state: &AppState, key: &str, max: usize) -> Vec<Peer> {
 
 /// The owners of `key`, best first, as the router ranks them, leaving out peers that
 /// failed recently; only this node when peers are off or the ranking fails.
-pub async fn owners(state: &AppState, key: &str) -> Vec<Owner> {
+pub(crate) async fn owners(state: &AppState, key: &str) -> Vec<Owner> {
     if !state.peers.enabled {
         return vec![Owner::Me];
     }
@@ -94,7 +75,7 @@ pub async fn owners(state: &AppState, key: &str) -> Vec<Owner> {
 /// For a request that asks this node as the owner of `key` (not insisting): an agent this
 /// node knows to be closer to the key, to send the asker on to. `None`: this node is the
 /// owner as far as it knows.
-pub async fn closer_owner(state: &AppState, key: &str) -> Option<Peer> {
+pub(crate) async fn closer_owner(state: &AppState, key: &str) -> Option<Peer> {
     match owners(state, key).await.into_iter().next() {
         Some(Owner::Peer(p)) => Some(p),
         _ => None,
@@ -236,7 +217,7 @@ impl Asking {
     }
 }
 
-/// The value of [`crate::PEER_HEADER`] on this node's requests to other agents: its
+/// The value of [`PEER_HEADER`] on this node's requests to other agents: its
 /// registry addresses (so that an agent it reads a blob from can send others on to it),
 /// or `1` while it does not know them.
 pub(crate) fn peer_header(state: &AppState) -> HeaderValue {
@@ -245,43 +226,6 @@ pub(crate) fn peer_header(state: &AppState) -> HeaderValue {
         return HeaderValue::from_static("1");
     }
     addr_header(&addrs)
-}
-
-/// A header value listing `addrs`, comma-separated.
-pub(crate) fn addr_header(addrs: &[SocketAddr]) -> HeaderValue {
-    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-    HeaderValue::from_str(&list.join(", ")).unwrap_or_else(|_| HeaderValue::from_static("1"))
-}
-
-/// The registry of the agent that sent `headers` over a connection from `from`: the
-/// address its [`crate::PEER_HEADER`] names on that IP. An agent is taken at its word only
-/// where its connection comes from, so nobody can have others sent to an address of its
-/// choosing. `None` when it names none there.
-pub(crate) fn sender(headers: &HeaderMap, from: IpAddr) -> Option<SocketAddr> {
-    let from = from.to_canonical();
-    addr_list(headers.get(crate::PEER_HEADER)?)
-        .into_iter()
-        .find(|a| a.ip().to_canonical() == from)
-}
-
-/// The addresses in a comma-separated header value that could be an agent's registry
-/// (unparsable ones, port 0, unspecified and multicast addresses left out).
-pub(crate) fn addr_list(value: &HeaderValue) -> Vec<SocketAddr> {
-    value
-        .to_str()
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|s| s.trim().parse::<SocketAddr>().ok())
-        .filter(|a| a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast())
-        .collect()
-}
-
-/// An agent known by its registry address only.
-pub(crate) fn peer_at(addr: SocketAddr) -> Peer {
-    Peer {
-        id: addr.to_string(),
-        addr,
-    }
 }
 
 /// The agent a `421` answer from `peer` names as closer to the key; `peer` is marked as
@@ -299,39 +243,4 @@ pub(crate) fn redirect_of(state: &AppState, peer: &Peer, headers: &HeaderMap) ->
         );
     }
     to
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(peer: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(
-            crate::PEER_HEADER,
-            HeaderValue::from_str(peer).expect("value"),
-        );
-        h
-    }
-
-    #[test]
-    fn the_sender_is_named_by_the_address_its_connection_came_from() {
-        let h = headers("10.0.0.5:5000, [fd00::5]:5000, 172.17.0.1:5000");
-        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
-        let addr = |s: &str| Some(s.parse::<SocketAddr>().expect("addr"));
-        assert_eq!(sender(&h, ip("172.17.0.1")), addr("172.17.0.1:5000"));
-        assert_eq!(sender(&h, ip("fd00::5")), addr("[fd00::5]:5000"));
-        // An IPv4 peer on a dual-stack listener.
-        assert_eq!(sender(&h, ip("::ffff:10.0.0.5")), addr("10.0.0.5:5000"));
-        // A source it does not name: not taken at its word.
-        assert_eq!(sender(&h, ip("10.0.0.9")), None);
-        assert_eq!(sender(&h, ip("fd00::9")), None);
-        // An agent that does not know its addresses yet, or garbage: nobody.
-        assert_eq!(sender(&headers("1"), ip("10.0.0.5")), None);
-        assert_eq!(sender(&headers("x, y:z"), ip("10.0.0.5")), None);
-        assert_eq!(sender(&HeaderMap::new(), ip("10.0.0.5")), None);
-        // Addresses no registry can have are never named.
-        assert_eq!(sender(&headers("0.0.0.0:5000"), ip("0.0.0.0")), None);
-        assert_eq!(sender(&headers("10.0.0.5:0"), ip("10.0.0.5")), None);
-    }
 }

@@ -4,6 +4,8 @@
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
+use mirrorlet_oci::StoreError;
+use mirrorlet_oci::name::NameError;
 use mirrorlet_oci::path::PathError;
 use mirrorlet_oci::reference::ReferenceError;
 
@@ -16,15 +18,13 @@ pub enum RegistryError {
     /// No blob with this digest here (or among peers).
     #[error("blob unknown: {0}")]
     BlobUnknown(String),
-    /// The repository name or `ns` parameter is invalid.
-    #[error("{0}")]
-    NameInvalid(String),
-    /// The digest is malformed or uses an unsupported algorithm.
-    #[error("{0}")]
-    DigestInvalid(String),
-    /// An endpoint a pull-only mirror does not implement.
-    #[error("{0}")]
-    Unsupported(String),
+    /// The path names no endpoint this mirror serves, or names it badly (the repository,
+    /// reference or digest is invalid).
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// The `ns` parameter names no valid registry.
+    #[error("invalid ns parameter")]
+    Namespace(#[source] NameError),
     /// Anything but GET or HEAD.
     #[error("method {0} is not allowed; this mirror serves GET and HEAD only")]
     MethodNotAllowed(String),
@@ -35,11 +35,12 @@ pub enum RegistryError {
         size: u64,
     },
     /// The store could not be read; served as a 404 so containerd goes upstream.
-    #[error("content store unavailable: {0}")]
-    StoreUnavailable(String),
-    /// A path that is no registry endpoint.
-    #[error("{0}")]
-    NotFound(String),
+    #[error(transparent)]
+    StoreUnavailable(StoreError),
+    /// The response could not be built (a header value the content carried is not one
+    /// HTTP allows); served as a 404 so containerd goes upstream.
+    #[error("building the response")]
+    Response(#[source] http::Error),
     /// To another agent asking this node as an owner: its fetch failed this time (not
     /// because upstream has no such thing), so the asker goes on to another source.
     #[error("{0}")]
@@ -58,7 +59,28 @@ pub enum RegistryError {
     NotOwner(std::net::SocketAddr),
 }
 
+/// An error and its causes, `a: b: c` (a cause whose text its error already shows, as a
+/// `transparent` one does, is not repeated).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 impl RegistryError {
+    /// What went wrong with every cause, for the error body and logs (`a: b: c`).
+    pub fn message(&self) -> String {
+        chain(self)
+    }
+
     /// The HTTP status and OCI error code.
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
@@ -66,32 +88,25 @@ impl RegistryError {
             Self::BlobUnknown(_) | Self::StoreUnavailable(_) => {
                 (StatusCode::NOT_FOUND, "BLOB_UNKNOWN")
             }
-            Self::NameInvalid(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
-            Self::DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
-            Self::Unsupported(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
+            Self::Path(e) => match e {
+                PathError::NotFound(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+                PathError::Unsupported(_) => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
+                PathError::Name(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
+                PathError::Digest(_) | PathError::Reference(ReferenceError::Digest(_)) => {
+                    (StatusCode::BAD_REQUEST, "DIGEST_INVALID")
+                }
+                // A tag containerd would never send; 404 lets any client fall through.
+                PathError::Reference(_) => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+            },
+            Self::Namespace(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
+            Self::Response(_) => (StatusCode::NOT_FOUND, "UNKNOWN"),
             Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
             Self::RangeNotSatisfiable { .. } => {
                 (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID")
             }
-            Self::NotFound(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
             Self::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "TOOMANYREQUESTS"),
             Self::NotOwner(_) => (StatusCode::MISDIRECTED_REQUEST, "UNAVAILABLE"),
             Self::FetchFailed(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
-        }
-    }
-}
-
-impl From<PathError> for RegistryError {
-    fn from(e: PathError) -> Self {
-        match e {
-            PathError::NotFound(_) => Self::NotFound(e.to_string()),
-            PathError::Unsupported(_) => Self::Unsupported(e.to_string()),
-            PathError::Name(_) => Self::NameInvalid(e.to_string()),
-            PathError::Digest(_) | PathError::Reference(ReferenceError::Digest(_)) => {
-                Self::DigestInvalid(e.to_string())
-            }
-            // A tag containerd would never send; 404 lets any client fall through.
-            PathError::Reference(_) => Self::ManifestUnknown(e.to_string()),
         }
     }
 }
@@ -100,7 +115,7 @@ impl IntoResponse for RegistryError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let body = serde_json::json!({
-            "errors": [{ "code": code, "message": self.to_string(), "detail": null }]
+            "errors": [{ "code": code, "message": self.message(), "detail": null }]
         })
         .to_string();
         let mut resp = (status, body).into_response();
@@ -119,18 +134,18 @@ impl IntoResponse for RegistryError {
                 }
             }
             Self::Busy { followers, .. } => {
-                headers.insert(crate::cluster::BUSY_HEADER, HeaderValue::from_static("1"));
+                headers.insert(crate::headers::BUSY_HEADER, HeaderValue::from_static("1"));
                 if !followers.is_empty() {
                     headers.insert(
-                        crate::cluster::FOLLOWERS_HEADER,
-                        crate::cluster::addr_header(&followers),
+                        crate::headers::FOLLOWERS_HEADER,
+                        crate::headers::addr_header(&followers),
                     );
                 }
             }
             Self::NotOwner(addr) => {
                 headers.insert(
-                    crate::cluster::OWNER_HEADER,
-                    crate::cluster::addr_header(&[addr]),
+                    crate::headers::OWNER_HEADER,
+                    crate::headers::addr_header(&[addr]),
                 );
             }
             _ => {}

@@ -10,33 +10,52 @@
 //! [`Store`](mirrorlet_oci::Store), [`Router`](mirrorlet_oci::Router) and
 //! [`Upstream`](mirrorlet_oci::Upstream) traits.
 
-pub mod cache;
-pub mod cluster;
+// Modules in layers, each using only modules of the layers above it (tests/layers.rs
+// checks that no two modules use each other, directly or round about).
+//
+// Plain types, settings and parsers:
+pub mod config;
 pub mod error;
-pub mod fetch;
+mod failed;
+mod headers;
 pub mod metrics;
-pub mod mirror;
 mod negotiate;
-pub mod ops;
-pub mod peers;
-pub mod pullthrough;
+mod outcome;
 pub mod range;
 pub mod ratelimit;
+mod recent;
+mod singleflight;
+mod tag_memory;
+mod transfer;
+
+// What every request shares:
+mod cache;
+mod state;
+
+// Answering requests, and the clients that fetch for them:
+mod cluster;
+mod fetch;
+mod fill;
+mod mirror;
+mod ops;
+mod peers;
+mod pullthrough;
 pub mod server;
-pub mod singleflight;
-pub mod state;
 pub mod status;
-pub mod transfer;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::get;
 
+pub use config::{PeerConfig, PullThroughConfig};
 pub use error::RegistryError;
+pub use headers::PEER_HEADER;
 pub use metrics::{Metrics, Source};
-pub use peers::{PEER_HEADER, PeerConfig};
-pub use state::{AppState, PullThroughConfig, ReadyCheck};
+pub use mirror::{content_head, respond};
+pub use pullthrough::ACCEPT_ALL;
+pub use recent::NodeInfo;
+pub use state::{AppState, ReadyCheck};
 
 /// Builds the HTTP application: `/v2/...` pull endpoints plus the operational endpoints of
 /// [`ops_app`].

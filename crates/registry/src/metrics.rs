@@ -5,6 +5,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -83,7 +84,7 @@ pub const CLIENTS: [&str; 4] = ["containerd", "docker", "containers", "other"];
 
 /// Who sent a request with `headers`: `peer` for another agent, else one of [`CLIENTS`].
 pub fn requester(headers: &http::HeaderMap) -> &'static str {
-    if headers.contains_key(crate::peers::PEER_HEADER) {
+    if headers.contains_key(crate::headers::PEER_HEADER) {
         return "peer";
     }
     let agent = headers
@@ -202,6 +203,9 @@ pub struct Metrics {
     pub owner_redirects: Counter,
     /// Blob requests this node sent upstream itself, by why (one of [`UPSTREAM_REASONS`]).
     pub upstream_blob_requests: Family<ReasonLabels, Counter>,
+    /// Bytes held by the chunks of blobs being sent (bounded by `--stream-memory`), as of
+    /// the scrape.
+    pub stream_memory: Gauge,
 }
 
 impl Metrics {
@@ -231,6 +235,7 @@ impl Metrics {
             busy_refusals: Counter::default(),
             owner_redirects: Counter::default(),
             upstream_blob_requests: Family::default(),
+            stream_memory: Gauge::default(),
         };
         registry.register(
             "mirrorlet_registry_requests",
@@ -376,6 +381,12 @@ impl Metrics {
             "mirrorlet_pullthrough_upstream_blob_requests",
             "Blob requests this node sent upstream itself, by why: owner, asked, owners-busy, owners-failed, resume",
             me.upstream_blob_requests.clone(),
+        );
+        registry.register_with_unit(
+            "mirrorlet_registry_stream_memory",
+            "Memory held by the chunks of blobs being sent, at most --stream-memory",
+            prometheus_client::registry::Unit::Bytes,
+            me.stream_memory.clone(),
         );
         me
     }

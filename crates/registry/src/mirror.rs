@@ -26,27 +26,29 @@ use mirrorlet_oci::{
     BlobStream, ByteRange, Digest, ImageName, Reference, Registry, Repository, StoreError,
 };
 
-use crate::cluster::{self, CLUSTER_HEADER, Step, TAG_CONFIRMED_HEADER};
+use crate::cluster::{self, Step};
 use crate::error::RegistryError;
 use crate::fetch;
+use crate::fill::Job;
+use crate::headers::{CLUSTER_HEADER, PEER_HEADER, TAG_CONFIRMED_HEADER};
 use crate::metrics::{FetchLabels, Source};
 use crate::negotiate;
-use crate::peers::PEER_HEADER;
-use crate::pullthrough::{self, Miss, Owned, tags};
+use crate::outcome::Miss;
+use crate::pullthrough::{self, Owned, tags};
 use crate::range;
 use crate::state::AppState;
-use crate::transfer::fill::Job;
+use crate::tag_memory::TagEntry;
 use crate::transfer::{Origin, Outcome, Transfer};
 
 /// The header that carries an image's digest.
-pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+pub(crate) const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 
 /// What a client accepts when it says nothing: every manifest type.
 const ACCEPT_ALL_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
 /// Response extension recording what served a request, for metrics and logs.
 #[derive(Debug, Clone, Copy)]
-pub struct Served {
+pub(crate) struct Served {
     /// Where the content came from.
     pub source: Source,
     /// `manifest`, `blob`, `base` or `other`.
@@ -54,7 +56,7 @@ pub struct Served {
 }
 
 /// Handles every request under `/v2`.
-pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
+pub(crate) async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let (req, _body) = req.into_parts();
     let route_label = route_label(req.uri.path());
     let (mut resp, source) = match dispatch(&state, &req).await {
@@ -63,11 +65,18 @@ pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Respons
             let source = match e {
                 RegistryError::ManifestUnknown(_)
                 | RegistryError::BlobUnknown(_)
-                | RegistryError::StoreUnavailable(_) => Source::UpstreamFallthrough,
+                | RegistryError::StoreUnavailable(_)
+                | RegistryError::Response(_) => Source::UpstreamFallthrough,
                 _ => Source::None,
             };
-            if let RegistryError::StoreUnavailable(ref why) = e {
-                tracing::warn!(path = %req.uri.path(), error = %why, "content store unavailable; answering 404");
+            match e {
+                RegistryError::StoreUnavailable(_) => {
+                    tracing::warn!(path = %req.uri.path(), error = %e.message(), "content store unavailable; answering 404");
+                }
+                RegistryError::Response(_) => {
+                    tracing::error!(path = %req.uri.path(), error = %e.message(), "could not build the response; answering 404");
+                }
+                _ => {}
             }
             (e.into_response(), source)
         }
@@ -166,7 +175,7 @@ async fn dispatch(
     let insist = parts
         .headers
         .get(CLUSTER_HEADER)
-        .is_some_and(|v| v != cluster::ASK_OWNER);
+        .is_some_and(|v| v != crate::headers::ASK_OWNER);
     if insist {
         cluster::check_failed(state, &parts.headers);
     }
@@ -176,7 +185,7 @@ async fn dispatch(
         head: method == Method::HEAD,
         requester,
         insist,
-        sender: from.and_then(|ip| cluster::sender(&parts.headers, ip)),
+        sender: from.and_then(|ip| crate::headers::sender(&parts.headers, ip)),
     };
     match route {
         Route::Base => Ok((
@@ -234,10 +243,8 @@ fn namespace(query: Option<&str>) -> Result<Option<Registry>, RegistryError> {
             .find(|(k, _)| k == "ns")
             .map(|(_, v)| v.into_owned())
     });
-    ns.map(|ns| {
-        Registry::parse(&ns).map_err(|e| RegistryError::NameInvalid(format!("ns parameter: {e}")))
-    })
-    .transpose()
+    ns.map(|ns| Registry::parse(&ns).map_err(RegistryError::Namespace))
+        .transpose()
 }
 
 async fn manifest_by_digest(
@@ -375,7 +382,7 @@ async fn tag_for_client(
         let accept = pullthrough::ACCEPT_ALL;
         match pullthrough::ask_owner(state, &peer, &path, accept, ask.head, asking).await {
             Ok(Owned::Found(headers, bytes)) => {
-                let confirmed = pullthrough::confirmed_of(&headers);
+                let confirmed = crate::headers::confirmed_of(&headers);
                 let answer = if ask.head {
                     pullthrough::described(&headers).map(|d| (d, None))
                 } else {
@@ -392,7 +399,7 @@ async fn tag_for_client(
                 };
                 // Another clock: never later than ours.
                 let confirmed = confirmed.min(std::time::SystemTime::now());
-                let entry = tags::TagEntry {
+                let entry = TagEntry {
                     descriptor: descriptor.clone(),
                     confirmed,
                 };
@@ -719,7 +726,7 @@ async fn serve_peer(
 fn store_error(e: StoreError) -> RegistryError {
     match e {
         StoreError::NotFound(d) => RegistryError::BlobUnknown(format!("{d} is not on this node")),
-        other => RegistryError::StoreUnavailable(other.to_string()),
+        other => RegistryError::StoreUnavailable(other),
     }
 }
 
@@ -758,7 +765,7 @@ pub fn content_head(
 
 fn with_confirmed(builder: Builder, confirmed: Option<std::time::SystemTime>) -> Builder {
     match confirmed {
-        Some(at) => builder.header(TAG_CONFIRMED_HEADER, pullthrough::confirmed_header(at)),
+        Some(at) => builder.header(TAG_CONFIRMED_HEADER, crate::headers::confirmed_header(at)),
         None => builder,
     }
 }
@@ -864,7 +871,5 @@ fn outgoing(ask: &Ask<'_>, stream: BlobStream, source: Source) -> Body {
 
 /// Finishes a response head from [`content_head`] with its body.
 pub fn respond(builder: Builder, body: Body) -> Result<Response, RegistryError> {
-    builder
-        .body(body)
-        .map_err(|e| RegistryError::StoreUnavailable(format!("building response: {e}")))
+    builder.body(body).map_err(RegistryError::Response)
 }

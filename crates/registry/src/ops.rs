@@ -15,7 +15,7 @@ use crate::state::AppState;
 
 /// `/livez`: 200 while the liveness check passes (the process serves HTTP and, in the
 /// agent, has reached containerd recently), else 503 with the reason.
-pub async fn livez(State(state): State<Arc<AppState>>) -> Response {
+pub(crate) async fn livez(State(state): State<Arc<AppState>>) -> Response {
     match (state.live)().await {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
         Err(why) => (
@@ -27,7 +27,7 @@ pub async fn livez(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// `/readyz`: 200 when the readiness check passes, else 503 with the reason.
-pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     match (state.ready)().await {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(why) => (
@@ -39,7 +39,9 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// `/metrics` in the OpenMetrics text format (which Prometheus scrapes natively).
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let in_use = i64::try_from(state.stream_budget.in_use()).unwrap_or(i64::MAX);
+    state.metrics.stream_memory.set(in_use);
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.metrics_registry) {
         return (
@@ -60,7 +62,11 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 /// Counts and times each `/v2` request once its response head is ready, and logs it once
 /// its body has been sent (or abandoned), with both times.
-pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub(crate) async fn track(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let method = match *req.method() {
         http::Method::GET => "GET",
@@ -113,7 +119,7 @@ pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next)
                 .find(|(k, _)| k == "ns")
                 .map(|(_, v)| v.into_owned())
         });
-        state.recent.record(crate::status::Served {
+        state.recent.record(crate::recent::Served {
             at: std::time::SystemTime::now(),
             method,
             path: path.clone(),

@@ -1,138 +1,25 @@
-//! Finding and opening content at peers: the lookup with its idle timeout, the cache of
+//! Finding and opening content at peers: the lookup with its idle timeout, skipping
 //! peers that failed recently, and opening a request with hedging (a slow first peer gets
 //! a second one raced against it).
 
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{BoxStream, FuturesUnordered};
 use futures_util::{FutureExt, StreamExt};
 use http::StatusCode;
 use mirrorlet_oci::Peer;
-use mirrorlet_oci::glob::Glob;
 
+use crate::error::chain;
+use crate::failed::FailedPeers;
+use crate::headers::PEER_HEADER;
 use crate::metrics::{LOOKUP_OUTCOMES, LookupLabels, Metrics};
 use crate::state::AppState;
-
-/// The header an agent sets on requests to another agent, naming its registry addresses
-/// (see [`crate::cluster::sender`]). A request carrying it is answered from what the node
-/// holds or is downloading only (unless it asks the node as an owner), so agents never
-/// forward in loops.
-pub const PEER_HEADER: &str = "x-mirrorlet-peer";
-
-/// How the registry uses peers.
-#[derive(Debug, Clone)]
-pub struct PeerConfig {
-    /// Whether to ask peers at all (off: a purely node-local mirror).
-    pub enabled: bool,
-    /// How long to wait for the lookup to yield a (next) peer.
-    pub lookup_timeout: Duration,
-    /// Peers tried per request at most (hedges and resumes included).
-    pub max_attempts: usize,
-    /// If the peer being tried has not answered after this long, race another.
-    pub hedge_delay: Duration,
-    /// Connect timeout to a peer.
-    pub connect_timeout: Duration,
-    /// A peer's stream that delivers nothing for this long is abandoned (resumed elsewhere).
-    pub read_timeout: Duration,
-    /// How long a peer that failed is skipped.
-    pub failure_backoff: Duration,
-    /// How long a peer that served wrong bytes is skipped.
-    pub corrupt_backoff: Duration,
-    /// Blobs up to this size are fetched whole and verified before anything is sent, so a
-    /// bad peer costs a retry elsewhere instead of a failed pull.
-    pub verify_buffer: u64,
-    /// Tags matching these are never resolved through peers.
-    pub tag_excludes: Vec<Glob>,
-    /// Blobs a peer announces as larger than this are not taken from peers (a bound on the
-    /// spool, against a peer lying about sizes).
-    pub max_blob_size: u64,
-    /// Where blobs larger than the verify buffer are spooled while they are verified
-    /// (anonymous files, gone when closed).
-    pub spool_dir: std::path::PathBuf,
-    /// The address requests to peers come from (`None`: the system's choice). Peers take
-    /// an agent's word for its registry address only where its connections come from.
-    pub source_address: Option<std::net::IpAddr>,
-}
-
-impl Default for PeerConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            lookup_timeout: Duration::from_millis(20),
-            max_attempts: 3,
-            hedge_delay: Duration::from_millis(100),
-            connect_timeout: Duration::from_millis(500),
-            read_timeout: Duration::from_secs(5),
-            failure_backoff: Duration::from_secs(60),
-            corrupt_backoff: Duration::from_secs(600),
-            verify_buffer: 4 * 1024 * 1024,
-            tag_excludes: vec![Glob::new("*:latest")],
-            max_blob_size: 32 << 30,
-            spool_dir: std::env::temp_dir(),
-            source_address: None,
-        }
-    }
-}
-
-/// Peers that failed recently, by registry address, with when they may be tried again
-/// and their last failure (shown on the status page).
-#[derive(Debug, Default)]
-pub struct FailedPeers {
-    failures: Mutex<HashMap<SocketAddr, Failure>>,
-}
-
-/// A peer's last failure.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    /// Skipped until then.
-    pub until: Instant,
-    /// When it failed.
-    pub at: SystemTime,
-    /// Why.
-    pub reason: String,
-}
-
-impl FailedPeers {
-    /// Skips `peer` for `backoff`.
-    pub fn mark(&self, peer: &Peer, backoff: Duration, why: &str) {
-        tracing::warn!(peer = %peer.addr, id = %peer.id, reason = why, backoff = ?backoff, "peer failed; skipping it for a while");
-        let mut m = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        let until = Instant::now() + backoff;
-        let e = m.entry(peer.addr).or_insert_with(|| Failure {
-            until,
-            at: SystemTime::now(),
-            reason: String::new(),
-        });
-        e.until = e.until.max(until);
-        e.at = SystemTime::now();
-        why.clone_into(&mut e.reason);
-        // Keep the map small: drop entries that have run out.
-        if m.len() > 1024 {
-            let now = Instant::now();
-            m.retain(|_, f| f.until > now);
-        }
-    }
-
-    /// Whether `peer` is being skipped.
-    pub fn is_failed(&self, peer: &Peer) -> bool {
-        let m = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        m.get(&peer.addr).is_some_and(|f| f.until > Instant::now())
-    }
-
-    /// The last failure of the peer whose registry is at `addr`, if remembered.
-    pub fn last(&self, addr: &SocketAddr) -> Option<Failure> {
-        let m = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        m.get(addr).cloned()
-    }
-}
 
 /// The peers a lookup found, handed out one at a time, skipping failed ones. Keeps
 /// reading the lookup (with the idle timeout) when it runs out, and records how long the
 /// lookup took to find its first peer (or to give up).
-pub struct Candidates {
+pub(crate) struct Candidates {
     lookup: Option<BoxStream<'static, Peer>>,
     queue: VecDeque<Peer>,
     tried: Vec<Peer>,
@@ -153,7 +40,7 @@ impl std::fmt::Debug for Candidates {
 
 impl Candidates {
     /// Starts from a lookup stream.
-    pub fn new(lookup: BoxStream<'static, Peer>, idle: Duration, metrics: Metrics) -> Self {
+    pub(crate) fn new(lookup: BoxStream<'static, Peer>, idle: Duration, metrics: Metrics) -> Self {
         Self {
             lookup: Some(lookup),
             queue: VecDeque::new(),
@@ -182,7 +69,7 @@ impl Candidates {
     }
 
     /// The next peer to try, waiting at most the idle timeout for the lookup to find one.
-    pub async fn next(&mut self, failed: &FailedPeers) -> Option<Peer> {
+    pub(crate) async fn next(&mut self, failed: &FailedPeers) -> Option<Peer> {
         loop {
             while let Some(p) = self.queue.pop_front() {
                 if self.tried.contains(&p) {
@@ -215,9 +102,20 @@ impl Candidates {
     }
 
     /// Peers handed out so far.
-    pub fn tried(&self) -> &[Peer] {
+    pub(crate) fn tried(&self) -> &[Peer] {
         &self.tried
     }
+}
+
+/// Why another agent gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    /// The request failed (connecting, sending, reading the head).
+    #[error("request failed")]
+    Failed(#[source] reqwest::Error),
+    /// No response head within the limit.
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
 }
 
 /// Sends a request to another agent. A peer that accepted the connection but never
@@ -225,10 +123,10 @@ impl Candidates {
 pub(crate) async fn send(
     req: reqwest::RequestBuilder,
     limit: Duration,
-) -> Result<reqwest::Response, String> {
+) -> Result<reqwest::Response, SendError> {
     match tokio::time::timeout(limit, req.send()).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no response within {limit:?}")),
+        Ok(r) => r.map_err(SendError::Failed),
+        Err(_) => Err(SendError::Timeout(limit)),
     }
 }
 
@@ -241,10 +139,10 @@ pub(crate) async fn send_marking(
 ) -> Option<reqwest::Response> {
     match send(req, limit).await {
         Ok(r) => Some(r),
-        Err(why) => {
+        Err(e) => {
             state
                 .failed_peers
-                .mark(peer, state.peers.failure_backoff, &why);
+                .mark(peer, state.peers.failure_backoff, &chain(&e));
             None
         }
     }
@@ -254,7 +152,7 @@ pub(crate) async fn send_marking(
 /// status: one at a time, but when the current one is slower than the hedge delay to
 /// answer, another is raced against it. Peers that fail are marked. Returns the first
 /// good response, or `None` when the attempts or candidates run out.
-pub async fn open(
+pub(crate) async fn open(
     state: &AppState,
     candidates: &mut Candidates,
     attempts: &mut usize,
@@ -296,7 +194,7 @@ pub async fn open(
                 }
                 Err(e) => {
                     metrics.peer_failures.get_or_create(&crate::metrics::ReasonLabels { reason: "unreachable" }).inc();
-                    failed.mark(&peer, config.failure_backoff, &e);
+                    failed.mark(&peer, config.failure_backoff, &chain(&e));
                 }
             },
             () = tokio::time::sleep(config.hedge_delay), if can_hedge && inflight.len() == 1 => {

@@ -80,7 +80,7 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn concurrent_callers_share_one_run_and_later_ones_start_anew() {
         let flights: Arc<SingleFlight<&'static str, usize>> = Arc::default();
         let runs = Arc::new(AtomicUsize::new(0));

@@ -6,17 +6,18 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use mirrorlet_oci::layered::Layered;
 use mirrorlet_oci::private::Private;
-use mirrorlet_oci::{Digest, MemoryUpstream, Registry, Repository, Router, Store, Upstream};
+use mirrorlet_oci::{Budget, Digest, NoUpstream, Registry, Repository, Router, Store, Upstream};
 use tokio::sync::Semaphore;
 
 use crate::cache::Cache;
+use crate::config::{PeerConfig, PullThroughConfig};
+use crate::failed::FailedPeers;
 use crate::metrics::Metrics;
-use crate::peers::{FailedPeers, PeerConfig};
-use crate::pullthrough::tags::Tags;
-use crate::pullthrough::{Fetched, Miss};
+use crate::outcome::{Fetched, Miss};
 use crate::ratelimit::RateLimiter;
+use crate::recent::{NodeInfo, Recent};
 use crate::singleflight::SingleFlight;
-use crate::status::{NodeInfo, Recent};
+use crate::tag_memory::Tags;
 use crate::transfer::Transfers;
 
 /// Answers whether the agent is ready (or live): `Err` carries the reason it is not.
@@ -24,40 +25,9 @@ pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + S
 
 /// Blob transfers that keep a whole (small) blob in memory at once; with the verify
 /// buffer this bounds that memory.
-pub const BUFFER_SLOTS: usize = 16;
+pub(crate) const BUFFER_SLOTS: usize = 16;
 /// Blob transfers spooling to disk at once.
-pub const SPOOL_SLOTS: usize = 32;
-
-/// How the registry pulls through from upstream for the cluster.
-#[derive(Debug, Clone)]
-pub struct PullThroughConfig {
-    /// A tag's resolution stands this long before its owner asks upstream again.
-    pub tag_revalidate: Duration,
-    /// While upstream is unavailable, tags confirmed at most this long ago are served.
-    pub stale_tag_max_age: Duration,
-    /// Peers this node streams one blob it is downloading to at most; more are sent to
-    /// other nodes that are downloading it.
-    pub max_peer_streams: usize,
-    /// How long an owner may take to answer (it may first have to reach upstream).
-    pub owner_timeout: Duration,
-    /// When an owner is busy, how long to wait before looking for other downloaders again.
-    pub busy_wait: Duration,
-    /// How many times to wait for a busy owner before fetching directly.
-    pub busy_rounds: usize,
-}
-
-impl Default for PullThroughConfig {
-    fn default() -> Self {
-        Self {
-            tag_revalidate: Duration::from_secs(30),
-            stale_tag_max_age: Duration::from_secs(24 * 3600),
-            max_peer_streams: 4,
-            owner_timeout: Duration::from_secs(15),
-            busy_wait: Duration::from_millis(200),
-            busy_rounds: 5,
-        }
-    }
-}
+pub(crate) const SPOOL_SLOTS: usize = 32;
 
 /// State shared by every request.
 pub struct AppState {
@@ -82,6 +52,9 @@ pub struct AppState {
     pub buffer_slots: Arc<Semaphore>,
     /// Bounds concurrent spooling (see [`SPOOL_SLOTS`]).
     pub spool_slots: Arc<Semaphore>,
+    /// What the chunks of blobs read from the spool to be sent count against (the same
+    /// budget as the store's blob files: see [`AppState::with_stream_budget`]).
+    pub stream_budget: Budget,
     /// Caps the bandwidth this node spends serving other agents, if set.
     pub peer_upload_limit: Option<RateLimiter>,
     /// Blobs being fetched, one transfer per digest.
@@ -132,7 +105,7 @@ impl AppState {
         Ok(Self {
             store: Arc::new(Layered::new(store, cache.clone())),
             router,
-            upstream: Arc::new(MemoryUpstream::new([])),
+            upstream: Arc::new(NoUpstream),
             peers,
             pull: PullThroughConfig::default(),
             private: Private::default(),
@@ -140,6 +113,7 @@ impl AppState {
             http,
             buffer_slots: Arc::new(Semaphore::new(BUFFER_SLOTS)),
             spool_slots: Arc::new(Semaphore::new(SPOOL_SLOTS)),
+            stream_budget: Budget::default(),
             peer_upload_limit: None,
             transfers: Transfers::default(),
             cache,
@@ -166,6 +140,13 @@ impl AppState {
         self.upstream = upstream;
         self.pull = pull;
         self.cache.set_disk_budget(cache_bytes);
+        self
+    }
+
+    /// Counts chunks read from the spool against `budget` (share the store's, so that one
+    /// bound covers every stream).
+    pub fn with_stream_budget(mut self, budget: Budget) -> Self {
+        self.stream_budget = budget;
         self
     }
 

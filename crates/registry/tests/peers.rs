@@ -12,9 +12,9 @@ use axum::response::Response;
 use bytes::Bytes;
 use mirrorlet_oci::manifest::DOCKER_MANIFEST;
 use mirrorlet_oci::{Descriptor, Digest, MemoryNetwork, MemoryRouter, MemoryStore, Peer, Router};
-use mirrorlet_registry::mirror::{content_head, respond};
 use mirrorlet_registry::range;
 use mirrorlet_registry::{PEER_HEADER, PeerConfig};
+use mirrorlet_registry::{content_head, respond};
 use reqwest::StatusCode;
 
 mod support;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use mirrorlet_oci::manifest::OCI_MANIFEST;
-use mirrorlet_oci::upstream::{Fault, RequestKind};
+use mirrorlet_oci::memory::{Fault, RequestKind};
 use mirrorlet_oci::{
     Descriptor, Digest, MemoryNetwork, MemoryRouter, MemoryStore, MemoryUpstream, Registry,
     Repository, Router, UpstreamError, rendezvous,
@@ -556,11 +556,15 @@ async fn a_dead_owner_named_in_a_redirect_is_passed_over() {
     let (_, dead) = nodes.remove(owner);
     let dead_base = dead.base.clone();
     drop(dead);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        reqwest::get(format!("{dead_base}/v2/")).await.is_err(),
-        "dead"
-    );
+    // Dropping the node stops its server: wait until nothing answers there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while reqwest::get(format!("{dead_base}/v2/")).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dropped node still answers"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for (name, n) in &nodes {
         if *name != ranked[1] {
             n.router.forget(&ranked[0]);

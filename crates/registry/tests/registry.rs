@@ -603,6 +603,42 @@ async fn unavailable_store_answers_404_so_containerd_falls_through() {
     srv.shutdown.cancel();
 }
 
+#[test]
+fn errors_keep_their_causes_and_a_response_that_cannot_be_built_is_not_the_store() {
+    use axum::response::IntoResponse;
+    use mirrorlet_registry::{RegistryError, content_head, respond};
+
+    // The store's own words reach the error body, once.
+    let e = RegistryError::StoreUnavailable(StoreError::Unavailable("connection refused".into()));
+    assert_eq!(e.message(), "content store unavailable: connection refused");
+    assert_eq!(e.status_and_code(), (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"));
+
+    // A media type no header can carry (content from a peer or a registry can say
+    // anything): the builder's failure is named as such, with its cause, still a 404.
+    let digest = Digest::sha256_of(b"x");
+    let head = content_head(
+        "text/plain\nx: y",
+        &digest,
+        1,
+        ByteRange { start: 0, end: 1 },
+        false,
+    );
+    let e = respond(head, axum::body::Body::empty()).expect_err("an invalid header value");
+    assert!(matches!(e, RegistryError::Response(_)), "{e:?}");
+    assert!(
+        std::error::Error::source(&e).is_some(),
+        "the http error is kept"
+    );
+    assert!(
+        e.message().starts_with("building the response: "),
+        "{}",
+        e.message()
+    );
+    assert_eq!(e.status_and_code(), (StatusCode::NOT_FOUND, "UNKNOWN"));
+    let resp = e.into_response();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}
+
 #[tokio::test]
 async fn large_blob_streams_whole_and_shutdown_drains() {
     let store = Arc::new(MemoryStore::new());

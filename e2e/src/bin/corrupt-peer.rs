@@ -19,8 +19,8 @@ use bytes::Bytes;
 use libp2p::identity::Keypair;
 use mirrorlet_oci::manifest::OCTET_STREAM;
 use mirrorlet_oci::{Digest, Router};
-use mirrorlet_registry::mirror::{content_head, respond};
 use mirrorlet_registry::range;
+use mirrorlet_registry::{content_head, respond};
 use mirrorlet_routing::{P2pConfig, P2pMetrics, P2pRouter};
 use tokio_util::sync::CancellationToken;
 

@@ -48,7 +48,7 @@ async fn main() -> Result<()> {
         "--log-format",
         "json",
         "--log-level",
-        "info,mirrorlet_registry::fetch=debug",
+        "info,mirrorlet_registry::peers=debug",
     ]
     .map(String::from)
     .to_vec();

@@ -5,12 +5,12 @@ use http::StatusCode;
 use mirrorlet_oci::{Digest, Peer};
 
 use super::candidates;
+use crate::headers::content_length;
 use crate::peers;
 use crate::state::AppState;
-use crate::transfer::fill::content_length;
 
 /// The size the first peer holding `digest` announces, if any does.
-pub async fn head(state: &AppState, digest: &Digest, path_and_query: &str) -> Option<u64> {
+pub(crate) async fn head(state: &AppState, digest: &Digest, path_and_query: &str) -> Option<u64> {
     let mut cands = candidates(state, digest.as_str());
     let mut attempts = 0;
     loop {

@@ -10,8 +10,9 @@ use mirrorlet_oci::{Digest, Peer};
 
 mod blob;
 
-pub use blob::head;
+pub(crate) use blob::head;
 
+use crate::error::chain;
 use crate::peers::{self, Candidates};
 use crate::state::AppState;
 
@@ -24,32 +25,46 @@ pub(crate) fn candidates(state: &AppState, key: &str) -> Candidates {
     )
 }
 
+/// Why a body could not be read whole.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    /// More than the limit.
+    #[error("body larger than {0} bytes")]
+    TooLarge(u64),
+    /// The connection failed.
+    #[error("reading the body")]
+    Body(#[source] reqwest::Error),
+    /// Nothing came for the read timeout.
+    #[error("stalled while sending")]
+    Stalled,
+}
+
 /// Reads a whole body of at most `limit` bytes, with the read timeout between chunks.
 pub(crate) async fn read_limited(
     state: &AppState,
     resp: reqwest::Response,
     limit: u64,
-) -> Result<Bytes, String> {
+) -> Result<Bytes, ReadError> {
     let mut body = resp.bytes_stream();
     let mut out = BytesMut::new();
     loop {
         match tokio::time::timeout(state.peers.read_timeout, body.next()).await {
             Ok(Some(Ok(chunk))) => {
                 if (out.len() + chunk.len()) as u64 > limit {
-                    return Err(format!("body larger than {limit} bytes"));
+                    return Err(ReadError::TooLarge(limit));
                 }
                 out.extend_from_slice(&chunk);
             }
-            Ok(Some(Err(e))) => return Err(format!("reading body: {e}")),
+            Ok(Some(Err(e))) => return Err(ReadError::Body(e)),
             Ok(None) => return Ok(out.freeze()),
-            Err(_) => return Err("stalled while sending".into()),
+            Err(_) => return Err(ReadError::Stalled),
         }
     }
 }
 
 /// A manifest taken from a peer and verified.
 #[derive(Debug)]
-pub struct PeerManifest {
+pub(crate) struct PeerManifest {
     /// Its descriptor (media type read from the bytes).
     pub descriptor: Descriptor,
     /// The bytes.
@@ -62,7 +77,7 @@ pub struct PeerManifest {
 
 /// Fetches a manifest by tag or digest from peers. `key` is what was looked up (the tag as
 /// `registry/repo:tag`, or the digest); `expect` the digest when asked by digest.
-pub async fn manifest(
+pub(crate) async fn manifest(
     state: &AppState,
     key: &str,
     path_and_query: &str,
@@ -91,13 +106,13 @@ pub async fn manifest(
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| Digest::parse(v).ok());
-        let confirmed = crate::pullthrough::confirmed_of(resp.headers());
+        let confirmed = crate::headers::confirmed_of(resp.headers());
         let bytes = match read_limited(state, resp, manifest::MAX_MANIFEST_SIZE).await {
             Ok(b) => b,
             Err(e) => {
                 state
                     .failed_peers
-                    .mark(&peer, state.peers.failure_backoff, &e);
+                    .mark(&peer, state.peers.failure_backoff, &chain(&e));
                 continue;
             }
         };

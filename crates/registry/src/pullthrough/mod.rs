@@ -2,66 +2,24 @@
 //! peer that holds it, else from its owner (which fetches it upstream once for everyone),
 //! else from upstream directly; concurrent requests share one fetch. Tags: see [`tags`].
 
-pub mod tags;
+pub(crate) mod tags;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, StatusCode, header};
 use mirrorlet_oci::manifest::{self, Descriptor};
-use mirrorlet_oci::{Digest, Peer, Reference, Registry, Repository, UpstreamError};
+use mirrorlet_oci::{Digest, Peer, Reference, Registry, Repository};
 
-use crate::cluster::{self, Step, TAG_CONFIRMED_HEADER};
+use crate::cluster::{self, Step};
+use crate::error::chain;
 use crate::fetch;
+use crate::headers::PEER_HEADER;
 use crate::metrics::{FetchLabels, Source};
-use crate::peers::{self, PEER_HEADER};
+use crate::outcome::{Fetched, Miss, log_upstream_error};
+use crate::peers;
 use crate::state::AppState;
-
-/// A verified manifest and where it came from.
-#[derive(Debug, Clone)]
-pub struct Fetched {
-    /// Its descriptor.
-    pub descriptor: Descriptor,
-    /// Its bytes.
-    pub bytes: Bytes,
-    /// Where it came from.
-    pub source: Source,
-}
-
-/// Why a manifest or blob could not be had for the cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Miss {
-    /// Upstream says there is no such thing, refuses it, or is rate limiting (or the
-    /// registry is not pulled through): nobody in the cluster can get it now.
-    Gone(String),
-    /// Something on the way failed (a peer, a connection, the spool): another node, or
-    /// containerd itself, may still get it.
-    Temporary(String),
-}
-
-impl Miss {
-    /// From an upstream error.
-    pub(crate) fn of(e: &UpstreamError) -> Self {
-        match e {
-            UpstreamError::NotFound(_)
-            | UpstreamError::Denied(_)
-            | UpstreamError::NotAllowed(_)
-            | UpstreamError::RateLimited { .. } => Self::Gone(e.to_string()),
-            UpstreamError::Unavailable(_) | UpstreamError::Invalid(_) => {
-                Self::Temporary(e.to_string())
-            }
-        }
-    }
-
-    /// Why, for a log or an error body.
-    pub fn why(&self) -> &str {
-        match self {
-            Self::Gone(w) | Self::Temporary(w) => w,
-        }
-    }
-}
 
 /// What is asked of upstream for manifests, whoever asks: every type containerd takes,
 /// so that the one answer the cluster shares does not depend on the first client's
@@ -71,7 +29,7 @@ pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, applicati
 /// The manifest `digest` of `repository` at `registry`, for a client of this node
 /// (`for_cluster` false: peers, then owners, then upstream) or for a peer that asked this
 /// node as its owner (`for_cluster`: upstream).
-pub async fn manifest(
+pub(crate) async fn manifest(
     state: &Arc<AppState>,
     registry: &Registry,
     repository: &Repository,
@@ -249,7 +207,7 @@ pub(crate) async fn ask_owner(
                 Err(e) => {
                     state
                         .failed_peers
-                        .mark(peer, state.peers.failure_backoff, &e);
+                        .mark(peer, state.peers.failure_backoff, &chain(&e));
                     Err(Step::Failed)
                 }
             }
@@ -317,40 +275,4 @@ pub(crate) fn described(headers: &HeaderMap) -> Option<Descriptor> {
         digest,
         size,
     })
-}
-
-/// The confirmation time an agent put on a tag answer.
-pub(crate) fn confirmed_of(headers: &HeaderMap) -> Option<SystemTime> {
-    let secs: u64 = headers
-        .get(TAG_CONFIRMED_HEADER)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()?;
-    UNIX_EPOCH.checked_add(Duration::from_secs(secs))
-}
-
-/// The header value for a confirmation time.
-pub(crate) fn confirmed_header(at: SystemTime) -> HeaderValue {
-    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    HeaderValue::from(secs)
-}
-
-/// Logs why upstream did not deliver, at a level that matches: a refusal of the
-/// configured credentials is a warning someone must act on.
-pub(crate) fn log_upstream_error(registry: &Registry, repository: &Repository, e: &UpstreamError) {
-    match e {
-        UpstreamError::Denied(why) => {
-            tracing::warn!(%registry, %repository, why = %why, "upstream refused the pull; containerd will try with the pod's own credentials")
-        }
-        UpstreamError::NotFound(_) | UpstreamError::NotAllowed(_) => {
-            tracing::debug!(%registry, %repository, error = %e, "not available upstream")
-        }
-        UpstreamError::RateLimited { .. } => {
-            tracing::debug!(%registry, %repository, error = %e, "upstream rate limited")
-        }
-        UpstreamError::Unavailable(_) | UpstreamError::Invalid(_) => {
-            tracing::warn!(%registry, %repository, error = %e, "upstream did not deliver")
-        }
-    }
 }

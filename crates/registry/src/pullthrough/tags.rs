@@ -13,94 +13,23 @@
 //! never looks fresh. When upstream says the tag does not exist or refuses access, nothing
 //! is served for it: a deleted or private tag stays gone.
 
-use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt;
-use lru::LruCache;
-use mirrorlet_oci::manifest::Descriptor;
 use mirrorlet_oci::{ImageName, UpstreamError};
 
 use crate::fetch;
 use crate::metrics::{FetchLabels, Source};
-use crate::singleflight::SingleFlight;
+use crate::outcome::log_upstream_error;
 use crate::state::AppState;
-
-/// Tags remembered.
-const REMEMBERED: usize = 10_000;
-
-/// What a node knows of a tag: its target and when that was confirmed upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TagEntry {
-    /// The manifest the tag points at.
-    pub descriptor: Descriptor,
-    /// When upstream last said so.
-    pub confirmed: SystemTime,
-}
-
-impl TagEntry {
-    /// How long ago it was confirmed.
-    pub fn age(&self) -> Duration {
-        SystemTime::now()
-            .duration_since(self.confirmed)
-            .unwrap_or(Duration::ZERO)
-    }
-}
-
-/// Tags this node resolved or was told about, and the revalidations in flight.
-#[derive(Debug)]
-pub struct Tags {
-    entries: Mutex<LruCache<String, TagEntry>>,
-    flights: SingleFlight<String, Result<(Descriptor, SystemTime), UpstreamError>>,
-}
-
-impl Default for Tags {
-    fn default() -> Self {
-        Self {
-            entries: Mutex::new(LruCache::new(
-                NonZeroUsize::new(REMEMBERED).unwrap_or(NonZeroUsize::MIN),
-            )),
-            flights: SingleFlight::default(),
-        }
-    }
-}
-
-impl Tags {
-    /// What is known of `key` (`registry/repo:tag`).
-    pub fn get(&self, key: &str) -> Option<TagEntry> {
-        self.lock().get(key).cloned()
-    }
-
-    /// Remembers `entry` for `key`, unless a newer confirmation is known.
-    pub fn put(&self, key: &str, entry: TagEntry) {
-        let mut entries = self.lock();
-        if entries
-            .peek(key)
-            .is_some_and(|old| old.confirmed > entry.confirmed)
-        {
-            return;
-        }
-        entries.put(key.to_owned(), entry);
-    }
-
-    /// Forgets `key` (upstream says it is gone).
-    pub fn remove(&self, key: &str) {
-        self.lock().pop(key);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<String, TagEntry>> {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
+use crate::tag_memory::TagEntry;
 
 /// A tag resolved for a client.
 #[derive(Debug, Clone)]
-pub struct Resolved {
+pub(crate) struct Resolved {
     /// What the tag points at, and when that was confirmed upstream.
     pub entry: TagEntry,
-    /// Upstream could not be asked: this is the last digest the cluster knew.
-    pub stale: bool,
     /// Where the answer came from.
     pub source: Source,
 }
@@ -108,13 +37,12 @@ pub struct Resolved {
 /// Resolves `name` as its owner: from memory within the revalidation window, else with one
 /// `HEAD` upstream (shared by concurrent callers), else, while upstream is down, from what
 /// the cluster knows. `Err` names why there is no answer.
-pub async fn resolve(state: &Arc<AppState>, name: &ImageName) -> Result<Resolved, String> {
+pub(crate) async fn resolve(state: &Arc<AppState>, name: &ImageName) -> Result<Resolved, String> {
     let key = name.to_string();
     let window = state.pull.tag_revalidate;
     if let Some(e) = state.tags.get(&key).filter(|e| e.age() < window) {
         return Ok(Resolved {
             entry: e,
-            stale: false,
             source: Source::Local,
         });
     }
@@ -156,7 +84,6 @@ pub async fn resolve(state: &Arc<AppState>, name: &ImageName) -> Result<Resolved
             state.tags.put(&key, entry.clone());
             Ok(Resolved {
                 entry,
-                stale: false,
                 source: Source::Upstream,
             })
         }
@@ -166,7 +93,7 @@ pub async fn resolve(state: &Arc<AppState>, name: &ImageName) -> Result<Resolved
             | UpstreamError::NotAllowed(_)),
         ) => {
             state.tags.remove(&key);
-            super::log_upstream_error(&name.registry, &name.repository, &e);
+            log_upstream_error(&name.registry, &name.repository, &e);
             Err(format!("{key}: {e}"))
         }
         Err(e) => stale(state, name, &e).await,
@@ -222,11 +149,7 @@ async fn stale(
             state.metrics.stale_tags.inc();
             tracing::warn!(tag = %key, digest = %entry.descriptor.digest, confirmed_ago = ?Duration::from_secs(entry.age().as_secs()), upstream = %why, "upstream unavailable; serving the last digest the cluster knows for this tag");
             state.tags.put(&key, entry.clone());
-            Ok(Resolved {
-                entry,
-                stale: true,
-                source,
-            })
+            Ok(Resolved { entry, source })
         }
         Some((entry, _)) => Err(format!(
             "{key}: upstream unavailable ({why}) and the digest the cluster knows was confirmed {:?} ago, more than --stale-tag-max-age {limit:?}",
@@ -240,7 +163,7 @@ async fn stale(
 
 /// What this node itself knows of `name` and can serve (its manifest is held here): from
 /// memory or from containerd's tag, whichever was confirmed later.
-pub async fn local(state: &AppState, name: &ImageName) -> Option<TagEntry> {
+pub(crate) async fn local(state: &AppState, name: &ImageName) -> Option<TagEntry> {
     let key = name.to_string();
     let remembered = match state.tags.get(&key) {
         Some(e) if matches!(state.store.size(&e.descriptor.digest).await, Ok(Some(_))) => Some(e),

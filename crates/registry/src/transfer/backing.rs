@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream;
 use mirrorlet_oci::digest::Verifier;
-use mirrorlet_oci::{BlobStream, ByteRange};
+use mirrorlet_oci::{BlobStream, Budget, ByteRange};
 use tokio::sync::mpsc;
 
 use super::Transfer;
@@ -24,8 +24,9 @@ const QUEUE: usize = 4;
 pub(crate) enum Backing {
     /// Batches in memory, each with its offset.
     Memory(Mutex<Vec<(u64, Bytes)>>),
-    /// An anonymous spool file (gone when the last handle closes).
-    File(std::fs::File),
+    /// An anonymous spool file (gone when the last handle closes), and what chunks read
+    /// from it count against.
+    File(std::fs::File, Budget),
 }
 
 impl Backing {
@@ -42,15 +43,17 @@ impl Backing {
                 let to = from.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
                 Ok(chunk.slice(from..to.min(chunk.len())))
             }
-            Self::File(_) => {
+            Self::File(_, budget) => {
+                let len = usize::try_from(len).unwrap_or(0);
+                let mut buf = budget.buffer(len).await;
                 let me = self.clone();
                 tokio::task::spawn_blocking(move || {
-                    let Self::File(f) = &*me else {
+                    let Self::File(f, _) = &*me else {
                         return Err(io::Error::other("not a file"));
                     };
-                    let mut buf = vec![0; usize::try_from(len).unwrap_or(0)];
-                    f.read_exact_at(&mut buf, pos)?;
-                    Ok(Bytes::from(buf))
+                    buf.data.resize(len, 0);
+                    f.read_exact_at(&mut buf.data, pos)?;
+                    Ok(buf.freeze())
                 })
                 .await
                 .map_err(|e| io::Error::other(e.to_string()))?
@@ -97,7 +100,7 @@ impl Backing {
                 .iter()
                 .map(|(_, c)| c.len() as u64)
                 .sum(),
-            Self::File(_) => 0,
+            Self::File(..) => 0,
         }
     }
 }
@@ -137,17 +140,19 @@ impl Sink {
         (sink, backing)
     }
 
-    /// A copy kept in an anonymous file in `dir`, written and hashed on a blocking thread.
+    /// A copy kept in an anonymous file in `dir`, written and hashed on a blocking thread;
+    /// chunks read from it count against `budget`.
     pub(crate) async fn file(
         transfer: &Arc<Transfer>,
         dir: &Path,
+        budget: Budget,
     ) -> io::Result<(Self, Arc<Backing>)> {
         let dir = dir.to_owned();
         let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir))
             .await
             .map_err(|e| io::Error::other(e.to_string()))??;
         let writer = file.try_clone()?;
-        let backing = Arc::new(Backing::File(file));
+        let backing = Arc::new(Backing::File(file, budget));
         let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
         let mut verifier = transfer.digest.verifier();
         let generation = transfer.next_generation();

@@ -10,7 +10,6 @@
 //! download so that its retry starts clean.
 
 mod backing;
-pub(crate) mod fill;
 mod set;
 
 use std::collections::VecDeque;
@@ -25,7 +24,7 @@ use mirrorlet_oci::{BlobStream, ByteRange, Digest};
 use tokio::sync::watch;
 
 pub(crate) use backing::{Backing, Sink};
-pub use set::Transfers;
+pub(crate) use set::Transfers;
 
 /// How a transfer ended, or that it has not.
 #[derive(Debug, Clone, PartialEq, Eq)]

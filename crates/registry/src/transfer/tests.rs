@@ -162,7 +162,9 @@ async fn a_file_backed_copy_is_readable_while_it_grows() {
     let bytes = Bytes::from(vec![7u8; 3 << 20]);
     let size = bytes.len() as u64;
     let t = Transfer::new(Digest::sha256_of(&bytes));
-    let (mut sink, backing) = Sink::file(&t, dir.path()).await.expect("spool");
+    let (mut sink, backing) = Sink::file(&t, dir.path(), mirrorlet_oci::Budget::default())
+        .await
+        .expect("spool");
     t.begin(size, Origin::Upstream, backing);
     let (_, generation) = t.begun().await.expect("begun");
     let mut reader = t.read(

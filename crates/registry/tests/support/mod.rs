@@ -130,7 +130,7 @@ pub(crate) fn client() -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
         reqwest::header::ACCEPT,
-        reqwest::header::HeaderValue::from_static(mirrorlet_registry::pullthrough::ACCEPT_ALL),
+        reqwest::header::HeaderValue::from_static(mirrorlet_registry::ACCEPT_ALL),
     );
     reqwest::Client::builder()
         .user_agent("containerd/1.6.20")

@@ -1,4 +1,4 @@
-//! An in-memory [`Store`] for tests and for running the registry without containerd.
+//! [`MemoryStore`]: the [`Store`] twin, content and tags held in memory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;

@@ -204,6 +204,7 @@ async fn run(use_files: bool) {
         namespace: namespace.to_owned(),
         content_dir: use_files.then(|| containerd.content_dir()),
         media_type_cache: NonZeroUsize::new(128).expect("non-zero"),
+        stream_budget: mirrorlet_oci::Budget::default(),
     });
     let loader = GrpcLoader::connect(&containerd.socket(), namespace).await;
     conformance::check_store(&store, &loader).await;
@@ -233,6 +234,7 @@ async fn blob_files_are_reported_as_they_land_and_go() {
         namespace: namespace.to_owned(),
         content_dir: Some(containerd.content_dir()),
         media_type_cache: NonZeroUsize::new(16).expect("non-zero"),
+        stream_budget: mirrorlet_oci::Budget::default(),
     });
     let loader = GrpcLoader::connect(&containerd.socket(), namespace).await;
     // A first blob makes containerd create the blob directory; then watch.
