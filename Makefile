@@ -41,6 +41,7 @@ lint: setup
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	python3 charts/mirrorlet/ci/values-table.py --check
 	shellcheck e2e/setup.sh e2e/kind/*.sh e2e/bench/*.sh
+	cargo deny --offline check licenses bans sources
 
 bench: setup
 	bash e2e/bench/run.sh

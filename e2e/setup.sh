@@ -3,8 +3,8 @@
 # protoc (containerd-client's build script), containerd, the Distribution registry,
 # skopeo, iproute2 (ip, tc), apache2-utils (htpasswd), python3-yaml (the chart's values
 # table check), chromium (the status page's browser test), prometheus (evaluates the
-# dashboard's queries), shellcheck (lints the kind suite), and the Docker engine and
-# podman (other clients of the agent). Idempotent; needs root.
+# dashboard's queries), shellcheck (lints the kind suite), the Docker engine and podman
+# (other clients of the agent), and cargo-deny (make lint). Idempotent; needs root.
 set -euo pipefail
 
 need=()
@@ -27,6 +27,10 @@ if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+if ! cargo deny --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-deny (make lint checks licences, bans and sources with it)"
+  cargo install --locked --quiet cargo-deny
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: cargo-nextest not found; tests will run with cargo test" >&2

@@ -6,3 +6,4 @@ cd "$(dirname "$0")"
 ./blob-throughput.sh "${BLOB_MIB:-1024}" "${RUNS:-5}"
 ./p2p.sh "${RUNS:-3}"
 ./pullthrough.sh "${NODES:-5}" "${UPSTREAM_RATE:-400mbit}"
+./stream-memory.sh

@@ -142,17 +142,6 @@ async fn broken(t: &Target, n: &Counts, round: u64) -> Result<()> {
     Ok(())
 }
 
-fn sample(pid: u32) -> Result<(u64, usize)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .context("VmRSS")?;
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
-    Ok((rss * 1024, fds))
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut argv = std::env::args().skip(1);
@@ -248,7 +237,7 @@ async fn main() -> Result<()> {
         "| time | agent RSS | open descriptors | well-behaved rounds | slow | stalled (cut by the agent) | broken | client errors |\n|---|---|---|---|---|---|---|---|\n",
     );
     loop {
-        let (rss, fds) = sample(pid)?;
+        let (rss, fds) = mirrorlet_e2e::process::resident(pid)?;
         let at = started.elapsed().as_secs();
         samples.push((at, rss, fds));
         let row = format!(
@@ -273,7 +262,7 @@ async fn main() -> Result<()> {
         while tasks.join_next().await.is_some() {}
     })
     .await;
-    let (rss, fds) = sample(pid)?;
+    let (rss, fds) = mirrorlet_e2e::process::resident(pid)?;
     let third = samples.len() / 3;
     let peak = |s: &[(u64, u64, usize)]| {
         (

@@ -8,20 +8,24 @@
 //! symbolic link that was there), or nothing.
 //!
 //! Both run as root on every node, so they write only inside the registry directories
-//! under `config_path`: a registry directory that is a symbolic link is refused, temporary
-//! files are created exclusively and never through a link, and an existing hosts.toml is
-//! read only if it is a regular file of reasonable size. Every registry directory is
+//! under `config_path`: a registry directory that is a symbolic link is refused, and one
+//! that is not is opened once and worked in through that handle (swapping it for a link
+//! afterwards sends nothing elsewhere); temporary files are created exclusively and never
+//! through a link, and an existing hosts.toml is read only if it is a regular file of
+//! reasonable size. Every registry directory is
 //! attempted; every failure is reported.
 
 use std::fs;
-use std::io::{self, Read as _, Write as _};
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::io;
 use std::path::{Component, Path, PathBuf};
 
 use toml_edit::{Array, DocumentMut, Item, Table, value};
 
+mod dir;
 #[cfg(test)]
 mod tests;
+
+use dir::RegistryDir;
 
 /// The first line of every file mirrorlet writes.
 const MARKER: &str = "# Written by mirrorlet configure; `mirrorlet cleanup` restores the original.";
@@ -192,42 +196,13 @@ pub(crate) fn configure(opts: &ConfigureOptions) -> Result<Vec<PathBuf>, Failed>
     outcome(done, errors)
 }
 
-/// Reads `path` if it exists: a regular file (or a link to one) of at most [`MAX_FILE`]
-/// bytes. Opened without blocking, so a FIFO or device planted there cannot hang us.
-fn read_optional(path: &Path) -> Result<Option<String>, HostsError> {
-    let mut f = match fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("reading", path)(e)),
-    };
-    let meta = f.metadata().map_err(io_err("reading", path))?;
-    if !meta.is_file() {
-        return Err(HostsError::Refused {
-            path: path.to_owned(),
-            why: "not a regular file",
-        });
-    }
-    let mut text = String::new();
-    (&mut f)
-        .take(MAX_FILE + 1)
-        .read_to_string(&mut text)
-        .map_err(io_err("reading", path))?;
-    if text.len() as u64 > MAX_FILE {
-        return Err(HostsError::Refused {
-            path: path.to_owned(),
-            why: "larger than 1 MiB",
-        });
-    }
-    Ok(Some(text))
-}
-
 /// The registry's directory under `config_path`: one plain path component, and a real
-/// directory if it exists (not a symbolic link, which would take our writes elsewhere).
-fn registry_dir(config_path: &Path, registry: &str) -> Result<PathBuf, HostsError> {
+/// directory if it exists (not a symbolic link, which would take our writes elsewhere),
+/// opened (`None` if it does not exist yet).
+fn registry_dir(
+    config_path: &Path,
+    registry: &str,
+) -> Result<(PathBuf, Option<RegistryDir>), HostsError> {
     let dir = config_path.join(registry);
     let mut parts = Path::new(registry).components();
     if !matches!(
@@ -239,61 +214,57 @@ fn registry_dir(config_path: &Path, registry: &str) -> Result<PathBuf, HostsErro
             why: "a registry name must be one path component",
         });
     }
-    match fs::symlink_metadata(&dir) {
-        Ok(m) if m.file_type().is_symlink() => Err(HostsError::Refused {
-            path: dir,
-            why: "a symbolic link",
-        }),
-        Ok(m) if !m.is_dir() => Err(HostsError::Refused {
-            path: dir,
-            why: "not a directory",
-        }),
-        _ => Ok(dir),
-    }
+    let opened = RegistryDir::open(&dir)?;
+    Ok((dir, opened))
 }
 
 fn configure_one(opts: &ConfigureOptions, registry: &str) -> Result<PathBuf, HostsError> {
-    let dir = registry_dir(&opts.config_path, registry)?;
-    let file = dir.join(HOSTS);
-    let backup = dir.join(BACKUP);
-    let current = read_optional(&file)?;
+    let (path, opened) = registry_dir(&opts.config_path, registry)?;
+    let file = path.join(HOSTS);
+    let current = match &opened {
+        Some(dir) => dir.read_optional(HOSTS)?,
+        None => None,
+    };
     let managed = current.as_deref().and_then(State::from_managed);
-    let (state, original) = match managed {
+    let (state, original) = match (managed, &opened) {
         // Ours already: regenerate from the recorded original so the bytes stay the same.
-        Some(state) => {
+        (Some(state), Some(dir)) => {
             let original = if state.had_file {
-                read_optional(&backup)?
+                dir.read_optional(BACKUP)?
             } else {
                 None
             };
             (state, original)
         }
-        None => {
+        _ => {
             let state = State {
                 had_file: current.is_some(),
-                had_dir: dir.is_dir(),
+                had_dir: opened.is_some(),
             };
             (state, current.clone())
         }
     };
     // Rendered before anything is changed: a file refused leaves the directory as it was.
     let rendered = render(opts, registry, state, original.as_deref(), &file)?;
-    // The user's file keeps its permissions in ours (a 0600 original stays 0600).
-    let original_path = if managed.is_some() { &backup } else { &file };
-    let mode = fs::metadata(original_path)
-        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
-        .unwrap_or(0o644);
-    if managed.is_none() {
-        if !state.had_dir {
+    let dir = match opened {
+        Some(dir) => dir,
+        None => {
             fs::create_dir_all(&opts.config_path).map_err(io_err("creating", &opts.config_path))?;
-            fs::create_dir(&dir).map_err(io_err("creating", &dir))?;
+            fs::create_dir(&path).map_err(io_err("creating", &path))?;
+            RegistryDir::open(&path)?.ok_or_else(|| HostsError::Refused {
+                path: path.clone(),
+                why: "removed while being configured",
+            })?
         }
-        if state.had_file {
-            keep_original(&file, &backup)?;
-        }
+    };
+    // The user's file keeps its permissions in ours (a 0600 original stays 0600).
+    let original_name = if managed.is_some() { BACKUP } else { HOSTS };
+    let mode = dir.mode(original_name).unwrap_or(0o644);
+    if managed.is_none() && state.had_file {
+        dir.link(HOSTS, BACKUP)?;
     }
     if current.as_deref() != Some(rendered.as_str()) {
-        write_atomic(&dir, &file, &rendered, mode)?;
+        dir.write_atomic(TEMP, HOSTS, &rendered, mode)?;
     }
     Ok(file)
 }
@@ -400,42 +371,6 @@ fn make_dotted(table: &mut Table) {
     }
 }
 
-/// Keeps the user's `file` as `backup`: a second name for the very file, or for the
-/// symbolic link itself (a hard link does not follow it), so restoring is one rename and
-/// puts back exactly what was there. A backup left by an interrupted run is replaced.
-fn keep_original(file: &Path, backup: &Path) -> Result<(), HostsError> {
-    remove_if_present(backup)?;
-    fs::hard_link(file, backup).map_err(io_err("keeping the original as", backup))
-}
-
-/// Removes the entry at `path` (a link itself, never what it points to), if any.
-fn remove_if_present(path: &Path) -> Result<(), HostsError> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("removing", path)(e)),
-        _ => Ok(()),
-    }
-}
-
-/// Replaces `path` with `text` at once: written to a temporary file created exclusively
-/// (never through a link planted at its name), synced, then renamed over `path`.
-fn write_atomic(dir: &Path, path: &Path, text: &str, mode: u32) -> Result<(), HostsError> {
-    let tmp = dir.join(TEMP);
-    remove_if_present(&tmp)?;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(io_err("creating", &tmp))?;
-    let written = f.write_all(text.as_bytes()).and_then(|()| f.sync_all());
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err("writing", &tmp)(e));
-    }
-    fs::rename(&tmp, path).map_err(io_err("renaming into place", path))
-}
-
 /// Restores every registry directory under `config_path` that mirrorlet configured.
 /// Returns the directories restored; one that fails leaves the others restored, and every
 /// failure is returned.
@@ -475,22 +410,25 @@ fn managed_dirs(config_path: &Path) -> Result<Vec<PathBuf>, HostsError> {
 
 /// Puts back what a registry directory held before mirrorlet wrote its hosts.toml; `false`
 /// if the file there is not mirrorlet's.
-fn restore(dir: &Path) -> Result<bool, HostsError> {
-    let file = dir.join(HOSTS);
-    let Some(state) = read_optional(&file)?
+fn restore(path: &Path) -> Result<bool, HostsError> {
+    let Some(dir) = RegistryDir::open(path)? else {
+        return Ok(false);
+    };
+    let Some(state) = dir
+        .read_optional(HOSTS)?
         .as_deref()
         .and_then(State::from_managed)
     else {
         return Ok(false);
     };
     if state.had_file {
-        let backup = dir.join(BACKUP);
-        fs::rename(&backup, &file).map_err(io_err("restoring", &backup))?;
+        dir.rename(BACKUP, HOSTS)?;
     } else {
-        fs::remove_file(&file).map_err(io_err("removing", &file))?;
+        dir.remove_if_present(HOSTS)?;
         if !state.had_dir {
-            // Only if nothing else was put there since.
-            let _ = fs::remove_dir(dir);
+            // Only if nothing else was put there since (a link put in its place is not
+            // removed: rmdir refuses it).
+            let _ = fs::remove_dir(dir.path());
         }
     }
     Ok(true)
