@@ -83,6 +83,7 @@ async fn measure(budget: &str) -> Result<Figures> {
         .as_str()
         .context("layer")?
         .to_owned();
+    let size = body["layers"][0]["size"].as_u64().context("size")?;
     let blob = url(&format!("blobs/{layer}"));
     let pid = node.agent_pid().context("the agent's pid")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -103,7 +104,7 @@ async fn measure(budget: &str) -> Result<Figures> {
                 while let Some(chunk) = body.next().await {
                     got += chunk?.len() as u64;
                 }
-                anyhow::ensure!(got == LAYER, "read {got} of {LAYER} bytes");
+                anyhow::ensure!(got == size, "read {got} of {size} bytes");
                 Ok::<_, anyhow::Error>(())
             }
         });
