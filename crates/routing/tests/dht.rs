@@ -207,8 +207,8 @@ async fn records_expire_when_not_republished() {
     while !finds(&b, "sha256:expiring", &a).await {
         assert!(Instant::now() < deadline, "found before expiry");
     }
-    // Let the announcement reach b's record store (not just be answered by a itself).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The announcement reached b's record store (not just answered by a itself).
+    stored_at(&b).await;
     let (http, port) = (
         a.http,
         a_addr.iter().find_map(|p| match p {
@@ -263,11 +263,7 @@ async fn records_are_republished_before_they_expire() {
         .advertise(vec!["sha256:kept".into()])
         .await
         .expect("advertise");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while b.metrics.provider_records.get() == 0 {
-        assert!(Instant::now() < deadline, "stored at b");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stored_at(&b).await;
     // Three lifetimes later, b still holds it (a lookup at b drops what expired).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let _ = collect_lookup(&b.router, "sha256:kept", Duration::from_millis(300)).await;
@@ -385,9 +381,9 @@ async fn a_withdrawal_reaches_the_peers_before_it_returns() {
     while !finds(&b, "sha256:leaving", &a).await {
         assert!(Instant::now() < deadline, "found before the withdrawal");
     }
-    // Found by asking a itself: let the announcement reach b's record store too (it is
+    // Found by asking a itself: the announcement must reach b's record store too (it is
     // paced, and on a busy machine it can trail the first answer).
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stored_at(&b).await;
     a.router
         .withdraw(vec!["sha256:leaving".into()])
         .await
@@ -398,6 +394,15 @@ async fn a_withdrawal_reaches_the_peers_before_it_returns() {
         "b dropped a's record before a stopped"
     );
     b.stop().await;
+}
+
+/// Waits until `node` holds a provider record (10 s at most).
+async fn stored_at(node: &Node) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.metrics.provider_records.get() == 0 {
+        assert!(Instant::now() < deadline, "no provider record stored");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Polls `node`'s lookup of `key` until it names `want` (10 s at most).
