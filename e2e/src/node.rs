@@ -203,6 +203,11 @@ state = "{d}/containerd/state"
             .with_context(|| format!("agent log:\n{}", self.agent_log_tail(30)))
     }
 
+    /// The flags the agent gets besides the harness's own, from its next start.
+    pub fn set_agent_args(&mut self, args: Vec<String>) {
+        self.agent_args = args;
+    }
+
     /// Stops the agent with SIGTERM (graceful); returns whether it exited in time.
     pub fn stop_agent(&mut self) -> bool {
         self.agent

@@ -145,7 +145,10 @@ impl Content {
         digest: &Digest,
         size: u64,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut stream = match self.open(digest, ByteRange::full(size)).await {
+        // Small (manifests, configs: callers bound `size`) and read by the agent itself, not
+        // sent: outside the stream budget, so they never wait behind clients' streams.
+        let whole = ByteRange::full(size);
+        let mut stream = match self.open_with(digest, whole, Budget::unlimited()).await {
             Ok(s) => s,
             Err(StoreError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e),
@@ -161,14 +164,24 @@ impl Content {
         Ok(Some(out))
     }
 
-    /// Opens a range of a blob: from its file when possible, else over gRPC.
+    /// Opens a range of a blob to be sent: from its file when possible (its chunks counted
+    /// against the stream budget), else over gRPC.
     pub(crate) async fn open(
         &self,
         digest: &Digest,
         range: ByteRange,
     ) -> Result<BlobStream, StoreError> {
+        self.open_with(digest, range, self.budget.clone()).await
+    }
+
+    async fn open_with(
+        &self,
+        digest: &Digest,
+        range: ByteRange,
+        budget: Budget,
+    ) -> Result<BlobStream, StoreError> {
         if let Some(path) = self.blob_path(digest) {
-            match open_file(path, digest, range, self.budget.clone()).await {
+            match open_file(path, digest, range, budget).await {
                 Ok(s) => return Ok(s),
                 // Not on disk (or not readable): containerd may still have it.
                 Err(StoreError::Read { .. } | StoreError::NotFound(_)) => {}

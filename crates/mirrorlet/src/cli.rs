@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use mirrorlet_registry::PeerVerify;
+
 use crate::hosts::{self, ConfigureOptions};
 
 /// mirrorlet: a peer-to-peer, node-local container image mirror for Kubernetes.
@@ -280,6 +282,12 @@ pub(crate) struct P2pArgs {
     /// How long a peer that failed is skipped.
     #[arg(long, env = "MIRRORLET_PEER_FAILURE_BACKOFF", default_value = "60s", value_parser = parse_duration)]
     pub(crate) peer_failure_backoff: Duration,
+    /// How blobs larger than --peer-verify-buffer, from peers that hold them, are sent:
+    /// `stream` (as they arrive, the last byte held back until verified; a peer with wrong
+    /// bytes costs that pull, whose retry starts clean) or `whole` (spooled and verified
+    /// before the first byte; a wrong copy is replaced unseen, at the cost of latency).
+    #[arg(long, env = "MIRRORLET_PEER_VERIFY", default_value = "stream", value_parser = parse_peer_verify)]
+    pub(crate) peer_verify: PeerVerify,
     /// Blobs up to this many bytes are verified whole before being sent.
     #[arg(long, env = "MIRRORLET_PEER_VERIFY_BUFFER", default_value = "4194304")]
     pub(crate) peer_verify_buffer: u64,
@@ -550,6 +558,14 @@ fn parse_filter(s: &str) -> Result<String, String> {
     tracing_subscriber::EnvFilter::try_new(s)
         .map(|_| s.to_owned())
         .map_err(|e| format!("not a log level or filter: {e}"))
+}
+
+fn parse_peer_verify(s: &str) -> Result<PeerVerify, String> {
+    match s {
+        "stream" => Ok(PeerVerify::Stream),
+        "whole" => Ok(PeerVerify::Whole),
+        _ => Err("must be 'stream' or 'whole'".into()),
+    }
 }
 
 fn parse_namespace(s: &str) -> Result<String, String> {

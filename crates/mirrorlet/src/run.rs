@@ -107,6 +107,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         read_timeout: p2p.peer_read_timeout,
         failure_backoff: p2p.peer_failure_backoff,
         verify_buffer: p2p.peer_verify_buffer,
+        verify: p2p.peer_verify,
         tag_excludes: tag_excludes(p2p),
         spool_dir: p2p.spool_dir.clone(),
         max_blob_size: p2p.peer_max_blob_size,

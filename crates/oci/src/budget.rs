@@ -2,13 +2,16 @@
 //! sent holds its share of the budget until it is dropped (sent, or its stream ended), so
 //! the memory those chunks take is bounded whatever the number of streams. A stream that
 //! finds the budget spent waits for its next chunk (the budget is handed out in order)
-//! instead of the agent running out of memory; the stall timeout on sends bounds how long
-//! a client that stopped reading can hold its share.
+//! instead of the agent running out of memory. Only the chunk a client waits for may wait
+//! for the budget: chunks read ahead take it when it has room ([`Budget::buffer_for`]), so
+//! slow clients cannot hoard it; the stall timeout on sends bounds how long a client that
+//! stopped reading holds what it has.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Shared by every stream of the process; cheap to clone.
 #[derive(Debug, Clone)]
@@ -27,6 +30,11 @@ impl Budget {
         }
     }
 
+    /// No bound, for reads that are small and not sent (the agent's own manifest reads).
+    pub fn unlimited() -> Self {
+        Self::new(Semaphore::MAX_PERMITS)
+    }
+
     /// The budget's size.
     pub fn total(&self) -> usize {
         self.total
@@ -37,17 +45,49 @@ impl Budget {
         self.total - self.permits.available_permits()
     }
 
+    fn share(&self, len: usize) -> u32 {
+        u32::try_from(len.min(self.total)).unwrap_or(u32::MAX)
+    }
+
     /// A buffer of `len` bytes' capacity, once the budget has room for it (a request
     /// larger than the whole budget takes all of it).
     pub async fn buffer(&self, len: usize) -> Buffer {
-        let share = u32::try_from(len.min(self.total)).unwrap_or(u32::MAX);
         // The semaphore is never closed, so acquiring only waits.
-        let permit = self.permits.clone().acquire_many_owned(share).await.ok();
-        Buffer {
-            data: Vec::with_capacity(len),
-            _permit: permit,
-        }
+        let permit = self
+            .permits
+            .clone()
+            .acquire_many_owned(self.share(len))
+            .await
+            .ok();
+        Buffer::new(len, permit)
     }
+
+    /// A buffer of `len` bytes for the stream `held` counts: waiting for the budget only
+    /// when the stream holds no other chunk (its client waits for this one), taking it
+    /// only if there is room now when the chunk would be read ahead.
+    pub async fn buffer_for(&self, held: &Arc<Held>, len: usize) -> Buffer {
+        let mut buffer = loop {
+            // Registered before the check, so a release in between is not missed.
+            let drained = held.drained.notified();
+            if held.count.load(Ordering::SeqCst) == 0 {
+                break self.buffer(len).await;
+            }
+            if let Ok(permit) = self.permits.clone().try_acquire_many_owned(self.share(len)) {
+                break Buffer::new(len, Some(permit));
+            }
+            drained.await;
+        };
+        held.count.fetch_add(1, Ordering::SeqCst);
+        buffer.held = Some(held.clone());
+        buffer
+    }
+}
+
+/// The chunks of one stream still alive (read and not yet sent), for [`Budget::buffer_for`].
+#[derive(Debug, Default)]
+pub struct Held {
+    count: AtomicUsize,
+    drained: Notify,
 }
 
 impl Default for Budget {
@@ -63,9 +103,28 @@ pub struct Buffer {
     /// The bytes (fill up to the capacity asked for).
     pub data: Vec<u8>,
     _permit: Option<OwnedSemaphorePermit>,
+    held: Option<Arc<Held>>,
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Some(held) = &self.held
+            && held.count.fetch_sub(1, Ordering::SeqCst) == 1
+        {
+            held.drained.notify_waiters();
+        }
+    }
 }
 
 impl Buffer {
+    fn new(len: usize, permit: Option<OwnedSemaphorePermit>) -> Self {
+        Self {
+            data: Vec::with_capacity(len),
+            _permit: permit,
+            held: None,
+        }
+    }
+
     /// The bytes, still counted until the last clone of them is dropped.
     pub fn freeze(self) -> Bytes {
         Bytes::from_owner(self)
@@ -112,5 +171,35 @@ mod tests {
         let big = budget.buffer(8 << 20).await;
         assert_eq!(budget.in_use(), 2 << 20);
         assert!(big.data.capacity() >= 8 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_stream_reads_ahead_only_into_room_and_waits_only_for_its_next_chunk() {
+        let budget = Budget::new(2 << 20);
+        let (slow, fast) = (Arc::new(Held::default()), Arc::new(Held::default()));
+        // A slow stream takes its chunk and reads ahead while there is room.
+        let first = budget.buffer_for(&slow, 1 << 20).await;
+        let ahead = budget.buffer_for(&slow, 1 << 20).await;
+        assert_eq!(budget.in_use(), 2 << 20);
+        // Spent: its next read-ahead does not queue for the budget...
+        let mut more = Box::pin(budget.buffer_for(&slow, 1 << 20));
+        assert!((&mut more).now_or_never().is_none());
+        // ...while another stream's first chunk does, and gets the first room made.
+        let mut other = Box::pin(budget.buffer_for(&fast, 1 << 20));
+        assert!((&mut other).now_or_never().is_none());
+        drop(first);
+        let other = (&mut other)
+            .now_or_never()
+            .expect("the waiting stream goes first");
+        assert!(
+            (&mut more).now_or_never().is_none(),
+            "no room: still waiting"
+        );
+        // Once the slow stream's client took everything it had, it waits its turn.
+        drop(ahead);
+        let _more = more.await;
+        assert_eq!(budget.in_use(), 2 << 20);
+        drop(other);
+        assert_eq!(budget.in_use(), 1 << 20);
     }
 }

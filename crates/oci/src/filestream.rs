@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::budget::Budget;
+use crate::budget::{Budget, Held};
 use crate::store::{BlobStream, ByteRange};
 
 /// Bytes per chunk (1 MiB measured best here: see BENCHMARKS.md).
@@ -52,9 +52,14 @@ async fn read_chunks(
     tx: mpsc::Sender<io::Result<Bytes>>,
     budget: Budget,
 ) {
+    let held = std::sync::Arc::new(Held::default());
     while left > 0 {
         let want = left.min(CHUNK as u64);
-        let mut buf = budget.buffer(usize::try_from(want).unwrap_or(CHUNK)).await;
+        // A client that went away gives up its place in the budget's queue at once.
+        let mut buf = tokio::select! {
+            buf = budget.buffer_for(&held, usize::try_from(want).unwrap_or(CHUNK)) => buf,
+            () = tx.closed() => return,
+        };
         let read = tokio::task::spawn_blocking(move || {
             let got = (&mut file).take(want).read_to_end(&mut buf.data);
             (file, got.map(|_| buf))

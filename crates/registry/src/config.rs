@@ -5,6 +5,22 @@ use std::time::Duration;
 
 use mirrorlet_oci::glob::Glob;
 
+/// How a blob larger than the verify buffer, taken from peers that hold it, reaches the
+/// client. Either way no byte that fails verification is committed by containerd.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PeerVerify {
+    /// As it arrives, hashed on the way, the last byte held back until the whole matched
+    /// its digest. A peer that sent wrong bytes costs that pull (the stream is cut and
+    /// containerd's partial download aborted, so its retry starts clean and goes
+    /// elsewhere); the first byte comes at once and the copy runs at network speed.
+    #[default]
+    Stream,
+    /// Spooled and verified whole before the first byte is sent: a wrong copy is replaced
+    /// by another source before the client sees anything, at the cost of the whole
+    /// transfer's time before the first byte.
+    Whole,
+}
+
 /// How the registry uses peers.
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
@@ -27,6 +43,8 @@ pub struct PeerConfig {
     /// Blobs up to this size are fetched whole and verified before anything is sent, so a
     /// bad peer costs a retry elsewhere instead of a failed pull.
     pub verify_buffer: u64,
+    /// How larger blobs from peers that hold them are sent (see [`PeerVerify`]).
+    pub verify: PeerVerify,
     /// Tags matching these are never resolved through peers.
     pub tag_excludes: Vec<Glob>,
     /// Blobs a peer announces as larger than this are not taken from peers (a bound on the
@@ -52,6 +70,7 @@ impl Default for PeerConfig {
             failure_backoff: Duration::from_secs(60),
             corrupt_backoff: Duration::from_secs(600),
             verify_buffer: 4 * 1024 * 1024,
+            verify: PeerVerify::default(),
             tag_excludes: vec![Glob::new("*:latest")],
             max_blob_size: 32 << 30,
             spool_dir: std::env::temp_dir(),

@@ -10,8 +10,8 @@
 //! [`Store`](mirrorlet_oci::Store), [`Router`](mirrorlet_oci::Router) and
 //! [`Upstream`](mirrorlet_oci::Upstream) traits.
 
-// Modules in layers, each using only modules of the layers above it (tests/layers.rs
-// checks that no two modules use each other, directly or round about).
+// Modules in layers: plain types first, the shared state, then what answers requests.
+// No two modules use each other, directly or round about (tests/layers.rs checks).
 //
 // Plain types, settings and parsers:
 pub mod config;
@@ -48,7 +48,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::get;
 
-pub use config::{PeerConfig, PullThroughConfig};
+pub use config::{PeerConfig, PeerVerify, PullThroughConfig};
 pub use error::RegistryError;
 pub use headers::PEER_HEADER;
 pub use metrics::{Metrics, Source};

@@ -203,7 +203,8 @@ pub struct Metrics {
     pub owner_redirects: Counter,
     /// Blob requests this node sent upstream itself, by why (one of [`UPSTREAM_REASONS`]).
     pub upstream_blob_requests: Family<ReasonLabels, Counter>,
-    /// Bytes held by the chunks of blobs being sent (bounded by `--stream-memory`), as of
+    /// Bytes held by the chunks of blobs read from files to be sent (bounded by
+    /// `--stream-memory`), as of
     /// the scrape.
     pub stream_memory: Gauge,
 }
@@ -384,7 +385,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "mirrorlet_registry_stream_memory",
-            "Memory held by the chunks of blobs being sent, at most --stream-memory",
+            "Memory held by the chunks of blobs read from blob files and the spool to be sent, at most --stream-memory",
             prometheus_client::registry::Unit::Bytes,
             me.stream_memory.clone(),
         );

@@ -27,6 +27,7 @@ use mirrorlet_oci::{
 };
 
 use crate::cluster::{self, Step};
+use crate::config::PeerVerify;
 use crate::error::RegistryError;
 use crate::fetch;
 use crate::fill::Job;
@@ -42,9 +43,6 @@ use crate::transfer::{Origin, Outcome, Transfer};
 
 /// The header that carries an image's digest.
 pub(crate) const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
-
-/// What a client accepts when it says nothing: every manifest type.
-const ACCEPT_ALL_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
 /// Response extension recording what served a request, for metrics and logs.
 #[derive(Debug, Clone, Copy)]
@@ -131,7 +129,8 @@ impl Ask<'_> {
             .headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or(ACCEPT_ALL_MANIFESTS)
+            // A client that says nothing accepts every manifest type.
+            .unwrap_or(pullthrough::ACCEPT_ALL)
     }
 
     fn range(&self) -> Option<&str> {
@@ -611,9 +610,11 @@ fn transfer_head(
 }
 
 /// A client of this node reads a transfer: after it verified, when it comes from peers
-/// that hold the blob whole (so a bad copy is replaced before anything is sent, and a
-/// failure is a 404 that sends containerd upstream); as it arrives otherwise, with the
-/// last byte held back until the blob verified.
+/// that hold the blob whole and is small enough to verify in memory (or
+/// `PeerVerify::Whole` says so for any size): a bad copy is replaced before anything is
+/// sent, and a failure is a 404 that sends containerd upstream. Otherwise as it arrives,
+/// with the last byte held back until the blob verified; bytes that then fail
+/// verification end the stream and containerd's partial download is aborted.
 async fn serve_client(
     ask: &Ask<'_>,
     transfer: &Arc<Transfer>,
@@ -626,7 +627,13 @@ async fn serve_client(
         RegistryError::BlobUnknown(format!("{}: {why}", transfer.digest))
     };
     let (mut size, mut generation) = transfer.begun().await.map_err(not_fetched)?;
-    if transfer.hold_all() {
+    let peers = &ask.state.peers;
+    let copied_from_holders = transfer.copied_from_holders();
+    if copied_from_holders && peers.verify == PeerVerify::Stream && size > peers.verify_buffer {
+        // Streamed, but only once the copy has bytes: a source that fails before its
+        // first batch is replaced unseen, and none left is a 404, not a broken stream.
+        (size, generation) = transfer.has_bytes().await.map_err(not_fetched)?;
+    } else if copied_from_holders {
         let outcome = transfer.outcome().await;
         if outcome != Outcome::Verified {
             return Err(not_fetched(outcome));

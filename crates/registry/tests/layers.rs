@@ -41,13 +41,30 @@ fn used(code: &str) -> BTreeSet<String> {
     out
 }
 
-/// The code of a file without its comments (line comments; the crate uses no block
-/// comments).
+/// The code of a file without its line comments (the crate uses no block comments); a
+/// `//` inside a string (`"http://..."`) is code.
 fn code(text: &str) -> String {
-    text.lines()
-        .map(|l| l.split_once("//").map_or(l, |(code, _)| code))
-        .collect::<Vec<_>>()
-        .join("\n")
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let (mut in_string, mut escaped) = (false, false);
+        let mut prev = ' ';
+        for c in line.chars() {
+            if !in_string && prev == '/' && c == '/' {
+                out.pop();
+                break;
+            }
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if in_string => escaped = true,
+                '"' => in_string = !in_string,
+                _ => {}
+            }
+            out.push(c);
+            prev = c;
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Module -> modules it uses.
@@ -121,11 +138,11 @@ fn no_two_modules_use_each_other() {
 #[test]
 fn the_reader_finds_cycles_and_grouped_imports() {
     let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let file = "use crate::{b, c::X};\n// crate::d is only mentioned\nfn f() { crate::e::g() }";
+    let file = "use crate::{b, c::X};\n// crate::d is only mentioned\nfn f() { crate::e::g() }\nlet u = \"http://x\"; crate::h::i(); // crate::j";
     g.insert("a".into(), used(&code(file)));
     assert_eq!(
         g["a"],
-        ["b", "c", "e"].into_iter().map(String::from).collect()
+        ["b", "c", "e", "h"].into_iter().map(String::from).collect()
     );
     assert_eq!(cycle(&g), None);
     g.insert("c".into(), used("use crate::a;"));

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use mirrorlet_oci::manifest::DOCKER_MANIFEST;
 use mirrorlet_oci::{Descriptor, Digest, MemoryNetwork, MemoryRouter, MemoryStore, Peer, Router};
 use mirrorlet_registry::range;
-use mirrorlet_registry::{PEER_HEADER, PeerConfig};
+use mirrorlet_registry::{PEER_HEADER, PeerConfig, PeerVerify};
 use mirrorlet_registry::{content_head, respond};
 use reqwest::StatusCode;
 
@@ -278,8 +278,13 @@ async fn corrupt_small_blobs_are_never_delivered_and_the_peer_is_avoided() {
     assert!(b.metric("mirrorlet_peers_skipped_total") >= 1.0);
 }
 
+/// `--peer-verify whole`: spooled and checked before anything is sent.
 #[tokio::test]
 async fn a_large_corrupt_blob_is_never_sent_and_another_peer_serves_it() {
+    let whole = || PeerConfig {
+        verify: PeerVerify::Whole,
+        ..test_config()
+    };
     let net = Arc::new(MemoryNetwork::default());
     let source = MemoryStore::new();
     let img = image(&source, 1_000_000); // over the verify buffer: spooled, then checked
@@ -294,7 +299,7 @@ async fn a_large_corrupt_blob_is_never_sent_and_another_peer_serves_it() {
         },
     )
     .await;
-    let (b, _) = node(&net, "b", Arc::new(MemoryStore::new()), test_config()).await;
+    let (b, _) = node(&net, "b", Arc::new(MemoryStore::new()), whole()).await;
     let r = reqwest::get(blob_url(&b, &img.layer.digest))
         .await
         .expect("get");
@@ -317,7 +322,7 @@ async fn a_large_corrupt_blob_is_never_sent_and_another_peer_serves_it() {
         },
     )
     .await;
-    let (b2, _) = node(&net, "b2", Arc::new(MemoryStore::new()), test_config()).await;
+    let (b2, _) = node(&net, "b2", Arc::new(MemoryStore::new()), whole()).await;
     let r = reqwest::get(blob_url(&b2, &img.layer.digest))
         .await
         .expect("get");
@@ -328,6 +333,65 @@ async fn a_large_corrupt_blob_is_never_sent_and_another_peer_serves_it() {
         1.0,
         "b2 met the corrupt peer first"
     );
+}
+
+/// `--peer-verify stream` (the default): sent as it arrives, the last byte held back; a
+/// corrupt copy ends the stream short of it, and the retry comes from another peer.
+#[tokio::test]
+async fn a_large_corrupt_blob_streamed_is_cut_before_its_last_byte_and_the_retry_is_served() {
+    let net = Arc::new(MemoryNetwork::default());
+    let source = MemoryStore::new();
+    // Several write batches (1 MiB each): bytes go out before the end is checked.
+    let img = image(&source, 3_000_000);
+    let bad = corrupt(&img.layer_bytes);
+    fake_peer(
+        &net,
+        "a-corrupt",
+        vec![img.layer.digest.to_string()],
+        move |_| {
+            let bad = bad.clone();
+            async move { ok_body(bad) }
+        },
+    )
+    .await;
+    let (b, _) = node(&net, "b", Arc::new(MemoryStore::new()), test_config()).await;
+    let r = reqwest::get(blob_url(&b, &img.layer.digest))
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK, "streamed as it arrives");
+    let mut body = r.bytes_stream();
+    let mut got = 0_usize;
+    let mut cut = false;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => got += c.len(),
+            Err(_) => cut = true,
+        }
+    }
+    assert!(cut, "the stream ends with an error");
+    assert!(
+        got < img.layer_bytes.len(),
+        "the last byte never went out: {got}"
+    );
+    assert_eq!(b.metric("mirrorlet_peer_digest_mismatches_total"), 1.0);
+
+    // The corrupt peer is avoided now: with an honest one, the retry is served whole.
+    let good = img.layer_bytes.clone();
+    fake_peer(
+        &net,
+        "c-honest",
+        vec![img.layer.digest.to_string()],
+        move |_| {
+            let good = good.clone();
+            async move { ok_body(good) }
+        },
+    )
+    .await;
+    let r = reqwest::get(blob_url(&b, &img.layer.digest))
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.expect("body"), img.layer_bytes);
 }
 
 /// Serves `bytes` honouring `Range: bytes=N-`, like an agent.
@@ -492,7 +556,12 @@ async fn a_peer_lying_about_the_size_does_not_get_honest_peers_blamed() {
         async move { ranged(honest, &req) }
     })
     .await;
-    let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), test_config()).await;
+    // Verified whole before sending: the lie is found out unseen.
+    let whole = PeerConfig {
+        verify: PeerVerify::Whole,
+        ..test_config()
+    };
+    let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), whole).await;
     let r = reqwest::get(blob_url(&n, &img.layer.digest))
         .await
         .expect("get");
@@ -507,4 +576,19 @@ async fn a_peer_lying_about_the_size_does_not_get_honest_peers_blamed() {
         .await
         .expect("get");
     assert_eq!(r.status(), StatusCode::OK);
+
+    // Streamed: the answer may already carry the liar's size when the honest peer
+    // disagrees, so that request is cut; the liar is blamed, and the retry is whole.
+    let (m, _) = node(&net, "m", Arc::new(MemoryStore::new()), test_config()).await;
+    let r = reqwest::get(blob_url(&m, &img.layer.digest))
+        .await
+        .expect("get");
+    if let Ok(body) = r.bytes().await {
+        assert_eq!(body, real, "a complete answer is the real blob");
+    }
+    let r = reqwest::get(blob_url(&m, &img.layer.digest))
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.expect("body"), real, "the retry is whole");
 }

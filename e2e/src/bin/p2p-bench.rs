@@ -1,7 +1,9 @@
 //! Peer-to-peer benchmark on the namespace cluster (release build; `e2e/bench/p2p.sh`):
-//! a 1 GiB single-layer image pulled by node 2 from node 1 through two agents, next to a
-//! plain TCP copy of the same blob between the same two namespaces; and DHT lookup
-//! latency (p50/p99) measured by the agents themselves.
+//! a 1 GiB single-layer image pulled by node 2 from node 1 through two agents (with
+//! `--peer-verify stream`, the default, then `whole`), next to a plain TCP copy of the same
+//! blob between the same two namespaces; CRI pulls of the image from peers in both modes
+//! next to the pull from the upstream registry; and DHT lookup latency (p50/p99) measured
+//! by the agents themselves.
 
 use std::time::{Duration, Instant};
 
@@ -11,8 +13,8 @@ use mirrorlet_e2e::{Cluster, Options, REGISTRY, TestImage};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
-/// `curl` inside a namespace: returns (bytes, seconds).
-fn curl_in(netns: &str, url: &str, extra: &[&str]) -> Result<(f64, f64)> {
+/// `curl` inside a namespace: returns (bytes, seconds, seconds to the first byte).
+fn curl_in(netns: &str, url: &str, extra: &[&str]) -> Result<(f64, f64, f64)> {
     let mut args = vec![
         "netns",
         "exec",
@@ -22,7 +24,7 @@ fn curl_in(netns: &str, url: &str, extra: &[&str]) -> Result<(f64, f64)> {
         "-o",
         "/dev/null",
         "-w",
-        "%{size_download} %{time_total}",
+        "%{size_download} %{time_total} %{time_starttransfer}",
     ];
     args.extend(extra);
     args.push(url);
@@ -30,7 +32,27 @@ fn curl_in(netns: &str, url: &str, extra: &[&str]) -> Result<(f64, f64)> {
     let mut it = out.split_whitespace();
     let bytes: f64 = it.next().context("size")?.parse()?;
     let secs: f64 = it.next().context("time")?.parse()?;
-    Ok((bytes, secs))
+    let first: f64 = it.next().context("first byte")?.parse()?;
+    Ok((bytes, secs, first))
+}
+
+/// Through two agents: node 2's agent takes the blob from node 1's, then serves node 2's
+/// client. Node 2 holds nothing, so every run is a full peer fetch. GB/s, seconds per GiB
+/// and seconds to the first byte, per run.
+fn two_agents(c: &Cluster, url: &str, runs: usize) -> Result<[Vec<f64>; 3]> {
+    let n2 = c.node(2).host.netns.clone();
+    let mut out = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..runs {
+        let (bytes, secs, first) = curl_in(&n2, url, &[])?;
+        anyhow::ensure!(
+            (bytes - GIB).abs() < 1e6 || bytes > GIB,
+            "short body: {bytes}"
+        );
+        out[0].push(bytes / secs / 1e9);
+        out[1].push(secs);
+        out[2].push(first);
+    }
+    Ok(out)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -56,7 +78,7 @@ async fn main() -> Result<()> {
     let mut c = Cluster::start(Options {
         nodes: 3,
         images: vec![image.clone()],
-        agent_args,
+        agent_args: agent_args.clone(),
         ..Options::default()
     })
     .await?;
@@ -104,7 +126,7 @@ async fn main() -> Result<()> {
     let n2 = c.node(2).host.netns.clone();
     let mut tcp = Vec::new();
     for _ in 0..runs {
-        let (bytes, secs) = curl_in(&n2, &format!("http://{}:6000/", c.node(1).host.addr), &[])?;
+        let (bytes, secs, _) = curl_in(&n2, &format!("http://{}:6000/", c.node(1).host.addr), &[])?;
         tcp.push(bytes / secs / 1e9);
     }
 
@@ -116,31 +138,24 @@ async fn main() -> Result<()> {
     );
     let mut one_agent = Vec::new();
     for _ in 0..runs {
-        let (bytes, secs) = curl_in(&n2, &direct, &["-H", "x-mirrorlet-peer: 1"])?;
+        let (bytes, secs, _) = curl_in(&n2, &direct, &["-H", "x-mirrorlet-peer: 1"])?;
         one_agent.push(bytes / secs / 1e9);
     }
 
-    // Through two agents: node 2's agent fetches from node 1's agent (verified), then
-    // serves node 2's client. Node 2 holds nothing, so every run is a full peer fetch.
     let url = format!(
         "{}/v2/{}/blobs/{layer}?ns={REGISTRY}",
         c.node(2).agent_url(),
         image.repo
     );
-    let mut agents = Vec::new();
-    let mut agent_secs = Vec::new();
-    for _ in 0..runs {
-        let (bytes, secs) = curl_in(&n2, &url, &[])?;
-        anyhow::ensure!(
-            (bytes - GIB).abs() < 1e6 || bytes > GIB,
-            "short body: {bytes}"
-        );
-        agents.push(bytes / secs / 1e9);
-        agent_secs.push(secs);
-    }
-    let t = Instant::now();
-    c.node(2).cri.pull(&name, Duration::from_secs(600)).await?;
-    let cri = t.elapsed().as_secs_f64();
+    let [mut stream, mut stream_secs, mut stream_first] = two_agents(&c, &url, runs)?;
+    // The same with node 2's agent verifying whole before sending.
+    let mut whole_args = agent_args.clone();
+    whole_args.extend(["--peer-verify".into(), "whole".into()]);
+    c.node_mut(2).stop_agent();
+    c.node_mut(2).set_agent_args(whole_args);
+    c.node_mut(2).start_agent().await?;
+    c.wait_members().await?;
+    let [mut whole, mut whole_secs, mut whole_first] = two_agents(&c, &url, runs)?;
 
     // Lookups: HEADs from node 3 for the image's digests (each one a DHT lookup at node 3).
     let digests: Vec<String> = manifest["layers"]
@@ -183,12 +198,16 @@ async fn main() -> Result<()> {
         med(&mut one_agent)
     );
     println!(
-        "through two agents (node 2's agent fetches and verifies from node 1's, then serves): median {:.2} GB/s, {:.2} s per GiB",
-        med(&mut agents),
-        med(&mut agent_secs)
+        "through two agents, --peer-verify stream: median {:.2} GB/s, {:.2} s per GiB, first byte after {:.0} ms",
+        med(&mut stream),
+        med(&mut stream_secs),
+        med(&mut stream_first) * 1000.0
     );
     println!(
-        "node 2: CRI pull of the 1 GiB image from peers (incl. containerd's write and unpack): {cri:.2} s"
+        "through two agents, --peer-verify whole: median {:.2} GB/s, {:.2} s per GiB, first byte after {:.0} ms",
+        med(&mut whole),
+        med(&mut whole_secs),
+        med(&mut whole_first) * 1000.0
     );
     println!(
         "DHT lookups at node 3 ({} lookups): p50 {:.0} us, p99 {:.0} us, max {:.0} us",
@@ -196,6 +215,17 @@ async fn main() -> Result<()> {
         percentile(&lookups, 0.5),
         percentile(&lookups, 0.99),
         lookups[lookups.len() - 1]
+    );
+    // CRI pulls from peers (containerd's write and unpack included): node 2 verifying
+    // whole, node 3 streaming (the default).
+    let t = Instant::now();
+    c.node(2).cri.pull(&name, Duration::from_secs(600)).await?;
+    let cri_whole = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    c.node(3).cri.pull(&name, Duration::from_secs(600)).await?;
+    let cri_stream = t.elapsed().as_secs_f64();
+    println!(
+        "CRI pull of the 1 GiB image from peers: {cri_stream:.2} s streaming (node 3), {cri_whole:.2} s verifying whole (node 2)"
     );
     let left = c.teardown();
     anyhow::ensure!(left.is_empty(), "teardown left {left:?}");

@@ -3,7 +3,8 @@
 //! `--stream-memory` (64 MiB) and with it out of the way (64 GiB, as before the budget):
 //! resident memory idle, its peak while 16 clients read the layer at full speed, its peak
 //! while 64 clients ask for it and read nothing (held 8 s, less than the 30 s send stall
-//! timeout), and after they are gone.
+//! timeout) and 16 readers read it meanwhile (their time says whether the stalled
+//! clients' share starves them), and after they are gone.
 //! Usage: stream-memory [OUT (target/stream-memory)]
 
 use std::path::PathBuf;
@@ -48,7 +49,31 @@ struct Figures {
     readers: u64,
     read_secs: f64,
     stalled: u64,
+    contended_secs: f64,
     after: u64,
+}
+
+/// `READERS` clients reading `blob` (of `size` bytes) whole at once; the seconds it took.
+async fn read_all(http: &reqwest::Client, blob: &str, size: u64) -> Result<f64> {
+    let started = Instant::now();
+    let reads = (0..READERS).map(|_| async move {
+        let mut body = http
+            .get(blob)
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes_stream();
+        let mut got = 0_u64;
+        while let Some(chunk) = body.next().await {
+            got += chunk?.len() as u64;
+        }
+        anyhow::ensure!(got == size, "read {got} of {size} bytes");
+        Ok::<_, anyhow::Error>(())
+    });
+    for r in futures_util::future::join_all(reads).await {
+        r?;
+    }
+    Ok(started.elapsed().as_secs_f64())
 }
 
 async fn measure(budget: &str) -> Result<Figures> {
@@ -89,35 +114,16 @@ async fn measure(budget: &str) -> Result<Figures> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = resident(pid)?.0;
 
-    let started = Instant::now();
+    let mut read_secs = 0.0;
     let readers = peak_while(pid, async {
-        let reads = (0..READERS).map(|_| {
-            let (http, blob) = (c.http.clone(), blob.clone());
-            async move {
-                let mut body = http
-                    .get(&blob)
-                    .send()
-                    .await?
-                    .error_for_status()?
-                    .bytes_stream();
-                let mut got = 0_u64;
-                while let Some(chunk) = body.next().await {
-                    got += chunk?.len() as u64;
-                }
-                anyhow::ensure!(got == size, "read {got} of {size} bytes");
-                Ok::<_, anyhow::Error>(())
-            }
-        });
-        for r in futures_util::future::join_all(reads).await {
-            r?;
-        }
+        read_secs = read_all(&c.http, &blob, size).await?;
         Ok(())
     })
     .await?;
-    let read_secs = started.elapsed().as_secs_f64();
 
     let addr = node.agent_url().trim_start_matches("http://").to_owned();
     let path = format!("/v2/{}/blobs/{layer}?ns={REGISTRY}", image.repo);
+    let mut contended_secs = 0.0;
     let stalled = peak_while(pid, async {
         let mut held = Vec::new();
         for _ in 0..STALLED {
@@ -134,7 +140,9 @@ async fn measure(budget: &str) -> Result<Figures> {
             let _ = s.read(&mut buf).await?;
             held.push(s);
         }
-        tokio::time::sleep(Duration::from_secs(8)).await;
+        let started = Instant::now();
+        contended_secs = read_all(&c.http, &blob, size).await?;
+        tokio::time::sleep(Duration::from_secs(8).saturating_sub(started.elapsed())).await;
         drop(held);
         Ok(())
     })
@@ -146,6 +154,7 @@ async fn measure(budget: &str) -> Result<Figures> {
         readers,
         read_secs,
         stalled,
+        contended_secs,
         after,
     })
 }
@@ -160,7 +169,7 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&out)?;
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     let mut table = format!(
-        "| --stream-memory | idle RSS | peak, {READERS} readers of {} MiB (time) | peak, {STALLED} stalled clients | after |\n|---|---|---|---|---|\n",
+        "| --stream-memory | idle RSS | peak, {READERS} readers of {} MiB (time) | peak, {STALLED} stalled clients and {READERS} readers (readers' time) | after |\n|---|---|---|---|---|\n",
         LAYER >> 20
     );
     for (label, budget) in [
@@ -169,11 +178,12 @@ async fn main() -> Result<()> {
     ] {
         let f = measure(budget).await?;
         table.push_str(&format!(
-            "| {label} | {:.0} MiB | {:.0} MiB ({:.1} s) | {:.0} MiB | {:.0} MiB |\n",
+            "| {label} | {:.0} MiB | {:.0} MiB ({:.1} s) | {:.0} MiB ({:.1} s) | {:.0} MiB |\n",
             mib(f.idle),
             mib(f.readers),
             f.read_secs,
             mib(f.stalled),
+            f.contended_secs,
             mib(f.after)
         ));
         println!("{label}: done");

@@ -45,11 +45,6 @@ impl RegistryDir {
         }
     }
 
-    /// Where it was opened (for messages).
-    pub(super) fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn at(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
@@ -100,10 +95,29 @@ impl RegistryDir {
             .map_err(|e| io_err("keeping the original as", &self.at(to))(e.into()))
     }
 
-    /// Renames `from` over `to`.
-    pub(super) fn rename(&self, from: &str, to: &str) -> Result<(), HostsError> {
+    /// Renames `from` over `to`; `action` names it in an error.
+    pub(super) fn rename(
+        &self,
+        from: &str,
+        to: &str,
+        action: &'static str,
+    ) -> Result<(), HostsError> {
         rustix::fs::renameat(&self.fd, from, &self.fd, to)
-            .map_err(|e| io_err("renaming into place", &self.at(to))(e.into()))
+            .map_err(|e| io_err(action, &self.at(from))(e.into()))
+    }
+
+    /// Removes the directory if it is empty and still the one opened (not one put in its
+    /// place since, nor a link); quietly keeps it otherwise.
+    pub(super) fn remove_if_empty(self) {
+        let (Ok(opened), Ok(there)) = (
+            rustix::fs::fstat(&self.fd),
+            rustix::fs::statat(rustix::fs::CWD, &self.path, AtFlags::SYMLINK_NOFOLLOW),
+        ) else {
+            return;
+        };
+        if (opened.st_dev, opened.st_ino) == (there.st_dev, there.st_ino) {
+            let _ = std::fs::remove_dir(&self.path);
+        }
     }
 
     /// Removes the entry `name` (a link itself, never what it points to), if any.
@@ -139,7 +153,7 @@ impl RegistryDir {
             let _ = self.remove_if_present(temp);
             return Err(io_err("writing", &self.at(temp))(e));
         }
-        self.rename(temp, name)
+        self.rename(temp, name, "renaming into place")
     }
 }
 

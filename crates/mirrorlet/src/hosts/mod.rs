@@ -257,9 +257,10 @@ fn configure_one(opts: &ConfigureOptions, registry: &str) -> Result<PathBuf, Hos
             })?
         }
     };
-    // The user's file keeps its permissions in ours (a 0600 original stays 0600).
+    // The user's file keeps its permissions in ours (a 0600 original stays 0600), except
+    // that nobody but the owner may write a file that steers containerd's pulls.
     let original_name = if managed.is_some() { BACKUP } else { HOSTS };
-    let mode = dir.mode(original_name).unwrap_or(0o644);
+    let mode = dir.mode(original_name).unwrap_or(0o644) & !0o022;
     if managed.is_none() && state.had_file {
         dir.link(HOSTS, BACKUP)?;
     }
@@ -422,13 +423,12 @@ fn restore(path: &Path) -> Result<bool, HostsError> {
         return Ok(false);
     };
     if state.had_file {
-        dir.rename(BACKUP, HOSTS)?;
+        dir.rename(BACKUP, HOSTS, "restoring")?;
     } else {
         dir.remove_if_present(HOSTS)?;
         if !state.had_dir {
-            // Only if nothing else was put there since (a link put in its place is not
-            // removed: rmdir refuses it).
-            let _ = fs::remove_dir(dir.path());
+            // Only if nothing else was put there since.
+            dir.remove_if_empty();
         }
     }
     Ok(true)

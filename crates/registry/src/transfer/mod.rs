@@ -4,8 +4,9 @@
 //! however many ask (its own containerd, and peers reading its partial copy).
 //!
 //! Nothing unverified can complete a download: readers hold back the blob's last byte until
-//! the whole has matched its digest (or, for content from peers that hold it whole, hold
-//! back everything: see [`Transfer::hold_all`]). A transfer that fails after readers took
+//! the whole has matched its digest (or, for small blobs from peers that hold them whole,
+//! and for any size with `PeerVerify::Whole`, hold back everything: see
+//! [`Transfer::copied_from_holders`]). A transfer that fails after readers took
 //! bytes ends their streams with an error; the registry then aborts containerd's partial
 //! download so that its retry starts clean.
 
@@ -127,12 +128,11 @@ impl Transfer {
         self.progress.borrow().clone()
     }
 
-    /// Whether clients must wait for the whole blob to verify before taking any byte:
-    /// true when it comes from peers that hold it whole (fast, and a bad copy can be
-    /// replaced by another before anyone saw it), false when it streams from upstream or
-    /// another node's transfer (a big layer must flow as it downloads, or containerd gives
-    /// up on a silent pull).
-    pub fn hold_all(&self) -> bool {
+    /// Whether the copy comes from peers that hold the blob whole (where a bad copy can be
+    /// replaced by another before anyone saw it), rather than from upstream or another
+    /// node's transfer (which must flow as it downloads, or containerd gives up on a
+    /// silent pull).
+    pub fn copied_from_holders(&self) -> bool {
         self.progress.borrow().origin == Some(Origin::Holders)
     }
 
@@ -186,6 +186,19 @@ impl Transfer {
     /// Waits until a copy has begun; its size and generation (to read it with), or the
     /// outcome if the transfer failed first.
     pub async fn begun(&self) -> Result<(u64, u32), Outcome> {
+        self.wait_for(|_| true).await
+    }
+
+    /// Waits until the current copy has bytes to read (or has verified); its size and
+    /// generation, or the outcome if the transfer failed first. A copy that fails before
+    /// writing anything is replaced unseen, so a client that waits for this gets a 404
+    /// rather than a broken stream when no source can deliver.
+    pub async fn has_bytes(&self) -> Result<(u64, u32), Outcome> {
+        self.wait_for(|p| p.written > 0 || p.outcome == Outcome::Verified)
+            .await
+    }
+
+    async fn wait_for(&self, ready: impl Fn(&Progress) -> bool) -> Result<(u64, u32), Outcome> {
         let mut rx = self.progress.subscribe();
         loop {
             {
@@ -193,7 +206,9 @@ impl Transfer {
                 if let Outcome::Failed { .. } = p.outcome {
                     return Err(p.outcome.clone());
                 }
-                if let Some(s) = p.size {
+                if let Some(s) = p.size
+                    && ready(&p)
+                {
                     return Ok((s, p.generation));
                 }
             }

@@ -42,7 +42,7 @@ async fn readers_follow_the_writer_but_the_last_byte_waits_for_verification() {
     let t = Transfer::new(Digest::sha256_of(&bytes));
     let (mut sink, backing) = Sink::memory(&t);
     t.begin(size, Origin::Upstream, backing);
-    assert!(!t.hold_all());
+    assert!(!t.copied_from_holders());
     let (begun, generation) = t.begun().await.expect("begun");
     assert_eq!(begun, size);
     let mut whole = t.read(ByteRange::full(size), generation);
@@ -119,14 +119,17 @@ async fn a_failure_ends_readers_with_an_error_and_a_restart_cuts_them() {
 }
 
 #[tokio::test]
-async fn content_from_holders_asks_for_verification_first_and_peers_are_capped() {
+async fn content_copied_from_holders_asks_for_verification_first_and_peers_are_capped() {
     let bytes = data();
     let t = Transfer::new(Digest::sha256_of(&bytes));
     let (_sink, backing) = Sink::memory(&t);
     t.begin(bytes.len() as u64, Origin::Holders, backing);
-    assert!(t.hold_all());
+    assert!(t.copied_from_holders());
     t.set_origin(Origin::Upstream);
-    assert!(!t.hold_all(), "decided by where the copy comes from");
+    assert!(
+        !t.copied_from_holders(),
+        "decided by where the copy comes from"
+    );
 
     let first = t.admit_peer(2, None).expect("one");
     let second = t.admit_peer(2, None).expect("two");
