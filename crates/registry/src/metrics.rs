@@ -204,8 +204,7 @@ pub struct Metrics {
     /// Blob requests this node sent upstream itself, by why (one of [`UPSTREAM_REASONS`]).
     pub upstream_blob_requests: Family<ReasonLabels, Counter>,
     /// Bytes held by the chunks of blobs read from files to be sent (bounded by
-    /// `--stream-memory`), as of
-    /// the scrape.
+    /// `--stream-memory`), as of the scrape.
     pub stream_memory: Gauge,
 }
 
