@@ -18,7 +18,12 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 pub struct Budget {
     permits: Arc<Semaphore>,
     total: usize,
+    /// Streams counting their chunks ([`Budget::stream`]) now.
+    streams: Arc<AtomicUsize>,
 }
+
+/// The smallest chunk a stream is given, however many share the budget.
+pub const MIN_CHUNK: usize = 64 * 1024;
 
 impl Budget {
     /// A budget of `bytes` (at least one byte).
@@ -27,7 +32,19 @@ impl Budget {
         Self {
             permits: Arc::new(Semaphore::new(total)),
             total,
+            streams: Arc::default(),
         }
+    }
+
+    /// A stream's count of its chunks, for [`Budget::buffer_for`] (the stream counts among
+    /// those sharing the budget until it is dropped).
+    pub fn stream(&self) -> Arc<Held> {
+        self.streams.fetch_add(1, Ordering::SeqCst);
+        Arc::new(Held {
+            count: AtomicUsize::new(0),
+            drained: Notify::new(),
+            streams: self.streams.clone(),
+        })
     }
 
     /// No bound, for reads that are small and not sent (the agent's own manifest reads).
@@ -62,18 +79,29 @@ impl Budget {
         Buffer::new(len, permit)
     }
 
-    /// A buffer of `len` bytes for the stream `held` counts: waiting for the budget only
-    /// when the stream holds no other chunk (its client waits for this one), taking it
-    /// only if there is room now when the chunk would be read ahead.
+    /// A buffer of at most `len` bytes ([`Buffer::limit`]) for the stream `held` counts.
+    /// Its size is a fair share: a chunk for every stream fits in half the budget (but no
+    /// less than [`MIN_CHUNK`]). It waits for the budget only when the stream holds no
+    /// other chunk (its client waits for this one); a chunk read ahead is taken only while
+    /// less than a quarter of the budget is in use. So streams whose clients stopped
+    /// reading hold at most three quarters, and the rest is there for the others' next
+    /// chunks.
     pub async fn buffer_for(&self, held: &Arc<Held>, len: usize) -> Buffer {
+        let streams = self.streams.load(Ordering::SeqCst).max(1);
+        let fair = (self.total / (2 * streams)).max(MIN_CHUNK).min(len);
         let mut buffer = loop {
             // Registered before the check, so a release in between is not missed.
             let drained = held.drained.notified();
             if held.count.load(Ordering::SeqCst) == 0 {
-                break self.buffer(len).await;
+                break self.buffer(fair).await;
             }
-            if let Ok(permit) = self.permits.clone().try_acquire_many_owned(self.share(len)) {
-                break Buffer::new(len, Some(permit));
+            if self.in_use() + fair <= self.total / 4
+                && let Ok(permit) = self
+                    .permits
+                    .clone()
+                    .try_acquire_many_owned(self.share(fair))
+            {
+                break Buffer::new(fair, Some(permit));
             }
             drained.await;
         };
@@ -84,10 +112,17 @@ impl Budget {
 }
 
 /// The chunks of one stream still alive (read and not yet sent), for [`Budget::buffer_for`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Held {
     count: AtomicUsize,
     drained: Notify,
+    streams: Arc<AtomicUsize>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.streams.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Default for Budget {
@@ -100,8 +135,9 @@ impl Default for Budget {
 /// Memory counted against a [`Budget`] until it is dropped.
 #[derive(Debug)]
 pub struct Buffer {
-    /// The bytes (fill up to the capacity asked for).
+    /// The bytes (fill up to [`Buffer::limit`]).
     pub data: Vec<u8>,
+    limit: usize,
     _permit: Option<OwnedSemaphorePermit>,
     held: Option<Arc<Held>>,
 }
@@ -120,9 +156,15 @@ impl Buffer {
     fn new(len: usize, permit: Option<OwnedSemaphorePermit>) -> Self {
         Self {
             data: Vec::with_capacity(len),
+            limit: len,
             _permit: permit,
             held: None,
         }
+    }
+
+    /// The bytes it may hold.
+    pub fn limit(&self) -> usize {
+        self.limit
     }
 
     /// The bytes, still counted until the last clone of them is dropped.
@@ -174,32 +216,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stream_reads_ahead_only_into_room_and_waits_only_for_its_next_chunk() {
-        let budget = Budget::new(2 << 20);
-        let (slow, fast) = (Arc::new(Held::default()), Arc::new(Held::default()));
-        // A slow stream takes its chunk and reads ahead while there is room.
-        let first = budget.buffer_for(&slow, 1 << 20).await;
-        let ahead = budget.buffer_for(&slow, 1 << 20).await;
-        assert_eq!(budget.in_use(), 2 << 20);
-        // Spent: its next read-ahead does not queue for the budget...
+    async fn streams_read_ahead_into_a_quarter_of_the_budget_and_share_it_fairly() {
+        let budget = Budget::new(8 << 20);
+        let slow = budget.stream();
+        // Alone, a stream gets whole chunks and reads ahead up to a quarter of the budget...
+        let mut kept = Vec::new();
+        for _ in 0..2 {
+            let b = budget.buffer_for(&slow, 1 << 20).await;
+            assert_eq!(b.limit(), 1 << 20);
+            kept.push(b);
+        }
         let mut more = Box::pin(budget.buffer_for(&slow, 1 << 20));
-        assert!((&mut more).now_or_never().is_none());
-        // ...while another stream's first chunk does, and gets the first room made.
-        let mut other = Box::pin(budget.buffer_for(&fast, 1 << 20));
-        assert!((&mut other).now_or_never().is_none());
-        drop(first);
-        let other = (&mut other)
-            .now_or_never()
-            .expect("the waiting stream goes first");
         assert!(
             (&mut more).now_or_never().is_none(),
-            "no room: still waiting"
+            "no read-ahead past a quarter"
         );
-        // Once the slow stream's client took everything it had, it waits its turn.
-        drop(ahead);
-        let _more = more.await;
-        assert_eq!(budget.in_use(), 2 << 20);
-        drop(other);
-        assert_eq!(budget.in_use(), 1 << 20);
+        // ...so another stream's next chunk finds room at once.
+        let fast = budget.stream();
+        let f = budget
+            .buffer_for(&fast, 1 << 20)
+            .now_or_never()
+            .expect("room for a chunk a client waits for");
+        // With 16 streams, a chunk for each fits in half the budget.
+        let others: Vec<_> = (0..14).map(|_| budget.stream()).collect();
+        let small = budget.buffer_for(&others[0], 1 << 20).await;
+        assert_eq!(small.limit(), 256 << 10);
+        // Once its client took what it had, the slow stream's next chunk waits its turn.
+        drop(kept);
+        let m = more.await;
+        assert!(m.limit() <= 1 << 20);
+        drop((f, small, m));
+        assert_eq!(budget.in_use(), 0);
+        drop(others);
+        assert_eq!(budget.streams.load(Ordering::SeqCst), 2);
     }
 }
