@@ -1174,11 +1174,17 @@ s_p2p_e() {
   ((${#blobs_a[@]} == 4 && ${#blobs_b[@]} == 3)) || fail "unexpected blobs: ${blobs_a[*]} / ${blobs_b[*]}"
 
   # A peer that corrupts only the 9 MB layer of an image nobody holds: node 2's agent
-  # spools it, finds the mismatch, sends nothing and falls through to upstream.
+  # streams it to containerd (--peer-verify stream) holding back the last byte, finds the
+  # mismatch, cuts the stream and aborts containerd's partial download; that pull fails,
+  # and the retry starts clean, avoids the peer and completes.
+  local ab2 attempts
   m2=$(metric "$N2" mirrorlet_peer_digest_mismatches_total)
+  ab2=$(metric "$N2" mirrorlet_ingests_aborted_total)
   start_corrupt_peer corrupt-peer-a 5000000 "$up" "$a" "${blobs_a[@]}"
-  [[ $(pull_with_retries "$N2" "$REG/$a:v1") == 1 ]] || fail "node 2's first pull did not complete"
+  attempts=$(pull_with_retries "$N2" "$REG/$a:v1")
+  ((attempts <= 2)) || fail "node 2's retry did not complete ($attempts attempts)"
   expect "the corrupt layer was detected" "$(minus "$(metric "$N2" mirrorlet_peer_digest_mismatches_total)" "$m2")" "==" 1
+  expect "containerd's partial copy was aborted" "$(minus "$(metric "$N2" mirrorlet_ingests_aborted_total)" "$ab2")" ">=" 1
   stop_corrupt_peer corrupt-peer-a
 
   # A peer that corrupts every blob of another image (nobody else holds it): node 3's first

@@ -80,15 +80,16 @@ impl Budget {
     }
 
     /// A buffer of at most `len` bytes ([`Buffer::limit`]) for the stream `held` counts.
-    /// Its size is a fair share: a chunk for every stream fits in half the budget (but no
-    /// less than [`MIN_CHUNK`]). It waits for the budget only when the stream holds no
+    /// Its size is a fair share: two chunks for every stream (the one the HTTP server is
+    /// writing and the next it already took) fit in half the budget (but no less than
+    /// [`MIN_CHUNK`]). It waits for the budget only when the stream holds no
     /// other chunk (its client waits for this one); a chunk read ahead is taken only while
     /// less than a quarter of the budget is in use. So streams whose clients stopped
     /// reading hold at most three quarters, and the rest is there for the others' next
     /// chunks.
     pub async fn buffer_for(&self, held: &Arc<Held>, len: usize) -> Buffer {
         let streams = self.streams.load(Ordering::SeqCst).max(1);
-        let fair = (self.total / (2 * streams)).max(MIN_CHUNK).min(len);
+        let fair = (self.total / (4 * streams)).max(MIN_CHUNK).min(len);
         let mut buffer = loop {
             // Registered before the check, so a release in between is not missed.
             let drained = held.drained.notified();
@@ -237,10 +238,10 @@ mod tests {
             .buffer_for(&fast, 1 << 20)
             .now_or_never()
             .expect("room for a chunk a client waits for");
-        // With 16 streams, a chunk for each fits in half the budget.
+        // With 16 streams, two chunks for each fit in half the budget.
         let others: Vec<_> = (0..14).map(|_| budget.stream()).collect();
         let small = budget.buffer_for(&others[0], 1 << 20).await;
-        assert_eq!(small.limit(), 256 << 10);
+        assert_eq!(small.limit(), 128 << 10);
         // Once its client took what it had, the slow stream's next chunk waits its turn.
         drop(kept);
         let m = more.await;

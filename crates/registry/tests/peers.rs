@@ -341,7 +341,8 @@ async fn a_large_corrupt_blob_is_never_sent_and_another_peer_serves_it() {
 async fn a_large_corrupt_blob_streamed_is_cut_before_its_last_byte_and_the_retry_is_served() {
     let net = Arc::new(MemoryNetwork::default());
     let source = MemoryStore::new();
-    // Several write batches (1 MiB each): bytes go out before the end is checked.
+    // Several write batches (1 MiB each), the last one late: the client has bytes before
+    // the end is checked.
     let img = image(&source, 3_000_000);
     let bad = corrupt(&img.layer_bytes);
     fake_peer(
@@ -350,7 +351,18 @@ async fn a_large_corrupt_blob_streamed_is_cut_before_its_last_byte_and_the_retry
         vec![img.layer.digest.to_string()],
         move |_| {
             let bad = bad.clone();
-            async move { ok_body(bad) }
+            async move {
+                let (head, tail) = (bad.slice(..2_500_000), bad.slice(2_500_000..));
+                let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(head) })
+                    .chain(futures_util::stream::once(async move {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok(tail)
+                    }));
+                Response::builder()
+                    .header("content-length", bad.len())
+                    .body(Body::from_stream(body))
+                    .expect("response")
+            }
         },
     )
     .await;
