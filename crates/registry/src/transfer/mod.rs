@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::StreamExt;
 use futures_util::stream;
+use mirrorlet_oci::budget::Held;
 use mirrorlet_oci::{BlobStream, ByteRange, Digest};
 use tokio::sync::watch;
 
@@ -290,6 +291,8 @@ impl Transfer {
             pos: u64,
             end: u64,
             generation: u32,
+            /// This reader's count of its chunks (spool copies only).
+            held: Option<Arc<Held>>,
         }
         let st = St {
             rx: self.progress.subscribe(),
@@ -297,6 +300,7 @@ impl Transfer {
             pos: range.start,
             end: range.end,
             generation,
+            held: None,
         };
         stream::unfold(st, |mut st| async move {
             loop {
@@ -328,11 +332,16 @@ impl Transfer {
                     let Some(backing) = p.backing.clone() else {
                         continue;
                     };
-                    match backing.read(st.pos, want).await {
+                    if st.held.is_none() {
+                        st.held = backing.reader();
+                    }
+                    // Marked before the read (which may wait for the budget): the filling
+                    // side must not start this copy over unseen once a reader is taking it.
+                    if !verified {
+                        st.t.released.store(true, Ordering::SeqCst);
+                    }
+                    match backing.read(st.pos, want, st.held.as_ref()).await {
                         Ok(chunk) => {
-                            if !verified {
-                                st.t.released.store(true, Ordering::SeqCst);
-                            }
                             st.pos += chunk.len() as u64;
                             return Some((Ok(chunk), st));
                         }
