@@ -631,9 +631,7 @@ async fn serve_client(
     let copied_from_holders = transfer.copied_from_holders();
     if copied_from_holders && peers.verify == PeerVerify::Stream && size > peers.verify_buffer {
         // Streamed, but only once the copy has bytes: a source that fails before its
-        // first batch is replaced unseen, and none left is a 404. (A copy that fails in
-        // the moment between its first batch and this reader's first read still ends the
-        // response with an error after its head, with no byte sent: containerd retries.)
+        // first batch is replaced unseen, and none left is a 404, not a broken stream.
         (size, generation) = transfer.has_bytes().await.map_err(not_fetched)?;
     } else if copied_from_holders {
         let outcome = transfer.outcome().await;

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream;
-use mirrorlet_oci::budget::Held;
 use mirrorlet_oci::digest::Verifier;
 use mirrorlet_oci::{BlobStream, Budget, ByteRange};
 use tokio::sync::mpsc;
@@ -31,22 +30,8 @@ pub(crate) enum Backing {
 }
 
 impl Backing {
-    /// A reader's count of its chunks, for a spool file (see [`Budget::buffer_for`]).
-    pub(crate) fn reader(&self) -> Option<Arc<Held>> {
-        match self {
-            Self::File(_, budget) => Some(budget.stream()),
-            Self::Memory(_) => None,
-        }
-    }
-
-    /// Reads up to `len` bytes at `pos`, which the caller knows are written (fewer when
-    /// the budget's fair share for the reader `held` is smaller).
-    pub(crate) async fn read(
-        self: &Arc<Self>,
-        pos: u64,
-        len: u64,
-        held: Option<&Arc<Held>>,
-    ) -> io::Result<Bytes> {
+    /// Reads up to `len` bytes at `pos`, which the caller knows are written.
+    pub(crate) async fn read(self: &Arc<Self>, pos: u64, len: u64) -> io::Result<Bytes> {
         match &**self {
             Self::Memory(chunks) => {
                 let chunks = chunks.lock().unwrap_or_else(PoisonError::into_inner);
@@ -60,11 +45,7 @@ impl Backing {
             }
             Self::File(_, budget) => {
                 let len = usize::try_from(len).unwrap_or(0);
-                let mut buf = match held {
-                    Some(held) => budget.buffer_for(held, len).await,
-                    None => budget.buffer(len).await,
-                };
-                let len = buf.limit();
+                let mut buf = budget.buffer(len).await;
                 let me = self.clone();
                 tokio::task::spawn_blocking(move || {
                     let Self::File(f, _) = &*me else {
@@ -84,15 +65,14 @@ impl Backing {
     /// of one copy can run at once.
     pub(crate) fn stream(self: &Arc<Self>, range: ByteRange) -> BlobStream {
         let me = self.clone();
-        let held = self.reader();
         stream::unfold(range.start, move |pos| {
-            let (me, held) = (me.clone(), held.clone());
+            let me = me.clone();
             async move {
                 if pos >= range.end {
                     return None;
                 }
                 let want = (range.end - pos).min(super::READ_CHUNK);
-                match me.read(pos, want, held.as_ref()).await {
+                match me.read(pos, want).await {
                     Ok(c) if c.is_empty() => Some((
                         Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,

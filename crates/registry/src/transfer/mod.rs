@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::StreamExt;
 use futures_util::stream;
-use mirrorlet_oci::budget::Held;
 use mirrorlet_oci::{BlobStream, ByteRange, Digest};
 use tokio::sync::watch;
 
@@ -291,8 +290,6 @@ impl Transfer {
             pos: u64,
             end: u64,
             generation: u32,
-            /// This reader's count of its chunks (spool copies only).
-            held: Option<Arc<Held>>,
         }
         let st = St {
             rx: self.progress.subscribe(),
@@ -300,7 +297,6 @@ impl Transfer {
             pos: range.start,
             end: range.end,
             generation,
-            held: None,
         };
         stream::unfold(st, |mut st| async move {
             loop {
@@ -332,16 +328,11 @@ impl Transfer {
                     let Some(backing) = p.backing.clone() else {
                         continue;
                     };
-                    if st.held.is_none() {
-                        st.held = backing.reader();
-                    }
-                    // Marked before the read (which may wait for the budget): the filling
-                    // side must not start this copy over unseen once a reader is taking it.
-                    if !verified {
-                        st.t.released.store(true, Ordering::SeqCst);
-                    }
-                    match backing.read(st.pos, want, st.held.as_ref()).await {
+                    match backing.read(st.pos, want).await {
                         Ok(chunk) => {
+                            if !verified {
+                                st.t.released.store(true, Ordering::SeqCst);
+                            }
                             st.pos += chunk.len() as u64;
                             return Some((Ok(chunk), st));
                         }
