@@ -279,6 +279,40 @@ impl Cluster {
         Ok(Digest::parse(d)?)
     }
 
+    /// A cluster of one node holding `image` (pulled through the CRI), its agent started
+    /// with `agent_args`, and the image's manifest as that agent serves it: the setup of
+    /// the one-agent benchmarks.
+    pub async fn holding(
+        image: &TestImage,
+        agent_args: Vec<String>,
+    ) -> Result<(Self, serde_json::Value)> {
+        let c = Self::start(Options {
+            nodes: 1,
+            images: vec![image.clone()],
+            agent_args,
+            ..Options::default()
+        })
+        .await?;
+        let node = c.node(1);
+        node.cri
+            .pull(&Self::image_ref(image), Duration::from_secs(300))
+            .await?;
+        let manifest = c.upstream_digest(&image.repo, &image.tag).await?;
+        let body = c
+            .http
+            .get(format!(
+                "{}/v2/{}/manifests/{manifest}?ns={REGISTRY}",
+                node.agent_url(),
+                image.repo
+            ))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok((c, body))
+    }
+
     /// The front's counts (see `hub-front`).
     pub async fn front_stats(&self) -> Result<serde_json::Value> {
         let (_, addr) = self.front.as_ref().context("no front")?;

@@ -226,6 +226,15 @@ fn corrupt(bytes: &Bytes) -> Bytes {
     Bytes::from(v)
 }
 
+/// A fake peer that serves `bytes` whole as `digest`.
+async fn serving(net: &Arc<MemoryNetwork>, id: &str, digest: &Digest, bytes: Bytes) {
+    fake_peer(net, id, vec![digest.to_string()], move |_| {
+        let bytes = bytes.clone();
+        async move { ok_body(bytes) }
+    })
+    .await;
+}
+
 fn ok_body(bytes: Bytes) -> Response {
     Response::builder()
         .header("content-length", bytes.len())
@@ -238,15 +247,11 @@ async fn corrupt_small_blobs_are_never_delivered_and_the_peer_is_avoided() {
     let net = Arc::new(MemoryNetwork::default());
     let source = MemoryStore::new();
     let img = image(&source, 10_000); // under the verify buffer: checked before sending
-    let bad = corrupt(&img.layer_bytes);
-    fake_peer(
+    serving(
         &net,
         "a-corrupt",
-        vec![img.layer.digest.to_string()],
-        move |_| {
-            let bad = bad.clone();
-            async move { ok_body(bad) }
-        },
+        &img.layer.digest,
+        corrupt(&img.layer_bytes),
     )
     .await;
     let (b, _) = node(&net, "b", Arc::new(MemoryStore::new()), test_config()).await;
@@ -288,15 +293,11 @@ async fn a_large_corrupt_blob_is_never_sent_and_another_peer_serves_it() {
     let net = Arc::new(MemoryNetwork::default());
     let source = MemoryStore::new();
     let img = image(&source, 1_000_000); // over the verify buffer: spooled, then checked
-    let bad = corrupt(&img.layer_bytes);
-    fake_peer(
+    serving(
         &net,
         "a-corrupt",
-        vec![img.layer.digest.to_string()],
-        move |_| {
-            let bad = bad.clone();
-            async move { ok_body(bad) }
-        },
+        &img.layer.digest,
+        corrupt(&img.layer_bytes),
     )
     .await;
     let (b, _) = node(&net, "b", Arc::new(MemoryStore::new()), whole()).await;
@@ -311,17 +312,7 @@ async fn a_large_corrupt_blob_is_never_sent_and_another_peer_serves_it() {
     assert_eq!(b.metric("mirrorlet_peer_digest_mismatches_total"), 1.0);
 
     // With an honest peer too, the same request is served correctly in one go.
-    let good = img.layer_bytes.clone();
-    fake_peer(
-        &net,
-        "c-honest",
-        vec![img.layer.digest.to_string()],
-        move |_| {
-            let good = good.clone();
-            async move { ok_body(good) }
-        },
-    )
-    .await;
+    serving(&net, "c-honest", &img.layer.digest, img.layer_bytes.clone()).await;
     let (b2, _) = node(&net, "b2", Arc::new(MemoryStore::new()), whole()).await;
     let r = reqwest::get(blob_url(&b2, &img.layer.digest))
         .await
@@ -388,17 +379,7 @@ async fn a_large_corrupt_blob_streamed_is_cut_before_its_last_byte_and_the_retry
     assert_eq!(b.metric("mirrorlet_peer_digest_mismatches_total"), 1.0);
 
     // The corrupt peer is avoided now: with an honest one, the retry is served whole.
-    let good = img.layer_bytes.clone();
-    fake_peer(
-        &net,
-        "c-honest",
-        vec![img.layer.digest.to_string()],
-        move |_| {
-            let good = good.clone();
-            async move { ok_body(good) }
-        },
-    )
-    .await;
+    serving(&net, "c-honest", &img.layer.digest, img.layer_bytes.clone()).await;
     let r = reqwest::get(blob_url(&b, &img.layer.digest))
         .await
         .expect("get");

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use mirrorlet_e2e::{Cluster, Options, REGISTRY, TestImage};
+use mirrorlet_e2e::{Cluster, REGISTRY, TestImage};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -152,31 +152,12 @@ async fn main() -> Result<()> {
     let out = PathBuf::from(argv.next().unwrap_or_else(|| "target/soak".into()));
     std::fs::create_dir_all(&out)?;
     let image = TestImage::single("soak/app", "v1", &[64 << 20, 4 << 20, 300_000]);
-    let c = Cluster::start(Options {
-        nodes: 1,
-        images: vec![image.clone()],
-        ..Options::default()
-    })
-    .await?;
+    let (c, body) = Cluster::holding(&image, Vec::new()).await?;
     let node = c.node(1);
-    node.cri
-        .pull(&Cluster::image_ref(&image), Duration::from_secs(300))
-        .await?;
     let manifest = c
         .upstream_digest(&image.repo, &image.tag)
         .await?
         .to_string();
-    let body: serde_json::Value = c
-        .http
-        .get(format!(
-            "{}/v2/{}/manifests/{manifest}?ns={REGISTRY}",
-            node.agent_url(),
-            image.repo
-        ))
-        .send()
-        .await?
-        .json()
-        .await?;
     let mut blobs = vec![
         body["config"]["digest"]
             .as_str()

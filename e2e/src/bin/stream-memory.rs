@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use mirrorlet_e2e::process::resident;
-use mirrorlet_e2e::{Cluster, Options, REGISTRY, TestImage};
+use mirrorlet_e2e::{Cluster, REGISTRY, TestImage};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -78,18 +78,9 @@ async fn read_all(http: &reqwest::Client, blob: &str, size: u64) -> Result<f64> 
 
 async fn measure(budget: &str) -> Result<Figures> {
     let image = TestImage::single("bench/streams", "v1", &[LAYER]);
-    let c = Cluster::start(Options {
-        nodes: 1,
-        images: vec![image.clone()],
-        agent_args: vec!["--stream-memory".into(), budget.into()],
-        ..Options::default()
-    })
-    .await?;
+    let args = vec!["--stream-memory".into(), budget.into()];
+    let (c, body) = Cluster::holding(&image, args).await?;
     let node = c.node(1);
-    node.cri
-        .pull(&Cluster::image_ref(&image), Duration::from_secs(300))
-        .await?;
-    let manifest = c.upstream_digest(&image.repo, &image.tag).await?;
     let url = |what: &str| {
         format!(
             "{}/v2/{}/{what}?ns={REGISTRY}",
@@ -97,13 +88,6 @@ async fn measure(budget: &str) -> Result<Figures> {
             image.repo
         )
     };
-    let body: serde_json::Value = c
-        .http
-        .get(url(&format!("manifests/{manifest}")))
-        .send()
-        .await?
-        .json()
-        .await?;
     let layer = body["layers"][0]["digest"]
         .as_str()
         .context("layer")?
