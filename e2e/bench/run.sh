@@ -7,3 +7,4 @@ cd "$(dirname "$0")"
 ./p2p.sh "${RUNS:-3}"
 ./pullthrough.sh "${NODES:-5}" "${UPSTREAM_RATE:-400mbit}"
 ./stream-memory.sh
+./keys-memory.sh

@@ -94,20 +94,17 @@ impl TestImage {
 
     /// Generates the OCI layout (or reuses the cached one) and returns its directory.
     pub fn layout(&self, cache: &Path) -> Result<PathBuf> {
-        let dir = cache.join(self.cache_name());
-        if dir.join("index.json").exists() {
-            return Ok(dir);
-        }
-        let tmp = cache.join(format!("{}.tmp{}", self.cache_name(), std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(tmp.join("blobs/sha256"))?;
-        std::fs::write(tmp.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        write_layout(cache, &self.cache_name(), std::slice::from_ref(self))
+    }
+
+    /// The image's top descriptor (manifest or index), its blobs written into `dir`.
+    fn write_into(&self, dir: &Path) -> Result<serde_json::Value> {
         let seed = self.seed();
-        let top = match &self.shape {
-            Shape::Single { layers, .. } => write_image(&tmp, seed, "amd64", layers)?,
+        let mut top = match &self.shape {
+            Shape::Single { layers, .. } => write_image(dir, seed, "amd64", layers)?,
             Shape::MultiArch { layers } => {
-                let amd = write_image(&tmp, seed, "amd64", layers)?;
-                let arm = write_image(&tmp, seed ^ 0xA5A5_A5A5, "arm64", layers)?;
+                let amd = write_image(dir, seed, "amd64", layers)?;
+                let arm = write_image(dir, seed ^ 0xA5A5_A5A5, "arm64", layers)?;
                 let with_platform = |mut d: serde_json::Value, arch: &str| {
                     d["platform"] = json!({"architecture": arch, "os": "linux"});
                     d
@@ -117,15 +114,11 @@ impl TestImage {
                     "mediaType": "application/vnd.oci.image.index.v1+json",
                     "manifests": [with_platform(amd, "amd64"), with_platform(arm, "arm64")],
                 });
-                write_json_blob(&tmp, &index, "application/vnd.oci.image.index.v1+json")?
+                write_json_blob(dir, &index, "application/vnd.oci.image.index.v1+json")?
             }
         };
-        let mut top = top;
         top["annotations"] = json!({"org.opencontainers.image.ref.name": self.tag});
-        let index_json = json!({"schemaVersion": 2, "manifests": [top]});
-        std::fs::write(tmp.join("index.json"), serde_json::to_vec(&index_json)?)?;
-        std::fs::rename(&tmp, &dir).or_else(|e| if dir.exists() { Ok(()) } else { Err(e) })?;
-        Ok(dir)
+        Ok(top)
     }
 
     /// Pushes the image to `registry` (`host:port`, plain HTTP) with skopeo, with `login`
@@ -159,6 +152,27 @@ impl TestImage {
         run("skopeo", &args).with_context(|| format!("pushing {}:{}", self.repo, self.tag))?;
         Ok(())
     }
+}
+
+/// One OCI layout named `name` in `cache` holding `images` (each under its tag), generated
+/// once and reused; its directory.
+pub fn write_layout(cache: &Path, name: &str, images: &[TestImage]) -> Result<PathBuf> {
+    let dir = cache.join(name);
+    if dir.join("index.json").exists() {
+        return Ok(dir);
+    }
+    let tmp = cache.join(format!("{name}.tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(tmp.join("blobs/sha256"))?;
+    std::fs::write(tmp.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let manifests = images
+        .iter()
+        .map(|i| i.write_into(&tmp))
+        .collect::<Result<Vec<_>>>()?;
+    let index_json = json!({"schemaVersion": 2, "manifests": manifests});
+    std::fs::write(tmp.join("index.json"), serde_json::to_vec(&index_json)?)?;
+    std::fs::rename(&tmp, &dir).or_else(|e| if dir.exists() { Ok(()) } else { Err(e) })?;
+    Ok(dir)
 }
 
 /// Writes layers, config and manifest for one platform; returns the manifest descriptor.

@@ -18,6 +18,7 @@ pub mod config;
 pub mod error;
 mod failed;
 mod headers;
+mod manifest_cache;
 pub mod metrics;
 mod negotiate;
 mod outcome;

@@ -253,18 +253,13 @@ async fn manifest_by_digest(
     digest: &Digest,
 ) -> Result<(Response, Source), RegistryError> {
     let state = ask.state;
-    let local = state
-        .store
-        .descriptor(digest)
-        .await
-        .map(|o| o.filter(|desc| manifest::is_manifest_type(&desc.media_type)));
-    let local_problem = match local {
-        Ok(Some(desc)) => {
-            let resp = send_local(ask, &desc, ByteRange::full(desc.size), false, None).await?;
+    let local_problem = match held_manifest(state, digest).await {
+        Ok(Some((desc, bytes))) => {
+            let resp = send_manifest(ask, &desc, bytes, Source::Local, None)?;
             return Ok((resp, Source::Local));
         }
         Ok(None) => None,
-        Err(e) => Some(store_error(e)),
+        Err(e) => Some(e),
     };
     if ask.requester != Requester::Peer {
         let for_cluster = ask.requester == Requester::Cluster;
@@ -324,8 +319,8 @@ async fn tag(ask: &Ask<'_>, name: ImageName) -> Result<(Response, Source), Regis
 async fn local_tag(ask: &Ask<'_>, name: &ImageName) -> Result<(Response, Source), RegistryError> {
     match tags::local(ask.state, name).await {
         Some(e) => {
-            let range = ByteRange::full(e.descriptor.size);
-            let resp = send_local(ask, &e.descriptor, range, false, Some(e.confirmed)).await?;
+            let bytes = manifest_bytes(ask.state, &e.descriptor).await?;
+            let resp = send_manifest(ask, &e.descriptor, bytes, Source::Local, Some(e.confirmed))?;
             Ok((resp, Source::Local))
         }
         None => Err(RegistryError::ManifestUnknown(format!(
@@ -340,8 +335,8 @@ async fn held_tag(ask: &Ask<'_>, name: &ImageName) -> Result<(Response, Source),
     let state = ask.state;
     let local_problem = match state.store.resolve(name).await {
         Ok(Some(t)) => {
-            let range = ByteRange::full(t.descriptor.size);
-            let resp = send_local(ask, &t.descriptor, range, false, None).await?;
+            let bytes = manifest_bytes(state, &t.descriptor).await?;
+            let resp = send_manifest(ask, &t.descriptor, bytes, Source::Local, None)?;
             return Ok((resp, Source::Local));
         }
         Ok(None) => None,
@@ -447,8 +442,8 @@ async fn tag_as_owner(
     if ask.head {
         return Ok((manifest_head(desc, confirmed)?, resolved.source));
     }
-    if let Ok(Some(_)) = state.store.size(&desc.digest).await {
-        let resp = send_local(ask, desc, ByteRange::full(desc.size), false, confirmed).await?;
+    if let Ok(Some((desc, bytes))) = held_manifest(state, &desc.digest).await {
+        let resp = send_manifest(ask, &desc, bytes, Source::Local, confirmed)?;
         return Ok((resp, Source::Local));
     }
     let m = pullthrough::manifest(state, &name.registry, &name.repository, &desc.digest, false)
@@ -793,6 +788,72 @@ fn manifest_head(
 }
 
 /// A manifest held in memory (verified), as a response.
+/// The manifest `digest` if the node holds it: kept in memory once read (see
+/// [`crate::manifest_cache`]), so a manifest asked for again costs no call to the store.
+async fn held_manifest(
+    state: &Arc<AppState>,
+    digest: &Digest,
+) -> Result<Option<(Descriptor, bytes::Bytes)>, RegistryError> {
+    if let Some(held) = state.local_manifests.get(digest) {
+        return Ok(Some(held));
+    }
+    let desc = state.store.descriptor(digest).await.map_err(store_error)?;
+    match desc.filter(|d| manifest::is_manifest_type(&d.media_type)) {
+        Some(desc) => {
+            let bytes = manifest_bytes(state, &desc).await?;
+            Ok(Some((desc, bytes)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The bytes of the manifest `desc`, which the store holds: from memory if they were read
+/// before, else read whole from the store and kept.
+async fn manifest_bytes(
+    state: &Arc<AppState>,
+    desc: &Descriptor,
+) -> Result<bytes::Bytes, RegistryError> {
+    if let Some((_, bytes)) = state.local_manifests.get(&desc.digest) {
+        return Ok(bytes);
+    }
+    let mut stream = state
+        .store
+        .open(&desc.digest, ByteRange::full(desc.size))
+        .await
+        .map_err(store_error)?;
+    let mut buf = bytes::BytesMut::with_capacity(usize::try_from(desc.size).unwrap_or(0));
+    let mut check = desc.digest.verifier();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|source| {
+            store_error(StoreError::Read {
+                digest: desc.digest.clone(),
+                source,
+            })
+        })?;
+        if (buf.len() + chunk.len()) as u64 > desc.size {
+            break;
+        }
+        check.update(&chunk);
+        buf.extend_from_slice(&chunk);
+    }
+    let bytes = buf.freeze();
+    // What is kept must be what the digest names (a damaged file would be served on).
+    if bytes.len() as u64 != desc.size || !check.matches() {
+        return Err(store_error(StoreError::Read {
+            digest: desc.digest.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "the content read does not match its digest and size ({} bytes)",
+                    desc.size
+                ),
+            ),
+        }));
+    }
+    state.local_manifests.put(&state.store, desc, bytes.clone());
+    Ok(bytes)
+}
+
 fn send_manifest(
     ask: &Ask<'_>,
     desc: &Descriptor,
@@ -803,10 +864,13 @@ fn send_manifest(
     if ask.head {
         return manifest_head(desc, confirmed);
     }
-    ask.state
-        .metrics
+    let metrics = &ask.state.metrics;
+    metrics
         .bytes_from(source, ask.requester_label())
         .inc_by(bytes.len() as u64);
+    if ask.is_agent() {
+        metrics.peer_served_bytes.inc_by(bytes.len() as u64);
+    }
     let head = content_head(
         &desc.media_type,
         &desc.digest,

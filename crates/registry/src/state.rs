@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use crate::cache::Cache;
 use crate::config::{PeerConfig, PullThroughConfig};
 use crate::failed::FailedPeers;
+use crate::manifest_cache::ManifestCache;
 use crate::metrics::Metrics;
 use crate::outcome::{Fetched, Miss};
 use crate::ratelimit::RateLimiter;
@@ -65,6 +66,8 @@ pub struct AppState {
     pub tags: Tags,
     /// Manifest fetches in flight.
     pub manifests: SingleFlight<Digest, Result<Fetched, Miss>>,
+    /// Manifests served from [`AppState::store`], kept by digest.
+    pub(crate) local_manifests: ManifestCache,
     /// Request and byte metrics.
     pub metrics: Metrics,
     /// The metrics registry rendered at `/metrics`.
@@ -119,6 +122,7 @@ impl AppState {
             cache,
             tags: Tags::default(),
             manifests: SingleFlight::default(),
+            local_manifests: ManifestCache::default(),
             metrics,
             metrics_registry,
             ready,

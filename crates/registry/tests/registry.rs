@@ -669,3 +669,116 @@ async fn large_blob_streams_whole_and_shutdown_drains() {
         "listener closed"
     );
 }
+
+/// The in-memory store, counting the calls a request makes to it by digest.
+struct Counting {
+    inner: Arc<MemoryStore>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl Counting {
+    fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn count(&self) {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Counting {
+    async fn resolve(&self, name: &ImageName) -> Result<Option<TagTarget>, StoreError> {
+        self.inner.resolve(name).await
+    }
+    async fn descriptor(&self, d: &Digest) -> Result<Option<Descriptor>, StoreError> {
+        self.count();
+        self.inner.descriptor(d).await
+    }
+    async fn size(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
+        self.count();
+        self.inner.size(d).await
+    }
+    async fn open(&self, d: &Digest, r: ByteRange) -> Result<BlobStream, StoreError> {
+        self.count();
+        self.inner.open(d, r).await
+    }
+    async fn list(&self) -> Result<Inventory, StoreError> {
+        self.inner.list().await
+    }
+    async fn image(&self, name: &str) -> Result<Option<ImageContent>, StoreError> {
+        self.inner.image(name).await
+    }
+    fn watch(&self) -> BoxStream<'static, StoreEvent> {
+        self.inner.watch()
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    async fn abort_ingests(&self, d: &Digest) -> Result<usize, StoreError> {
+        self.inner.abort_ingests(d).await
+    }
+}
+
+#[tokio::test]
+async fn a_manifest_asked_for_again_is_served_from_memory_until_the_store_deletes_it() {
+    let fx = fixture();
+    let store = Arc::new(Counting {
+        inner: fx.store.clone(),
+        calls: 0.into(),
+    });
+    let srv = start(store.clone()).await;
+    let http = support::client();
+    let url = format!(
+        "{}/v2/library/app/manifests/{}",
+        srv.base, fx.manifest.digest
+    );
+    let get = || async {
+        let r = http
+            .get(&url)
+            .header("accept", DOCKER_MANIFEST)
+            .send()
+            .await
+            .expect("get");
+        (r.status(), r.bytes().await.expect("body"))
+    };
+    // The first request reads the store (and its feed resyncs the cache once: the
+    // manifest may be read a second time)...
+    for _ in 0..2 {
+        assert_eq!(get().await, (StatusCode::OK, fx.manifest_bytes.clone()));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let before = store.calls();
+    assert!(before > 0);
+    // ... after which it is answered from memory, GET and HEAD.
+    for _ in 0..5 {
+        assert_eq!(get().await, (StatusCode::OK, fx.manifest_bytes.clone()));
+        let r = http.head(&url).send().await.expect("head");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            r.headers()["docker-content-digest"],
+            fx.manifest.digest.as_str()
+        );
+    }
+    assert_eq!(
+        store.calls(),
+        before,
+        "no call to the store for a held manifest"
+    );
+
+    // Deleted from the store: the cache hears it and the manifest is gone.
+    fx.store.delete_blob(&fx.manifest.digest);
+    let mut status = StatusCode::OK;
+    for _ in 0..100 {
+        status = get().await.0;
+        if status == StatusCode::NOT_FOUND {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "a deleted manifest is not served on"
+    );
+    srv.shutdown.cancel();
+}
