@@ -50,6 +50,9 @@ pub struct PeerConfig {
     /// Blobs a peer announces as larger than this are not taken from peers (a bound on the
     /// spool, against a peer lying about sizes).
     pub max_blob_size: u64,
+    /// Blobs at least this large are read from up to four holders at once, in parts of at
+    /// least an eighth of this (when more than one node holds them).
+    pub parts_from: u64,
     /// Where blobs larger than the verify buffer are spooled while they are verified
     /// (anonymous files, gone when closed).
     pub spool_dir: std::path::PathBuf,
@@ -73,6 +76,7 @@ impl Default for PeerConfig {
             verify: PeerVerify::default(),
             tag_excludes: vec![Glob::new("*:latest")],
             max_blob_size: 32 << 30,
+            parts_from: 64 << 20,
             spool_dir: std::env::temp_dir(),
             source_address: None,
         }

@@ -101,6 +101,27 @@ impl Candidates {
         }
     }
 
+    /// Up to `n` more peers found already (none is waited for), handed out like
+    /// [`Candidates::next`]'s.
+    pub(crate) fn ready(&mut self, failed: &FailedPeers, n: usize) -> Vec<Peer> {
+        if let Some(lookup) = self.lookup.as_mut() {
+            while let Some(Some(more)) = lookup.next().now_or_never() {
+                self.queue.push_back(more);
+            }
+        }
+        let mut out = Vec::new();
+        while out.len() < n
+            && let Some(p) = self.queue.pop_front()
+        {
+            if self.tried.contains(&p) || failed.is_failed(&p) {
+                continue;
+            }
+            self.tried.push(p.clone());
+            out.push(p);
+        }
+        out
+    }
+
     /// Peers handed out so far.
     pub(crate) fn tried(&self) -> &[Peer] {
         &self.tried

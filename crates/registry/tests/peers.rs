@@ -585,3 +585,128 @@ async fn a_peer_lying_about_the_size_does_not_get_honest_peers_blamed() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.expect("body"), real, "the retry is whole");
 }
+
+/// Serves `bytes` like [`ranged`], `chunk` bytes at a time with `pause` between them;
+/// counts the body bytes it sends in `sent`.
+fn paced(
+    bytes: Bytes,
+    req: &Request,
+    chunk: usize,
+    pause: Duration,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+) -> Response {
+    let resp = ranged(bytes.clone(), req);
+    let (parts, body) = resp.into_parts();
+    let stream = futures_util::stream::unfold(
+        (body.into_data_stream(), Bytes::new()),
+        move |(mut body, mut left)| {
+            let sent = sent.clone();
+            async move {
+                if left.is_empty() {
+                    left = body.next().await?.ok()?;
+                }
+                tokio::time::sleep(pause).await;
+                let piece = left.split_to(chunk.min(left.len()));
+                sent.fetch_add(piece.len() as u64, std::sync::atomic::Ordering::SeqCst);
+                Some((Ok::<_, std::io::Error>(piece), (body, left)))
+            }
+        },
+    );
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+/// A large blob held by two nodes is read from both at once, in parts: the fast one ends
+/// up sending most of it, the slow one does not set the pace.
+#[tokio::test]
+async fn a_large_blob_comes_from_several_holders_and_a_slow_one_sends_less() {
+    let net = Arc::new(MemoryNetwork::default());
+    let img = image(&MemoryStore::new(), 8 << 20);
+    let key = vec![img.layer.digest.to_string()];
+    let counters: Vec<Arc<std::sync::atomic::AtomicU64>> = (0..2).map(|_| Arc::default()).collect();
+    // 64 KiB per 20 ms (about 3 MB/s), and per 1 ms (about 64 MB/s).
+    for (id, pause, sent) in [
+        ("a-slow", Duration::from_millis(20), counters[0].clone()),
+        ("b-fast", Duration::from_millis(1), counters[1].clone()),
+    ] {
+        let bytes = img.layer_bytes.clone();
+        fake_peer(&net, id, key.clone(), move |req| {
+            let (bytes, sent) = (bytes.clone(), sent.clone());
+            async move { paced(bytes, &req, 64 << 10, pause, sent) }
+        })
+        .await;
+    }
+    let config = PeerConfig {
+        parts_from: 4 << 20,
+        ..test_config()
+    };
+    let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), config).await;
+    let r = reqwest::get(blob_url(&n, &img.layer.digest))
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.expect("body"), img.layer_bytes);
+    let [slow, fast] = [0, 1].map(|i| counters[i].load(std::sync::atomic::Ordering::SeqCst));
+    assert!(
+        slow > 0,
+        "both holders send parts (slow sent {slow}, fast {fast})"
+    );
+    assert!(
+        fast > 6 << 20,
+        "the fast holder takes the slow one's parts (slow sent {slow}, fast {fast})"
+    );
+    assert_eq!(n.metric("mirrorlet_peer_digest_mismatches_total"), 0.0);
+}
+
+/// A holder that dies in the middle of its part leaves it to the other lane.
+#[tokio::test]
+async fn a_holder_that_dies_in_its_part_leaves_it_to_the_others() {
+    let net = Arc::new(MemoryNetwork::default());
+    let img = image(&MemoryStore::new(), 8 << 20);
+    let key = vec![img.layer.digest.to_string()];
+    // Found first (the in-memory router lists providers in order): the copy's own lane.
+    let honest = img.layer_bytes.clone();
+    fake_peer(&net, "a-honest", key.clone(), move |req| {
+        let honest = honest.clone();
+        async move { ranged(honest, &req) }
+    })
+    .await;
+    // The other lane: its range dies after the first 256 KiB.
+    let good = img.layer_bytes.clone();
+    let ranges = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let asked = ranges.clone();
+    fake_peer(&net, "b-dies", key, move |req: Request| {
+        let (good, asked) = (good.clone(), asked.clone());
+        async move {
+            if !req.headers().contains_key("range") {
+                return ok_body(good);
+            }
+            asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (parts, body) = ranged(good, &req).into_parts();
+            let first = futures_util::stream::once(async move {
+                let all = axum::body::to_bytes(body, usize::MAX).await.expect("body");
+                Ok::<_, std::io::Error>(all.slice(..256 << 10))
+            })
+            .chain(futures_util::stream::once(async {
+                Err(std::io::Error::other("peer died"))
+            }));
+            Response::from_parts(parts, Body::from_stream(first))
+        }
+    })
+    .await;
+    let config = PeerConfig {
+        parts_from: 4 << 20,
+        ..test_config()
+    };
+    let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), config).await;
+    let r = reqwest::get(blob_url(&n, &img.layer.digest))
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.expect("body"), img.layer_bytes);
+    assert_eq!(
+        ranges.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the second holder was asked for a part (and then left out)"
+    );
+    assert_eq!(n.metric("mirrorlet_peer_digest_mismatches_total"), 0.0);
+}

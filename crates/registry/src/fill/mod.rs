@@ -14,6 +14,7 @@
 //! any reader took a byte (a peer lied, sent wrong bytes, or disagreed about the size)
 //! starts over from other sources; once readers have bytes, a failure ends the transfer.
 
+mod parts;
 mod sources;
 
 use std::io;
@@ -28,7 +29,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::error::chain;
 use crate::metrics::{FetchLabels, ReasonLabels};
 use crate::state::AppState;
-use crate::transfer::{Backing, Origin, Outcome, Sink, Transfer};
+use crate::transfer::{Backing, LaneWriter, Origin, Outcome, Sink, Transfer};
+use parts::{Claim, MAX_LANES, Plan};
 use sources::{Opened, Sources};
 
 /// Bytes gathered from the network before a write.
@@ -224,7 +226,8 @@ impl Job {
         }
     }
 
-    /// One copy: from `first`, continuing at other sources after a break; then verified.
+    /// One copy: from `first`, continuing at other sources after a break; a large blob
+    /// also from other holders at once, in parts; then verified.
     async fn copy(
         &self,
         first: Opened,
@@ -243,91 +246,48 @@ impl Job {
         let (mut sink, backing, _slot) = self.sink(size).await?;
         self.transfer.begin(size, first.origin, backing.clone());
         sources.announcer = first.peer.clone();
-        let mut contributors: Vec<Option<Peer>> = vec![first.peer.clone()];
-        let mut current = first;
-        let mut batch = BytesMut::with_capacity(BATCH);
-        let mut pos: u64 = 0;
-        let disk = |e: io::Error| {
-            // Disk full and the like: the request still gets its 404 (containerd goes on
-            // to the registry), but the operator must hear of it.
-            tracing::warn!(digest = %self.transfer.digest, error = %e, spool = %state.peers.spool_dir.display(), "writing the spool failed");
-            state
-                .metrics
-                .peer_failures
-                .get_or_create(&ReasonLabels { reason: "spool" })
-                .inc();
-            CopyFailed::plain(format!("writing the spool: {e}"))
-        };
-        while pos < size {
-            // Upstream bodies carry their own stall limit; peers get the peer read timeout.
-            let stall = match current.origin {
-                Origin::Upstream => Duration::from_secs(3600),
-                _ => state.peers.read_timeout,
-            };
-            let failure = match tokio::time::timeout(stall, current.body.next()).await {
-                Ok(Some(Ok(mut chunk))) => {
-                    if current.skip > 0 {
-                        let n = current.skip.min(chunk.len() as u64);
-                        current.skip -= n;
-                        chunk = chunk.slice(usize::try_from(n).unwrap_or(0)..);
-                    }
-                    let n = chunk.len() as u64;
-                    if pos + n > size {
-                        Some("sent more bytes than the blob has".to_owned())
-                    } else {
-                        batch.extend_from_slice(&chunk);
-                        pos += n;
-                        if batch.len() >= BATCH || pos == size {
-                            sink.write(batch.split().freeze()).await.map_err(disk)?;
-                        }
-                        None
-                    }
-                }
-                Ok(Some(Err(e))) => Some(format!("the stream broke: {}", chain(&e))),
-                Ok(None) => Some("the stream ended early".to_owned()),
-                Err(_) => Some("the stream stalled".to_owned()),
-            };
-            let Some(why) = failure else {
-                continue;
-            };
-            match &current.peer {
-                Some(p) => state
-                    .failed_peers
-                    .mark(p, state.peers.failure_backoff, &why),
-                None => {
-                    tracing::warn!(digest = %self.transfer.digest, offset = pos, why = %why, "upstream transfer broke")
-                }
+        let parts_from = state.peers.parts_from;
+        let plan = Arc::new(Plan::new(size, parts_from / 8));
+        // Aborted when the copy ends, however it ends.
+        let mut lanes = tokio::task::JoinSet::new();
+        if first.origin == Origin::Holders
+            && size >= parts_from
+            && let Some(writer) = sink.lane()
+        {
+            for peer in sources.more_holders(MAX_LANES - 1) {
+                tracing::debug!(digest = %self.transfer.digest, peer = %peer.addr, "reading a part of the blob from another holder");
+                lanes.spawn(holder_lane(
+                    state.clone(),
+                    sources.path(),
+                    peer,
+                    plan.clone(),
+                    writer.clone(),
+                    size,
+                ));
             }
-            if !batch.is_empty() {
-                sink.write(batch.split().freeze()).await.map_err(disk)?;
+        }
+        let mut from_upstream = false;
+        let ended = self
+            .main_lane(first, sources, &plan, &mut sink, &mut from_upstream)
+            .await;
+        if let Err(e) = ended {
+            // Its sources are used up, but other holders may still finish the copy.
+            while !plan.complete() && lanes.join_next().await.is_some() {}
+            if !plan.complete() {
+                return Err(e);
             }
-            let Some(next) = sources.open(pos, Some(size)).await else {
-                return Err(CopyFailed::plain(format!(
-                    "{why} at byte {pos}, and no source could continue ({})",
-                    sources.why_none()
-                )));
-            };
-            state.metrics.resumes.inc();
-            tracing::info!(peer = ?next.peer.as_ref().map(|p| p.addr), origin = ?next.origin, digest = %self.transfer.digest, offset = pos, "continuing the blob at another source");
-            self.transfer.set_origin(next.origin);
-            contributors.push(next.peer.clone());
-            current = next;
         }
-        if !batch.is_empty() {
-            sink.write(batch.split().freeze()).await.map_err(disk)?;
-        }
-        debug_assert_eq!(sink.written(), size);
-        let matches = sink.finish().await.map_err(disk)?;
+        lanes.shutdown().await;
+        let matches = sink.finish(size).await.map_err(|e| self.disk(e))?;
         if !matches {
-            let from_upstream = contributors.iter().any(Option::is_none);
             if from_upstream {
                 state.metrics.upstream_digest_mismatches.inc();
             } else {
                 state.metrics.digest_mismatches.inc();
             }
-            for p in contributors.iter().flatten() {
+            for p in plan.contributors() {
                 state.failed_peers.mark(
-                    p,
+                    &p,
                     state.peers.corrupt_backoff,
                     "served bytes that do not match the digest",
                 );
@@ -342,5 +302,289 @@ impl Job {
             });
         }
         Ok((backing, size))
+    }
+
+    /// The copy's own lane: reads from `first`, continues at the next source after a
+    /// break (any kind: holders, owners, upstream), and takes parts other lanes leave
+    /// (from the same holder when it can). Returns once every part is read, or when no
+    /// source could continue its part (released for the other lanes).
+    async fn main_lane(
+        &self,
+        first: Opened,
+        sources: &mut Sources<'_>,
+        plan: &Plan,
+        sink: &mut Sink,
+        from_upstream: &mut bool,
+    ) -> Result<(), CopyFailed> {
+        let state = &self.state;
+        let size = first.size;
+        let mut claim = Claim { start: 0, from: 0 };
+        let mut current = first;
+        *from_upstream = current.peer.is_none();
+        let mut pos = 0;
+        loop {
+            // Upstream bodies carry their own stall limit; peers get the peer read timeout.
+            let stall = match current.origin {
+                Origin::Upstream => Duration::from_secs(3600),
+                _ => state.peers.read_timeout,
+            };
+            let mut out = Out::Sink(&mut *sink);
+            let why = match pump(&mut current, &mut pos, claim, plan, &mut out, stall).await {
+                Ok(()) => {
+                    // The part is read: the next one, if any.
+                    let Some(next) = wait_for_part(plan).await else {
+                        return Ok(());
+                    };
+                    claim = next;
+                    pos = next.from;
+                    // From the same holder, else from wherever the copy's sources say.
+                    if let Some(peer) = current
+                        .peer
+                        .clone()
+                        .filter(|_| current.origin == Origin::Holders)
+                        && let Ok(o) =
+                            open_part(state, &sources.path(), &peer, pos, plan.end(claim), size)
+                                .await
+                    {
+                        current = o;
+                        continue;
+                    }
+                    None
+                }
+                Err(Pumped::Disk(e)) => return Err(self.disk(e)),
+                Err(Pumped::Source(why)) => Some(why),
+            };
+            if let Some(why) = &why {
+                match &current.peer {
+                    Some(p) => state.failed_peers.mark(p, state.peers.failure_backoff, why),
+                    None => {
+                        tracing::warn!(digest = %self.transfer.digest, offset = pos, why = %why, "upstream transfer broke");
+                    }
+                }
+            }
+            let Some(next) = sources.open(pos, Some(size)).await else {
+                plan.release(claim);
+                return Err(CopyFailed::plain(format!(
+                    "{} at byte {pos}, and no source could continue ({})",
+                    why.as_deref().unwrap_or("a part could not be opened"),
+                    sources.why_none()
+                )));
+            };
+            if why.is_some() {
+                state.metrics.resumes.inc();
+                tracing::info!(peer = ?next.peer.as_ref().map(|p| p.addr), origin = ?next.origin, digest = %self.transfer.digest, offset = pos, "continuing the blob at another source");
+            }
+            self.transfer.set_origin(next.origin);
+            *from_upstream |= next.peer.is_none();
+            current = next;
+        }
+    }
+
+    /// A spool write failed: disk full and the like. The request still gets its 404
+    /// (containerd goes on to the registry), but the operator must hear of it.
+    fn disk(&self, e: io::Error) -> CopyFailed {
+        let state = &self.state;
+        tracing::warn!(digest = %self.transfer.digest, error = %e, spool = %state.peers.spool_dir.display(), "writing the spool failed");
+        state
+            .metrics
+            .peer_failures
+            .get_or_create(&ReasonLabels { reason: "spool" })
+            .inc();
+        CopyFailed::plain(format!("writing the spool: {e}"))
+    }
+}
+
+/// Where a lane's bytes go: the copy's sink, or a writer at offsets for another lane.
+enum Out<'a> {
+    Sink(&'a mut Sink),
+    Lane(&'a LaneWriter),
+}
+
+impl Out<'_> {
+    async fn write_at(&mut self, at: u64, batch: bytes::Bytes) -> io::Result<()> {
+        match self {
+            Self::Sink(s) => s.write_at(at, batch).await,
+            Self::Lane(l) => l.write_at(at, batch).await,
+        }
+    }
+}
+
+/// Why a lane stopped reading its part.
+enum Pumped {
+    /// The source broke, stalled or ended early.
+    Source(String),
+    /// Writing the spool failed.
+    Disk(io::Error),
+}
+
+/// Reads `src` (positioned at `*pos`) into the copy until the part `claim` ends (its end
+/// can move down while it is read: another lane took its second half). Batches are
+/// written at their offsets; the part advances as they are.
+async fn pump(
+    src: &mut Opened,
+    pos: &mut u64,
+    claim: Claim,
+    plan: &Plan,
+    out: &mut Out<'_>,
+    stall: Duration,
+) -> Result<(), Pumped> {
+    let mut batch = BytesMut::with_capacity(BATCH);
+    let mut at = *pos;
+    let mut failed = None;
+    loop {
+        let end = plan.end(claim);
+        if *pos >= end {
+            break;
+        }
+        match tokio::time::timeout(stall, src.body.next()).await {
+            Ok(Some(Ok(mut chunk))) => {
+                if src.skip > 0 {
+                    let n = src.skip.min(chunk.len() as u64);
+                    src.skip -= n;
+                    chunk = chunk.slice(usize::try_from(n).unwrap_or(0)..);
+                }
+                // Whatever lies past the part's end is another lane's (or past the blob).
+                let n = (chunk.len() as u64).min(end - *pos);
+                batch.extend_from_slice(&chunk[..usize::try_from(n).unwrap_or(0)]);
+                *pos += n;
+                if batch.len() < BATCH && *pos < end {
+                    continue;
+                }
+            }
+            Ok(Some(Err(e))) => failed = Some(format!("the stream broke: {}", chain(&e))),
+            Ok(None) => failed = Some("the stream ended early".to_owned()),
+            Err(_) => failed = Some("the stream stalled".to_owned()),
+        }
+        if !batch.is_empty() {
+            out.write_at(at, batch.split().freeze())
+                .await
+                .map_err(Pumped::Disk)?;
+            at = *pos;
+            plan.advance(claim, *pos, src.peer.as_ref());
+        }
+        if let Some(why) = failed {
+            return Err(Pumped::Source(why));
+        }
+    }
+    if !batch.is_empty() {
+        out.write_at(at, batch.split().freeze())
+            .await
+            .map_err(Pumped::Disk)?;
+    }
+    plan.advance(claim, *pos, src.peer.as_ref());
+    Ok(())
+}
+
+/// A part for a lane whose own part is read: one nobody reads, or half of the slowest;
+/// waits while the other lanes read theirs. `None` once every part is read.
+async fn wait_for_part(plan: &Plan) -> Option<Claim> {
+    let mut changes = plan.watch();
+    loop {
+        changes.borrow_and_update();
+        if let Some(c) = plan.take() {
+            return Some(c);
+        }
+        if plan.complete() {
+            return None;
+        }
+        // The plan outlives its lanes: the sender is never gone while one waits.
+        if changes.changed().await.is_err() {
+            return None;
+        }
+    }
+}
+
+/// `[from, end)` of the blob (of `size` bytes) at `path` from `peer`, which holds it.
+async fn open_part(
+    state: &AppState,
+    path: &str,
+    peer: &Peer,
+    from: u64,
+    end: u64,
+    size: u64,
+) -> Result<Opened, String> {
+    let req = state
+        .http
+        .get(format!("http://{}{path}", peer.addr))
+        .header(
+            crate::headers::PEER_HEADER,
+            crate::cluster::peer_header(state),
+        )
+        .header(
+            http::header::RANGE,
+            format!("bytes={from}-{}", end.saturating_sub(1)),
+        );
+    let resp = crate::peers::send(req, state.peers.read_timeout)
+        .await
+        .map_err(|e| chain(&e))?;
+    let range = resp
+        .headers()
+        .get(http::header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if resp.status() != http::StatusCode::PARTIAL_CONTENT
+        || !range.starts_with(&format!("bytes {from}-"))
+        || !range.ends_with(&format!("/{size}"))
+    {
+        return Err(format!(
+            "answered {} ({range:?}) to a range of the blob",
+            resp.status()
+        ));
+    }
+    Ok(Opened {
+        origin: Origin::Holders,
+        peer: Some(peer.clone()),
+        size,
+        body: futures_util::TryStreamExt::map_err(resp.bytes_stream(), io::Error::other).boxed(),
+        skip: 0,
+    })
+}
+
+/// Another holder's lane: takes parts (at first half of the copy's own) and reads each
+/// from `peer` until none is left; a peer that fails leaves its part to the other lanes.
+async fn holder_lane(
+    state: Arc<AppState>,
+    path: String,
+    peer: Peer,
+    plan: Arc<Plan>,
+    writer: LaneWriter,
+    size: u64,
+) {
+    while let Some(claim) = wait_for_part(&plan).await {
+        let mut pos = claim.from;
+        let why = match open_part(&state, &path, &peer, pos, plan.end(claim), size).await {
+            Ok(mut src) => {
+                let mut out = Out::Lane(&writer);
+                match pump(
+                    &mut src,
+                    &mut pos,
+                    claim,
+                    &plan,
+                    &mut out,
+                    state.peers.read_timeout,
+                )
+                .await
+                {
+                    Ok(()) => continue,
+                    Err(Pumped::Source(why)) => why,
+                    Err(Pumped::Disk(e)) => {
+                        // The copy's own lane hears of it at its next write.
+                        plan.release(claim);
+                        tracing::debug!(error = %e, "a part could not be written");
+                        return;
+                    }
+                }
+            }
+            Err(why) => why,
+        };
+        // The rest of its part is continued by another lane: a resume, as when the copy's
+        // own source breaks.
+        plan.release(claim);
+        state.metrics.resumes.inc();
+        state
+            .failed_peers
+            .mark(&peer, state.peers.failure_backoff, &why);
+        tracing::info!(peer = %peer.addr, offset = pos, why = %why, "a holder stopped sending its part of the blob; the other lanes take it");
+        return;
     }
 }

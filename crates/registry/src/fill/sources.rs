@@ -322,6 +322,13 @@ impl<'a> Sources<'a> {
         }
     }
 
+    /// Up to `n` more holders of the whole blob, found already (for parts of a large
+    /// blob, see [`super::parts`]).
+    pub(super) fn more_holders(&mut self, n: usize) -> Vec<Peer> {
+        let state = &self.job.state;
+        self.holders.ready(&state.failed_peers, n)
+    }
+
     /// Upstream, directly.
     async fn upstream(&mut self, pos: u64, size: Option<u64>) -> Option<Opened> {
         let state = self.job.state.clone();
@@ -369,7 +376,7 @@ impl<'a> Sources<'a> {
     }
 
     /// The blob's path at another agent.
-    fn path(&self) -> String {
+    pub(super) fn path(&self) -> String {
         format!(
             "/v2/{}/blobs/{}?ns={}",
             self.job.repository, self.job.transfer.digest, self.job.registry

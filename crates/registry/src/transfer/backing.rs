@@ -2,6 +2,7 @@
 //! larger ones. The [`Sink`] writes (and hashes) them, off the async threads for files,
 //! and tells the transfer how far it has got; readers read what is there.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -119,10 +120,90 @@ enum Kind {
         generation: u32,
     },
     File {
-        tx: mpsc::Sender<Bytes>,
-        worker: tokio::task::JoinHandle<io::Result<Verifier>>,
+        tx: mpsc::Sender<(u64, Bytes)>,
+        worker: tokio::task::JoinHandle<io::Result<(Verifier, u64)>>,
     },
 }
+
+/// Writes batches of a spooled copy at their offsets, from another task (one reading a
+/// part of the blob: see `fill::parts`).
+#[derive(Clone)]
+pub(crate) struct LaneWriter(mpsc::Sender<(u64, Bytes)>);
+
+impl LaneWriter {
+    /// Writes `batch` at `at` (bytes already written there are kept, not overwritten).
+    pub(crate) async fn write_at(&self, at: u64, batch: Bytes) -> io::Result<()> {
+        self.0
+            .send((at, batch))
+            .await
+            .map_err(|_| io::Error::other("writing the spool file failed"))
+    }
+}
+
+/// What a spool writer knows of the bytes written: the prefix hashed, and what was written
+/// beyond it (ranges from other parts, coalesced), to hash when the prefix reaches them.
+#[derive(Debug, Default)]
+struct Written {
+    hashed: u64,
+    /// Start -> end of the ranges written beyond `hashed`.
+    ahead: BTreeMap<u64, u64>,
+}
+
+impl Written {
+    /// The parts of `[at, end)` not written yet, in order.
+    fn gaps(&self, at: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        let mut from = at.max(self.hashed);
+        // A range that starts before `from` may cover it.
+        if let Some((_, &e)) = self.ahead.range(..=from).next_back() {
+            from = from.max(e);
+        }
+        if from >= end {
+            return gaps;
+        }
+        for (&s, &e) in self.ahead.range(from..end) {
+            if s > from {
+                gaps.push((from, s));
+            }
+            from = from.max(e);
+        }
+        if from < end {
+            gaps.push((from, end));
+        }
+        gaps
+    }
+
+    /// Records `[at, end)` as written (beyond the hashed prefix).
+    fn add(&mut self, at: u64, end: u64) {
+        let (mut s, mut e) = (at, end);
+        if let Some((&ps, &pe)) = self.ahead.range(..=s).next_back()
+            && pe >= s
+        {
+            s = ps;
+            e = e.max(pe);
+        }
+        while let Some((&ns, &ne)) = self.ahead.range(s..).next()
+            && ns <= e
+        {
+            self.ahead.remove(&ns);
+            e = e.max(ne);
+        }
+        self.ahead.insert(s, e);
+    }
+
+    /// The written range that continues the hashed prefix, taken out.
+    fn next_to_hash(&mut self) -> Option<(u64, u64)> {
+        let (&s, &e) = self.ahead.first_key_value()?;
+        if s > self.hashed {
+            return None;
+        }
+        self.ahead.remove(&s);
+        Some((s.max(self.hashed), e))
+    }
+}
+
+/// Bytes read back from the spool at a time to hash a range written out of order.
+const REHASH_CHUNK: usize = 1 << 20;
 
 impl Sink {
     /// A copy kept in memory.
@@ -141,7 +222,10 @@ impl Sink {
     }
 
     /// A copy kept in an anonymous file in `dir`, written and hashed on a blocking thread;
-    /// chunks read from it count against `budget`.
+    /// chunks read from it count against `budget`. Batches can come at any offset (several
+    /// parts at once): each byte is written once, hashed in order (read back from the file
+    /// when it was written ahead of the prefix), and the transfer advances with the
+    /// prefix hashed.
     pub(crate) async fn file(
         transfer: &Arc<Transfer>,
         dir: &Path,
@@ -153,19 +237,41 @@ impl Sink {
             .map_err(|e| io::Error::other(e.to_string()))??;
         let writer = file.try_clone()?;
         let backing = Arc::new(Backing::File(file, budget));
-        let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
+        let (tx, mut rx) = mpsc::channel::<(u64, Bytes)>(QUEUE);
         let mut verifier = transfer.digest.verifier();
         let generation = transfer.next_generation();
         let transfer = transfer.clone();
         let worker = tokio::task::spawn_blocking(move || {
-            let mut at = 0u64;
-            while let Some(batch) = rx.blocking_recv() {
-                verifier.update(&batch);
-                writer.write_all_at(&batch, at)?;
-                at += batch.len() as u64;
-                transfer.advance(generation, at);
+            let mut w = Written::default();
+            let mut scratch = Vec::new();
+            while let Some((at, batch)) = rx.blocking_recv() {
+                let end = at + batch.len() as u64;
+                for (s, e) in w.gaps(at, end) {
+                    let piece = &batch[usize::try_from(s - at).unwrap_or(0)
+                        ..usize::try_from(e - at).unwrap_or(0)];
+                    writer.write_all_at(piece, s)?;
+                    if s == w.hashed {
+                        verifier.update(piece);
+                        w.hashed = e;
+                    } else {
+                        w.add(s, e);
+                    }
+                }
+                while let Some((mut s, e)) = w.next_to_hash() {
+                    while s < e {
+                        let n = usize::try_from(e - s)
+                            .unwrap_or(usize::MAX)
+                            .min(REHASH_CHUNK);
+                        scratch.resize(n, 0);
+                        writer.read_exact_at(&mut scratch, s)?;
+                        verifier.update(&scratch);
+                        s += n as u64;
+                    }
+                    w.hashed = e;
+                }
+                transfer.advance(generation, w.hashed);
             }
-            Ok(verifier)
+            Ok((verifier, w.hashed))
         });
         let sink = Self {
             kind: Kind::File { tx, worker },
@@ -174,9 +280,18 @@ impl Sink {
         Ok((sink, backing))
     }
 
-    /// Appends a batch.
-    pub(crate) async fn write(&mut self, batch: Bytes) -> io::Result<()> {
-        self.written += batch.len() as u64;
+    /// A writer for other parts of the copy, if it is spooled (a copy in memory is
+    /// written in order, by one reader).
+    pub(crate) fn lane(&self) -> Option<LaneWriter> {
+        match &self.kind {
+            Kind::File { tx, .. } => Some(LaneWriter(tx.clone())),
+            Kind::Memory { .. } => None,
+        }
+    }
+
+    /// Writes a batch at `at`: anywhere in a spooled copy, only at the end of one in
+    /// memory.
+    pub(crate) async fn write_at(&mut self, at: u64, batch: Bytes) -> io::Result<()> {
         match &mut self.kind {
             Kind::Memory {
                 backing,
@@ -184,17 +299,21 @@ impl Sink {
                 transfer,
                 generation,
             } => {
+                if at != self.written {
+                    return Err(io::Error::other("a copy in memory is written in order"));
+                }
+                self.written += batch.len() as u64;
                 verifier.update(&batch);
                 if let Backing::Memory(chunks) = &**backing {
                     let mut chunks = chunks.lock().unwrap_or_else(PoisonError::into_inner);
-                    let at = self.written - batch.len() as u64;
                     chunks.push((at, batch));
                 }
                 transfer.advance(*generation, self.written);
                 Ok(())
             }
             Kind::File { tx, .. } => {
-                if tx.send(batch).await.is_err() {
+                self.written = self.written.max(at + batch.len() as u64);
+                if tx.send((at, batch)).await.is_err() {
                     // The writer stopped: its error comes out of `finish`.
                     return Err(io::Error::other("writing the spool file failed"));
                 }
@@ -203,22 +322,46 @@ impl Sink {
         }
     }
 
-    /// Bytes written so far.
-    pub(crate) fn written(&self) -> u64 {
-        self.written
-    }
-
-    /// Waits for everything to be written; returns whether the bytes match the digest.
-    pub(crate) async fn finish(self) -> io::Result<bool> {
+    /// Waits for everything to be written; returns whether the copy is whole (`size`
+    /// bytes, every one written) and matches the digest.
+    pub(crate) async fn finish(self, size: u64) -> io::Result<bool> {
         match self.kind {
-            Kind::Memory { verifier, .. } => Ok(verifier.matches()),
+            Kind::Memory { verifier, .. } => Ok(self.written == size && verifier.matches()),
             Kind::File { tx, worker } => {
                 drop(tx);
-                let verifier = worker
+                let (verifier, hashed) = worker
                     .await
                     .map_err(|e| io::Error::other(e.to_string()))??;
-                Ok(verifier.matches())
+                Ok(hashed == size && verifier.matches())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Written;
+
+    #[test]
+    fn bytes_written_ahead_are_written_once_and_hashed_in_order() {
+        let mut w = Written::default();
+        // The prefix, then a part further on, then one overlapping it.
+        assert_eq!(w.gaps(0, 10), vec![(0, 10)]);
+        w.hashed = 10;
+        assert_eq!(w.gaps(50, 60), vec![(50, 60)]);
+        w.add(50, 60);
+        assert_eq!(w.gaps(40, 70), vec![(40, 50), (60, 70)]);
+        w.add(40, 50);
+        w.add(60, 70);
+        assert_eq!(w.ahead.len(), 1, "adjacent ranges coalesce");
+        // Bytes already hashed are never written again.
+        assert_eq!(w.gaps(5, 45), vec![(10, 40)]);
+        assert_eq!(w.gaps(55, 65), vec![]);
+        assert_eq!(w.next_to_hash(), None, "a gap before it");
+        w.hashed = 40;
+        assert_eq!(w.next_to_hash(), Some((40, 70)));
+        w.hashed = 70;
+        assert_eq!(w.next_to_hash(), None);
+        assert_eq!(w.gaps(0, 80), vec![(70, 80)]);
     }
 }

@@ -24,7 +24,7 @@ use futures_util::stream;
 use mirrorlet_oci::{BlobStream, ByteRange, Digest};
 use tokio::sync::watch;
 
-pub(crate) use backing::{Backing, Sink};
+pub(crate) use backing::{Backing, LaneWriter, Sink};
 pub(crate) use set::Transfers;
 
 /// How a transfer ended, or that it has not.

@@ -54,7 +54,7 @@ async fn readers_follow_the_writer_but_the_last_byte_waits_for_verification() {
         },
         generation,
     );
-    sink.write(bytes.slice(..4000)).await.expect("write");
+    sink.write_at(0, bytes.slice(..4000)).await.expect("write");
     let (got, err, done) = take(&mut whole, SHORT).await;
     assert_eq!(
         (got.as_slice(), err.is_none(), done),
@@ -62,7 +62,9 @@ async fn readers_follow_the_writer_but_the_last_byte_waits_for_verification() {
     );
     let (got, _, done) = take(&mut part, SHORT).await;
     assert_eq!((got.as_slice(), done), (&bytes[100..199], false));
-    sink.write(bytes.slice(4000..)).await.expect("write");
+    sink.write_at(4000, bytes.slice(4000..))
+        .await
+        .expect("write");
     let (got, _, done) = take(&mut whole, SHORT).await;
     assert_eq!(
         got.as_slice(),
@@ -71,7 +73,7 @@ async fn readers_follow_the_writer_but_the_last_byte_waits_for_verification() {
     );
     assert!(!done);
     assert!(t.released(), "bytes went out before verification");
-    assert!(sink.finish().await.expect("finish"));
+    assert!(sink.finish(bytes.len() as u64).await.expect("finish"));
     t.finish(Outcome::Verified);
     let (got, err, done) = take(&mut whole, SHORT).await;
     assert_eq!(got.as_slice(), &bytes[bytes.len() - 1..]);
@@ -89,7 +91,7 @@ async fn a_failure_ends_readers_with_an_error_and_a_restart_cuts_them() {
     t.begin(size, Origin::Peer, backing);
     let (_, first) = t.begun().await.expect("begun");
     let mut reader = t.read(ByteRange::full(size), first);
-    sink.write(bytes.slice(..100)).await.expect("write");
+    sink.write_at(0, bytes.slice(..100)).await.expect("write");
     let (got, _, _) = take(&mut reader, SHORT).await;
     assert_eq!(got.len(), 100);
     // The copy starts over with another size (as after a source that lied): the reader,
@@ -99,11 +101,11 @@ async fn a_failure_ends_readers_with_an_error_and_a_restart_cuts_them() {
     let (_, err, _) = take(&mut reader, SHORT).await;
     assert!(err.expect("cut").to_string().contains("started over"));
     // A late write of the abandoned copy does not move the new one.
-    sink.write(bytes.slice(100..5000))
+    sink.write_at(100, bytes.slice(100..5000))
         .await
         .expect("late write");
     assert_eq!(t.progress().written, 0);
-    second.write(bytes.slice(..10)).await.expect("write");
+    second.write_at(0, bytes.slice(..10)).await.expect("write");
     assert_eq!(t.progress().written, 10);
 
     let (_, now) = t.begun().await.expect("begun");
@@ -177,9 +179,13 @@ async fn a_file_backed_copy_is_readable_while_it_grows() {
         },
         generation,
     );
-    sink.write(bytes.slice(..(1 << 20))).await.expect("write");
-    sink.write(bytes.slice((1 << 20)..)).await.expect("write");
-    assert!(sink.finish().await.expect("finish"));
+    sink.write_at(0, bytes.slice(..(1 << 20)))
+        .await
+        .expect("write");
+    sink.write_at(1 << 20, bytes.slice((1 << 20)..))
+        .await
+        .expect("write");
+    assert!(sink.finish(bytes.len() as u64).await.expect("finish"));
     t.finish(Outcome::Verified);
     let (got, err, done) = take(&mut reader, Duration::from_secs(5)).await;
     assert!(err.is_none() && done);
