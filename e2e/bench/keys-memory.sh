@@ -6,5 +6,5 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 bash "$ROOT/e2e/setup.sh" >/dev/null
-cargo build --release -q --manifest-path "$ROOT/Cargo.toml" -p mirrorlet -p mirrorlet-e2e --bins
+cargo build --release -q --manifest-path "$ROOT/Cargo.toml" -p mirrorlet --bin mirrorlet -p mirrorlet-e2e --bin keys-memory
 MIRRORLET_BIN="$ROOT/target/release/mirrorlet" "$ROOT/target/release/keys-memory" "${OUT:-$ROOT/target/keys-memory}"

@@ -299,6 +299,11 @@ pub(crate) struct P2pArgs {
         default_value = "34359738368"
     )]
     pub(crate) peer_max_blob_size: u64,
+    /// Blobs of at least this many bytes are read from up to four nodes that hold them at
+    /// once, in parts (a slow holder sends less instead of setting the pace). 0: one
+    /// holder at a time.
+    #[arg(long, env = "MIRRORLET_PEER_PARTS_FROM", default_value = "67108864")]
+    pub(crate) peer_parts_from: u64,
     /// Where blobs from peers larger than the verify buffer are held while being verified
     /// (anonymous temporary files). Created if missing.
     #[arg(

@@ -7,6 +7,7 @@ mod cli;
 mod health;
 mod hosts;
 mod kube;
+mod memory;
 mod preheat;
 mod run;
 mod status;

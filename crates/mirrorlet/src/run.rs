@@ -111,6 +111,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         tag_excludes: tag_excludes(p2p),
         spool_dir: p2p.spool_dir.clone(),
         max_blob_size: p2p.peer_max_blob_size,
+        parts_from: p2p.peer_parts_from,
         ..PeerConfig::default()
     };
     let (ready_store, ready_router) = (store.clone(), router.clone());
@@ -189,6 +190,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown.clone(),
         died.clone(),
     ));
+    tasks.spawn(crate::memory::keep_releasing(router_shutdown.clone()));
     let limits = Limits {
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         header_read_timeout: args.header_read_timeout,

@@ -51,7 +51,7 @@ pub struct PeerConfig {
     /// spool, against a peer lying about sizes).
     pub max_blob_size: u64,
     /// Blobs at least this large are read from up to four holders at once, in parts of at
-    /// least an eighth of this (when more than one node holds them).
+    /// least an eighth of this (when more than one node holds them); 0: never.
     pub parts_from: u64,
     /// Where blobs larger than the verify buffer are spooled while they are verified
     /// (anonymous files, gone when closed).

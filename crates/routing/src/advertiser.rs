@@ -197,11 +197,13 @@ impl Advertiser {
         for tag in inventory.tags() {
             desired.extend(self.tag_key(Some(tag)));
         }
-        let new: Vec<String> = desired.difference(&self.advertised).cloned().collect();
+        let images = inventory.images.len();
+        // Moved, not copied: with thousands of keys every copy made here is memory the
+        // allocator keeps after the resync.
         self.images = inventory
             .images
-            .iter()
-            .map(|i| (i.name.clone(), i.clone()))
+            .into_iter()
+            .map(|i| (i.name.clone(), i))
             .collect();
         self.refresh_gauges();
         let mut gone = Vec::new();
@@ -215,9 +217,14 @@ impl Advertiser {
             }
             gone.push(key.clone());
         }
+        let keys = desired.len();
+        let new: Vec<String> = desired
+            .into_iter()
+            .filter(|k| !self.advertised.contains(k))
+            .collect();
         tracing::info!(
-            images = inventory.images.len(),
-            keys = desired.len(),
+            images,
+            keys,
             new = new.len(),
             withdrawn = gone.len(),
             "resynced the advertised keys with containerd"
@@ -234,17 +241,23 @@ impl Advertiser {
             .into_iter()
             .filter(|k| !self.advertised.contains(k))
             .collect();
-        for batch in fresh.chunks(BATCH) {
-            match self.router.advertise(batch.to_vec()).await {
+        let mut fresh = fresh.into_iter().peekable();
+        while fresh.peek().is_some() {
+            let batch: Vec<String> = fresh.by_ref().take(BATCH).collect();
+            match self.router.advertise(batch.clone()).await {
                 Ok(()) => {
                     tracing::debug!(keys = batch.len(), first = %batch[0], "advertised");
-                    self.advertised.extend(batch.iter().cloned());
+                    self.advertised.extend(batch);
                 }
                 Err(RouterError::Advertise { failed, reason }) => {
                     tracing::warn!(keys = failed.len(), %reason, "some keys could not be advertised");
                     let failed: HashSet<&String> = failed.iter().collect();
-                    self.advertised
-                        .extend(batch.iter().filter(|k| !failed.contains(k)).cloned());
+                    let kept: Vec<String> = batch
+                        .iter()
+                        .filter(|k| !failed.contains(k))
+                        .cloned()
+                        .collect();
+                    self.advertised.extend(kept);
                 }
                 Err(e) => tracing::warn!(keys = batch.len(), error = %e, "advertising failed"),
             }

@@ -5,7 +5,7 @@
 //! node most of the router's memory. Here a key costs what its records take.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, hash_map};
+use std::collections::{HashMap, HashSet, hash_map};
 use std::iter;
 
 use libp2p::PeerId;
@@ -30,9 +30,12 @@ pub(crate) struct Limits {
 pub(crate) struct Store {
     local: PeerId,
     limits: Limits,
+    /// Other nodes' provider records.
     providers: HashMap<RecordKey, Vec<ProviderRecord>>,
-    /// This node's own provider records (also in `providers`), for republication.
-    provided: HashMap<RecordKey, ProviderRecord>,
+    /// The keys this node provides. Its own records are not stored whole: the provider is
+    /// this node, and Kademlia fills in its addresses when it answers with one (a record
+    /// per key was most of what an advertised key cost).
+    own: HashSet<RecordKey>,
     records: HashMap<RecordKey, Record>,
     /// Provider records held, all keys (records past their TTL count until Kademlia drops
     /// them, which it does when it reads them).
@@ -45,7 +48,7 @@ impl Store {
             local,
             limits,
             providers: HashMap::new(),
-            provided: HashMap::new(),
+            own: HashSet::new(),
             records: HashMap::new(),
             held,
         }
@@ -57,10 +60,12 @@ impl Store {
 
     /// Other nodes' provider records held here.
     pub(crate) fn remote_providers(&self) -> impl Iterator<Item = &ProviderRecord> {
-        self.providers
-            .values()
-            .flatten()
-            .filter(|r| r.provider != self.local)
+        self.providers.values().flatten()
+    }
+
+    /// This node's record for `key`.
+    fn own_record(&self, key: &RecordKey) -> ProviderRecord {
+        ProviderRecord::new(key.clone(), self.local, Vec::new())
     }
 
     /// Drops every provider record of `provider` (a node found gone); how many.
@@ -80,10 +85,9 @@ impl Store {
 impl RecordStore for Store {
     type RecordsIter<'a> =
         iter::Map<hash_map::Values<'a, RecordKey, Record>, fn(&'a Record) -> Cow<'a, Record>>;
-    type ProvidedIter<'a> = iter::Map<
-        hash_map::Values<'a, RecordKey, ProviderRecord>,
-        fn(&'a ProviderRecord) -> Cow<'a, ProviderRecord>,
-    >;
+    /// Made from the keys (see [`Store::own`]). Kademlia asks for them only to republish
+    /// them, which the router does itself (see `swarm/republish.rs`).
+    type ProvidedIter<'a> = Box<dyn Iterator<Item = Cow<'a, ProviderRecord>> + 'a>;
 
     fn get(&self, k: &RecordKey) -> Option<Cow<'_, Record>> {
         self.records.get(k).map(Cow::Borrowed)
@@ -109,7 +113,17 @@ impl RecordStore for Store {
     }
 
     fn add_provider(&mut self, record: ProviderRecord) -> Result<()> {
-        let keys = self.providers.len();
+        let keys = self.providers.len() + self.own.len();
+        if record.provider == self.local {
+            if !self.own.contains(&record.key) {
+                if keys >= self.limits.max_keys {
+                    return Err(Error::MaxProvidedKeys);
+                }
+                self.own.insert(record.key);
+                self.count(1);
+            }
+            return Ok(());
+        }
         let list = match self.providers.entry(record.key.clone()) {
             hash_map::Entry::Occupied(e) => e.into_mut(),
             hash_map::Entry::Vacant(e) => {
@@ -119,19 +133,12 @@ impl RecordStore for Store {
                 e.insert(Vec::with_capacity(1))
             }
         };
-        let own = record.provider == self.local;
         if let Some(existing) = list.iter_mut().find(|p| p.provider == record.provider) {
-            if own {
-                self.provided.insert(record.key.clone(), record.clone());
-            }
             *existing = record;
             return Ok(());
         }
         if list.len() >= self.limits.max_providers_per_key {
             return Ok(());
-        }
-        if own {
-            self.provided.insert(record.key.clone(), record.clone());
         }
         list.push(record);
         self.count(1);
@@ -139,16 +146,23 @@ impl RecordStore for Store {
     }
 
     fn providers(&self, key: &RecordKey) -> Vec<ProviderRecord> {
-        self.providers.get(key).cloned().unwrap_or_default()
+        let mut list = self.providers.get(key).cloned().unwrap_or_default();
+        if self.own.contains(key) {
+            list.insert(0, self.own_record(key));
+        }
+        list
     }
 
     fn provided(&self) -> Self::ProvidedIter<'_> {
-        self.provided.values().map(Cow::Borrowed)
+        Box::new(self.own.iter().map(|k| Cow::Owned(self.own_record(k))))
     }
 
     fn remove_provider(&mut self, key: &RecordKey, provider: &PeerId) {
         if *provider == self.local {
-            self.provided.remove(key);
+            if self.own.remove(key) {
+                self.count(-1);
+            }
+            return;
         }
         let hash_map::Entry::Occupied(mut e) = self.providers.entry(key.clone()) else {
             return;
@@ -199,9 +213,10 @@ mod tests {
             s.add_provider(ProviderRecord::new(k.clone(), *p, Vec::new()))
                 .expect("add");
         }
-        // Three per key at most: the fourth provider is ignored.
-        assert_eq!(s.providers(&k).len(), 3);
-        assert_eq!(held.get(), 3);
+        // Three other nodes per key at most: the fourth is ignored (this node's own record
+        // comes on top).
+        assert_eq!(s.providers(&k).len(), 4);
+        assert_eq!(held.get(), 4);
         // A provider announcing again replaces its record.
         let addr: libp2p::Multiaddr = "/ip4/10.0.0.1/tcp/5001".parse().expect("addr");
         s.add_provider(ProviderRecord::new(
@@ -210,17 +225,20 @@ mod tests {
             vec![addr.clone()],
         ))
         .expect("again");
-        assert_eq!(held.get(), 3);
+        assert_eq!(held.get(), 4);
         assert!(
             s.providers(&k)
                 .iter()
                 .any(|p| p.addresses == [addr.clone()])
         );
         assert_eq!(s.provided().count(), 1, "this node's own");
+        assert_eq!(s.providers(&k)[0].provider, me);
         s.remove_provider(&k, &me);
         assert_eq!(s.provided().count(), 0);
-        s.remove_provider(&k, &others[0]);
-        s.remove_provider(&k, &others[1]);
+        assert_eq!(held.get(), 3);
+        for p in &others[..3] {
+            s.remove_provider(&k, p);
+        }
         assert_eq!(held.get(), 0);
         assert!(s.providers(&k).is_empty());
         assert!(s.providers.is_empty(), "an emptied key is dropped");

@@ -102,6 +102,19 @@ async fn wait_connected(node: &Node, peers: usize) {
     }
 }
 
+/// Waits until `node`'s routing table holds `peers` peers: an announcement made before
+/// then finds nobody to store it (10 s at most).
+async fn wait_routable(node: &Node, peers: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.metrics.routing_table_peers.get() < peers {
+        assert!(
+            Instant::now() < deadline,
+            "{peers} peers never reached the routing table"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn finds(node: &Node, key: &str, who: &Node) -> bool {
     collect_lookup(&node.router, key, Duration::from_millis(300))
         .await
@@ -373,6 +386,7 @@ async fn a_withdrawal_reaches_the_peers_before_it_returns() {
     let a = start(&[]).await;
     let b = start(&[&a]).await;
     wait_connected(&b, 1).await;
+    wait_routable(&a, 1).await;
     a.router
         .advertise(vec!["sha256:leaving".into()])
         .await

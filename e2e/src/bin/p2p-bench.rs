@@ -3,7 +3,10 @@
 //! `--peer-verify stream`, the default, then `whole`), next to a plain TCP copy of the same
 //! blob between the same two namespaces; CRI pulls of the image from peers in both modes
 //! next to the pull from the upstream registry; and DHT lookup latency (p50/p99) measured
-//! by the agents themselves.
+//! by the agents themselves. Then a blob held by three nodes whose uploads are capped
+//! unevenly (one slow, two faster), fetched by a fourth node's agent reading parts from
+//! several holders at once (the default) and from one holder at a time
+//! (`--peer-parts-from 0`).
 
 use std::time::{Duration, Instant};
 
@@ -74,9 +77,9 @@ async fn main() -> Result<()> {
     ]
     .map(String::from)
     .to_vec();
-    println!("cluster: 3 nodes; image: one 1 GiB layer; {runs} runs per measurement");
+    println!("cluster: 4 nodes; image: one 1 GiB layer; {runs} runs per measurement");
     let mut c = Cluster::start(Options {
-        nodes: 3,
+        nodes: 4,
         images: vec![image.clone()],
         agent_args: agent_args.clone(),
         ..Options::default()
@@ -226,6 +229,49 @@ async fn main() -> Result<()> {
     let cri_stream = t.elapsed().as_secs_f64();
     println!(
         "CRI pull of the 1 GiB image from peers: {cri_stream:.2} s streaming (node 3), {cri_whole:.2} s verifying whole (node 2)"
+    );
+
+    // Parts from several holders: nodes 1-3 hold the blob now; node 1 sends at 400 Mbit/s
+    // (a busy or distant peer), nodes 2 and 3 at 1.6 Gbit/s. Node 4's agent keeps nothing
+    // it took whole from holders, so every run is a full fetch.
+    for (node, rate) in [(1, "400mbit"), (2, "1600mbit"), (3, "1600mbit")] {
+        c.node(node).host.cap_upload(rate)?;
+    }
+    let url4 = format!(
+        "{}/v2/{}/blobs/{layer}?ns={REGISTRY}",
+        c.node(4).agent_url(),
+        image.repo
+    );
+    let n4 = c.node(4).host.netns.clone();
+    let fetch4 = || -> Result<Vec<f64>> {
+        (0..runs)
+            .map(|_| {
+                let (bytes, secs, _) = curl_in(&n4, &url4, &[])?;
+                anyhow::ensure!(bytes >= GIB, "short body: {bytes}");
+                Ok(secs)
+            })
+            .collect()
+    };
+    let parts = fetch4()?;
+    let mut one_args = agent_args.clone();
+    one_args.extend(["--peer-parts-from".into(), "0".into()]);
+    c.node_mut(4).stop_agent();
+    c.node_mut(4).set_agent_args(one_args);
+    c.node_mut(4).start_agent().await?;
+    c.wait_members().await?;
+    let one = fetch4()?;
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|s| format!("{s:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "1 GiB held by nodes 1-3 (uploads capped at 400 Mbit/s, 1.6 Gbit/s, 1.6 Gbit/s), fetched by node 4: parts from several holders median {:.2} s ({} s), one holder at a time median {:.2} s ({} s)",
+        med(&mut parts.clone()),
+        show(&parts),
+        med(&mut one.clone()),
+        show(&one)
     );
     let left = c.teardown();
     anyhow::ensure!(left.is_empty(), "teardown left {left:?}");

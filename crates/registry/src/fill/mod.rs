@@ -251,6 +251,7 @@ impl Job {
         // Aborted when the copy ends, however it ends.
         let mut lanes = tokio::task::JoinSet::new();
         if first.origin == Origin::Holders
+            && parts_from > 0
             && size >= parts_from
             && let Some(writer) = sink.lane()
         {
