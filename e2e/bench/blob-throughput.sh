@@ -12,7 +12,7 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$WORK"
+  [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -39,10 +39,10 @@ ctr --address "$WORK/containerd.sock" -n k8s.io content ingest \
 ctr --address "$WORK/containerd.sock" -n k8s.io content label "$DIGEST" containerd.io/gc.root=bench >/dev/null
 FILE="$WORK/root/io.containerd.content.v1.content/blobs/sha256/${DIGEST#sha256:}"
 
-"$BIN" run --listen 127.0.0.1:15001 --containerd-socket "$WORK/containerd.sock" \
+"$BIN" run --listen 127.0.0.1:15001 --metrics-listen 127.0.0.1:15011 --p2p false --containerd-socket "$WORK/containerd.sock" \
   --containerd-content-dir "$WORK/root/io.containerd.content.v1.content" --log-level warn >"$WORK/agent-file.log" 2>&1 &
 PIDS+=($!)
-"$BIN" run --listen 127.0.0.1:15002 --containerd-socket "$WORK/containerd.sock" \
+"$BIN" run --listen 127.0.0.1:15002 --metrics-listen 127.0.0.1:15012 --p2p false --containerd-socket "$WORK/containerd.sock" \
   --containerd-content-dir "" --log-level warn >"$WORK/agent-grpc.log" 2>&1 &
 PIDS+=($!)
 
@@ -88,3 +88,39 @@ measure "cat of the content file" run_cat
 measure "mirrorlet, content file (fast path)" run_curl "http://127.0.0.1:15001/v2/bench/blob/blobs/$DIGEST?ns=example.com"
 measure "mirrorlet, containerd gRPC (fallback)" run_curl "http://127.0.0.1:15002/v2/bench/blob/blobs/$DIGEST?ns=example.com"
 measure "docker-registry 2.8 (Distribution)" run_curl "http://127.0.0.1:15003/v2/bench/blob/blobs/$DIGEST"
+
+# Manifests: one small OCI manifest, by digest, from the agent (read from containerd once,
+# then kept in memory) and from docker-registry: requests per second with ab (keep-alive,
+# 16 at once), and containerd's CPU time while the agent is asked (0 when no request
+# reaches it).
+MANIFESTS=${MANIFESTS:-20000}
+printf '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}' >"$WORK/config.json"
+CONFIG_DIGEST="sha256:$(sha256sum "$WORK/config.json" | cut -d' ' -f1)"
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"%s","size":%s}]}' \
+  "$CONFIG_DIGEST" "$(stat -c %s "$WORK/config.json")" "$DIGEST" $((SIZE_MIB * 1024 * 1024)) >"$WORK/manifest.json"
+MANIFEST_DIGEST="sha256:$(sha256sum "$WORK/manifest.json" | cut -d' ' -f1)"
+for f in config manifest; do
+  d="sha256:$(sha256sum "$WORK/$f.json" | cut -d' ' -f1)"
+  size=$(stat -c %s "$WORK/$f.json")
+  ctr --address "$WORK/containerd.sock" -n k8s.io content ingest --expected-digest "$d" \
+    --expected-size "$size" "bench-$f" <"$WORK/$f.json"
+  ctr --address "$WORK/containerd.sock" -n k8s.io content label "$d" containerd.io/gc.root=bench >/dev/null
+done
+LOC=$(curl -fsi -X POST http://127.0.0.1:15003/v2/bench/blob/blobs/uploads/ | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
+case "$LOC" in http*) ;; *) LOC="http://127.0.0.1:15003$LOC" ;; esac
+curl -fs -X PUT -H 'Content-Type: application/octet-stream' -T "$WORK/config.json" "$LOC&digest=$CONFIG_DIGEST" >/dev/null
+curl -fs -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' -T "$WORK/manifest.json" \
+  http://127.0.0.1:15003/v2/bench/blob/manifests/v1 >/dev/null
+ACCEPT='Accept: application/vnd.oci.image.manifest.v1+json'
+AGENT_MANIFEST="http://127.0.0.1:15001/v2/bench/blob/manifests/$MANIFEST_DIGEST?ns=example.com"
+curl -fs -o /dev/null -H "$ACCEPT" "$AGENT_MANIFEST" # the first request reads containerd
+rps() { ab -q -k -n "$MANIFESTS" -c 16 -H "$ACCEPT" "$1" | awk '/^Requests per second/ {print $4} /^Non-2xx/ {print "non-2xx:", $3 > "/dev/stderr"}'; }
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+CONTAINERD=${PIDS[0]}
+before=$(cpu "$CONTAINERD")
+agent_rps=$(rps "$AGENT_MANIFEST")
+during=$(( $(cpu "$CONTAINERD") - before ))
+registry_rps=$(rps "http://127.0.0.1:15003/v2/bench/blob/manifests/$MANIFEST_DIGEST")
+echo "manifest by digest, $MANIFESTS requests (ab, keep-alive, 16 at once):"
+printf '  %-42s %8s req/s (containerd CPU meanwhile: %s ms)\n' "mirrorlet (kept in memory after one read)" "$agent_rps" "$(( during * 1000 / $(getconf CLK_TCK) ))"
+printf '  %-42s %8s req/s\n' "docker-registry 2.8 (Distribution)" "$registry_rps"
