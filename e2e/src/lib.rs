@@ -5,6 +5,9 @@
 //! Needs root. Every cluster is torn down when dropped (processes, mounts, namespaces,
 //! bridge, files), and clusters left by a killed run are swept at the next start.
 
+// The workspace denies unsafe code; only the agent binary allows it, in one place.
+#![forbid(unsafe_code)]
+
 pub mod browser;
 pub mod clients;
 pub mod cluster;

@@ -4,6 +4,9 @@
 //! event stream. containerd being down is an error per call, never fatal: the channel
 //! reconnects and the event feed resumes with a resync.
 
+// The workspace denies unsafe code; only the agent binary allows it, in one place.
+#![forbid(unsafe_code)]
+
 mod client;
 mod content;
 pub mod cri;

@@ -300,9 +300,9 @@ pub(crate) struct P2pArgs {
     )]
     pub(crate) peer_max_blob_size: u64,
     /// Blobs of at least this many bytes are read from up to four nodes that hold them at
-    /// once, in parts (a slow holder sends less instead of setting the pace). 0: one
-    /// holder at a time.
-    #[arg(long, env = "MIRRORLET_PEER_PARTS_FROM", default_value = "67108864")]
+    /// once, in parts of at least an eighth of it (a slow holder sends less instead of
+    /// setting the pace). 0: one holder at a time; otherwise at least 8388608 (8 MiB).
+    #[arg(long, env = "MIRRORLET_PEER_PARTS_FROM", default_value = "67108864", value_parser = parse_parts_from)]
     pub(crate) peer_parts_from: u64,
     /// Where blobs from peers larger than the verify buffer are held while being verified
     /// (anonymous temporary files). Created if missing.
@@ -573,6 +573,14 @@ fn parse_peer_verify(s: &str) -> Result<PeerVerify, String> {
     }
 }
 
+fn parse_parts_from(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n == 0 || n >= 8 << 20 => Ok(n),
+        Ok(_) => Err("must be 0 (off) or at least 8388608 (8 MiB: parts of 1 MiB)".into()),
+        Err(e) => Err(format!("not a number of bytes: {e}")),
+    }
+}
+
 fn parse_namespace(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 76
@@ -679,6 +687,15 @@ mod tests {
             }
         }
         assert!(checked > 10);
+    }
+
+    #[test]
+    fn parts_are_off_or_at_least_a_mebibyte_each() {
+        assert_eq!(parse_parts_from("0"), Ok(0));
+        assert_eq!(parse_parts_from("8388608"), Ok(8 << 20));
+        for bad in ["1", "8388607", "-1", "64Mi"] {
+            assert!(parse_parts_from(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! depending on either. No I/O happens here beyond the in-memory twins (feature `test-util`)
 //! and [`filestream`], the file-range streaming both the store and the registry use.
 
+// The workspace denies unsafe code; only the agent binary allows it, in one place.
+#![forbid(unsafe_code)]
+
 pub mod budget;
 pub mod digest;
 pub mod filestream;

@@ -10,6 +10,9 @@
 //! [`Store`](mirrorlet_oci::Store), [`Router`](mirrorlet_oci::Router) and
 //! [`Upstream`](mirrorlet_oci::Upstream) traits.
 
+// The workspace denies unsafe code; only the agent binary allows it, in one place.
+#![forbid(unsafe_code)]
+
 // Modules in layers: plain types first, the shared state, then what answers requests.
 // No two modules use each other, directly or round about (tests/layers.rs checks).
 //

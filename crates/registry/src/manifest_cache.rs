@@ -2,8 +2,9 @@
 //! bytes, so they never change: once read, a manifest is served again without asking the
 //! store (for containerd, a gRPC call per request). Whether the node still holds it can
 //! change, so the cache follows the store's feed: a deleted digest is dropped, a resync
-//! (events may have been missed) drops everything. A manifest deleted while its event is
-//! on the way can still be served for that moment: the same bytes, as its digest says.
+//! (events may have been missed) drops everything, and a manifest read before a deletion
+//! was heard is not kept. A manifest deleted while its event is on the way can still be
+//! served for that moment: the same bytes, as its digest says.
 //! Bounded by bytes, least recently used out.
 
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -21,6 +22,8 @@ struct Inner {
     entries: LruCache<Digest, (Descriptor, Bytes)>,
     bytes: usize,
     budget: usize,
+    /// Deletions and resyncs heard so far.
+    epoch: u64,
 }
 
 /// See the module documentation.
@@ -52,6 +55,7 @@ impl ManifestCache {
                 entries: LruCache::unbounded(),
                 bytes: 0,
                 budget,
+                epoch: 0,
             })),
             follower: OnceLock::new(),
         }
@@ -66,9 +70,16 @@ impl ManifestCache {
         self.lock().entries.get(digest).cloned()
     }
 
+    /// Where the store's feed is: take it before reading a manifest, and give it to
+    /// [`ManifestCache::put`].
+    pub(crate) fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
     /// Keeps `bytes`, the manifest `desc` read from `store` (whose feed the cache then
-    /// follows). Bytes that do not match the descriptor's size are not kept.
-    pub(crate) fn put(&self, store: &Arc<dyn Store>, desc: &Descriptor, bytes: Bytes) {
+    /// follows) since `epoch`. Not kept: bytes that do not match the descriptor's size, and
+    /// a manifest read before a deletion (or resync) that came since.
+    pub(crate) fn put(&self, store: &Arc<dyn Store>, desc: &Descriptor, bytes: Bytes, epoch: u64) {
         if bytes.len() as u64 != desc.size {
             return;
         }
@@ -80,11 +91,13 @@ impl ManifestCache {
                     let mut inner = inner.lock().unwrap_or_else(PoisonError::into_inner);
                     match event {
                         StoreEvent::ContentDeleted(d) => {
+                            inner.epoch += 1;
                             if let Some((_, b)) = inner.entries.pop(&d) {
                                 inner.bytes -= b.len();
                             }
                         }
                         StoreEvent::Resync => {
+                            inner.epoch += 1;
                             inner.entries.clear();
                             inner.bytes = 0;
                         }
@@ -95,7 +108,7 @@ impl ManifestCache {
             .abort_handle()
         });
         let mut inner = self.lock();
-        if bytes.len() > inner.budget {
+        if bytes.len() > inner.budget || inner.epoch != epoch {
             return;
         }
         let len = bytes.len();
@@ -154,13 +167,14 @@ mod tests {
         let (c, c_bytes) = manifest(&memory, 3);
         // Room for two of them.
         let cache = ManifestCache::with_budget(a_bytes.len() * 2 + 10);
-        cache.put(&store, &a, a_bytes.clone());
+        cache.put(&store, &a, a_bytes.clone(), cache.epoch());
         // The feed starts with a resync, which empties the cache once.
         until("the first resync", || cache.get(&a.digest).is_none()).await;
-        cache.put(&store, &a, a_bytes.clone());
-        cache.put(&store, &b, b_bytes);
+        let epoch = cache.epoch();
+        cache.put(&store, &a, a_bytes.clone(), epoch);
+        cache.put(&store, &b, b_bytes, epoch);
         assert_eq!(cache.get(&a.digest), Some((a.clone(), a_bytes.clone())));
-        cache.put(&store, &c, c_bytes.clone());
+        cache.put(&store, &c, c_bytes.clone(), epoch);
         assert!(cache.get(&b.digest).is_none(), "least recently used out");
         assert!(cache.get(&a.digest).is_some() && cache.get(&c.digest).is_some());
         assert_eq!(cache.bytes(), a_bytes.len() + c_bytes.len());
@@ -172,11 +186,18 @@ mod tests {
 
         let mut short = a.clone();
         short.size += 1;
-        cache.put(&store, &short, Bytes::from_static(b"{}"));
+        cache.put(&store, &short, Bytes::from_static(b"{}"), cache.epoch());
         assert_eq!(
             cache.get(&a.digest),
             Some((a, a_bytes)),
             "a wrong size is not kept"
+        );
+
+        // Read before the deletion of c was heard: not kept.
+        cache.put(&store, &c, c_bytes, epoch);
+        assert!(
+            cache.get(&c.digest).is_none(),
+            "a read older than a deletion is not kept"
         );
     }
 }

@@ -816,6 +816,7 @@ async fn manifest_bytes(
     if let Some((_, bytes)) = state.local_manifests.get(&desc.digest) {
         return Ok(bytes);
     }
+    let epoch = state.local_manifests.epoch();
     let mut stream = state
         .store
         .open(&desc.digest, ByteRange::full(desc.size))
@@ -850,7 +851,9 @@ async fn manifest_bytes(
             ),
         }));
     }
-    state.local_manifests.put(&state.store, desc, bytes.clone());
+    state
+        .local_manifests
+        .put(&state.store, desc, bytes.clone(), epoch);
     Ok(bytes)
 }
 

@@ -6,6 +6,9 @@
 //! implements [`mirrorlet_oci::Router`]. [`advertiser`] keeps the DHT in step with the
 //! node's content store.
 
+// The workspace denies unsafe code; only the agent binary allows it, in one place.
+#![forbid(unsafe_code)]
+
 pub mod advertiser;
 mod behaviour;
 pub mod config;

@@ -113,10 +113,11 @@ impl RecordStore for Store {
     }
 
     fn add_provider(&mut self, record: ProviderRecord) -> Result<()> {
+        // Keys this node and others provide count twice: the bound errs on the safe side.
         let keys = self.providers.len() + self.own.len();
         if record.provider == self.local {
             if !self.own.contains(&record.key) {
-                if keys >= self.limits.max_keys {
+                if keys >= self.limits.max_keys && !self.providers.contains_key(&record.key) {
                     return Err(Error::MaxProvidedKeys);
                 }
                 self.own.insert(record.key);
@@ -127,7 +128,7 @@ impl RecordStore for Store {
         let list = match self.providers.entry(record.key.clone()) {
             hash_map::Entry::Occupied(e) => e.into_mut(),
             hash_map::Entry::Vacant(e) => {
-                if keys >= self.limits.max_keys {
+                if keys >= self.limits.max_keys && !self.own.contains(e.key()) {
                     return Err(Error::MaxProvidedKeys);
                 }
                 e.insert(Vec::with_capacity(1))

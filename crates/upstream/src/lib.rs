@@ -12,6 +12,9 @@
 //! - Rate limits: `ratelimit-*` headers become gauges; a `429` leaves the registry alone
 //!   for its `Retry-After`.
 
+// The workspace denies unsafe code; only the agent binary allows it, in one place.
+#![forbid(unsafe_code)]
+
 mod auth;
 mod client;
 pub mod config;

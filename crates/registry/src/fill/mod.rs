@@ -247,10 +247,13 @@ impl Job {
         self.transfer.begin(size, first.origin, backing.clone());
         sources.announcer = first.peer.clone();
         let parts_from = state.peers.parts_from;
-        let plan = Arc::new(Plan::new(size, parts_from / 8));
+        // Parts no smaller than a batch: a part split inside a batch not yet written
+        // would be read twice.
+        let plan = Arc::new(Plan::new(size, (parts_from / 8).max(BATCH as u64)));
         // Aborted when the copy ends, however it ends.
         let mut lanes = tokio::task::JoinSet::new();
         if first.origin == Origin::Holders
+            && sources.parts
             && parts_from > 0
             && size >= parts_from
             && let Some(writer) = sink.lane()
@@ -268,14 +271,20 @@ impl Job {
             }
         }
         let mut from_upstream = false;
-        let ended = self
+        match self
             .main_lane(first, sources, &plan, &mut sink, &mut from_upstream)
-            .await;
-        if let Err(e) = ended {
-            // Its sources are used up, but other holders may still finish the copy.
-            while !plan.complete() && lanes.join_next().await.is_some() {}
-            if !plan.complete() {
-                return Err(e);
+            .await
+        {
+            Ok(()) => {}
+            // The spool cannot be written: nobody can finish (the lanes are aborted).
+            Err(LaneEnd::Disk(e)) => return Err(e),
+            Err(LaneEnd::NoSource(e)) => {
+                // Its sources are used up, but other holders may still finish the copy
+                // (its part is released to them).
+                while !plan.complete() && lanes.join_next().await.is_some() {}
+                if !plan.complete() {
+                    return Err(e);
+                }
             }
         }
         lanes.shutdown().await;
@@ -286,12 +295,27 @@ impl Job {
             } else {
                 state.metrics.digest_mismatches.inc();
             }
-            for p in plan.contributors() {
-                state.failed_peers.mark(
-                    &p,
-                    state.peers.corrupt_backoff,
-                    "served bytes that do not match the digest",
-                );
+            let contributors = plan.contributors();
+            if contributors.len() > 1 {
+                // Several holders sent parts: which one lied is unknown. Each is avoided
+                // for the ordinary failure backoff, and the next copy of this blob takes
+                // one holder at a time, so a mismatch then names its peer.
+                sources.parts = false;
+                for p in &contributors {
+                    state.failed_peers.mark(
+                        p,
+                        state.peers.failure_backoff,
+                        "sent part of a copy (from several peers) that did not match the digest",
+                    );
+                }
+            } else {
+                for p in &contributors {
+                    state.failed_peers.mark(
+                        p,
+                        state.peers.corrupt_backoff,
+                        "served bytes that do not match the digest",
+                    );
+                }
             }
             return Err(CopyFailed {
                 corrupt: true,
@@ -316,7 +340,7 @@ impl Job {
         plan: &Plan,
         sink: &mut Sink,
         from_upstream: &mut bool,
-    ) -> Result<(), CopyFailed> {
+    ) -> Result<(), LaneEnd> {
         let state = &self.state;
         let size = first.size;
         let mut claim = Claim { start: 0, from: 0 };
@@ -339,20 +363,31 @@ impl Job {
                     claim = next;
                     pos = next.from;
                     // From the same holder, else from wherever the copy's sources say.
-                    if let Some(peer) = current
+                    current.body = futures_util::stream::empty().boxed();
+                    let holder = current
                         .peer
                         .clone()
-                        .filter(|_| current.origin == Origin::Holders)
-                        && let Ok(o) =
-                            open_part(state, &sources.path(), &peer, pos, plan.end(claim), size)
-                                .await
-                    {
-                        current = o;
-                        continue;
+                        .filter(|_| current.origin == Origin::Holders);
+                    if let Some(peer) = holder {
+                        let end = plan.end(claim);
+                        match open_part(state, &sources.path(), &peer, pos, end, size).await {
+                            Ok(o) => {
+                                current = o;
+                                continue;
+                            }
+                            Err(why) => {
+                                state
+                                    .failed_peers
+                                    .mark(&peer, state.peers.failure_backoff, &why);
+                            }
+                        }
                     }
                     None
                 }
-                Err(Pumped::Disk(e)) => return Err(self.disk(e)),
+                Err(Pumped::Disk(e)) => {
+                    plan.release(claim);
+                    return Err(LaneEnd::Disk(self.disk(e)));
+                }
                 Err(Pumped::Source(why)) => Some(why),
             };
             if let Some(why) = &why {
@@ -365,11 +400,11 @@ impl Job {
             }
             let Some(next) = sources.open(pos, Some(size)).await else {
                 plan.release(claim);
-                return Err(CopyFailed::plain(format!(
+                return Err(LaneEnd::NoSource(CopyFailed::plain(format!(
                     "{} at byte {pos}, and no source could continue ({})",
                     why.as_deref().unwrap_or("a part could not be opened"),
                     sources.why_none()
-                )));
+                ))));
             };
             if why.is_some() {
                 state.metrics.resumes.inc();
@@ -393,6 +428,14 @@ impl Job {
             .inc();
         CopyFailed::plain(format!("writing the spool: {e}"))
     }
+}
+
+/// Why the copy's own lane stopped before every part was read.
+enum LaneEnd {
+    /// No source could continue its part (released to the other lanes).
+    NoSource(CopyFailed),
+    /// Writing the spool failed: the copy cannot be finished.
+    Disk(CopyFailed),
 }
 
 /// Where a lane's bytes go: the copy's sink, or a writer at offsets for another lane.
@@ -467,12 +510,17 @@ async fn pump(
             return Err(Pumped::Source(why));
         }
     }
-    if !batch.is_empty() {
+    // The part is read (its end may have moved below what was read: the peer sent
+    // nothing more then, and is not named as having sent it).
+    let peer = if batch.is_empty() {
+        None
+    } else {
         out.write_at(at, batch.split().freeze())
             .await
             .map_err(Pumped::Disk)?;
-    }
-    plan.advance(claim, *pos, src.peer.as_ref());
+        src.peer.as_ref()
+    };
+    plan.advance(claim, *pos, peer);
     Ok(())
 }
 
@@ -578,10 +626,12 @@ async fn holder_lane(
             }
             Err(why) => why,
         };
-        // The rest of its part is continued by another lane: a resume, as when the copy's
-        // own source breaks.
+        // The rest of its part is continued by another lane: a resume (when it had sent
+        // some), as when the copy's own source breaks.
         plan.release(claim);
-        state.metrics.resumes.inc();
+        if pos > claim.from {
+            state.metrics.resumes.inc();
+        }
         state
             .failed_peers
             .mark(&peer, state.peers.failure_backoff, &why);

@@ -90,6 +90,9 @@ pub(super) struct Sources<'a> {
     /// Sources disagree about the size: the current copy cannot continue.
     abandoned: bool,
     last_failure: Option<String>,
+    /// Whether a large blob may come from several holders at once (not after a copy from
+    /// several did not match its digest: one at a time, the next mismatch names its peer).
+    pub(super) parts: bool,
 }
 
 impl<'a> Sources<'a> {
@@ -103,6 +106,7 @@ impl<'a> Sources<'a> {
             announcer: None,
             abandoned: false,
             last_failure: None,
+            parts: true,
         }
     }
 
@@ -110,6 +114,7 @@ impl<'a> Sources<'a> {
     pub(super) fn restart(&mut self) {
         *self = Self {
             upstream_refused: self.upstream_refused.take(),
+            parts: self.parts,
             ..Self::new(self.job)
         };
     }

@@ -191,14 +191,21 @@ impl Written {
         self.ahead.insert(s, e);
     }
 
-    /// The written range that continues the hashed prefix, taken out.
-    fn next_to_hash(&mut self) -> Option<(u64, u64)> {
+    /// Up to `max` written bytes that continue the hashed prefix (written ahead of it
+    /// earlier), to read back and hash.
+    fn next_chunk(&self, max: u64) -> Option<(u64, u64)> {
         let (&s, &e) = self.ahead.first_key_value()?;
-        if s > self.hashed {
-            return None;
+        (s <= self.hashed && e > self.hashed).then(|| (self.hashed, e.min(self.hashed + max)))
+    }
+
+    /// The prefix is hashed up to `to`: ranges now wholly in it are dropped.
+    fn hashed_to(&mut self, to: u64) {
+        self.hashed = to;
+        while let Some((&s, &e)) = self.ahead.first_key_value()
+            && e <= to
+        {
+            self.ahead.remove(&s);
         }
-        self.ahead.remove(&s);
-        Some((s.max(self.hashed), e))
     }
 }
 
@@ -244,30 +251,49 @@ impl Sink {
         let worker = tokio::task::spawn_blocking(move || {
             let mut w = Written::default();
             let mut scratch = Vec::new();
-            while let Some((at, batch)) = rx.blocking_recv() {
-                let end = at + batch.len() as u64;
-                for (s, e) in w.gaps(at, end) {
-                    let piece = &batch[usize::try_from(s - at).unwrap_or(0)
-                        ..usize::try_from(e - at).unwrap_or(0)];
-                    writer.write_all_at(piece, s)?;
-                    if s == w.hashed {
-                        verifier.update(piece);
-                        w.hashed = e;
-                    } else {
-                        w.add(s, e);
+            let mut open = true;
+            loop {
+                // A batch if one is there (waiting for one only when nothing is left to
+                // hash), then at most one chunk read back: catching up over what other
+                // parts wrote ahead never holds the lanes' writes for long, nor they it.
+                let behind = w.next_chunk(REHASH_CHUNK as u64);
+                let batch = match (behind, open) {
+                    (Some(_), true) => match rx.try_recv() {
+                        Ok(b) => Some(b),
+                        Err(mpsc::error::TryRecvError::Empty) => None,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            open = false;
+                            None
+                        }
+                    },
+                    (None, true) => {
+                        let b = rx.blocking_recv();
+                        open = b.is_some();
+                        b
+                    }
+                    (Some(_), false) => None,
+                    (None, false) => break,
+                };
+                if let Some((at, batch)) = batch {
+                    let end = at + batch.len() as u64;
+                    for (s, e) in w.gaps(at, end) {
+                        let piece = &batch[usize::try_from(s - at).unwrap_or(0)
+                            ..usize::try_from(e - at).unwrap_or(0)];
+                        writer.write_all_at(piece, s)?;
+                        if s == w.hashed {
+                            verifier.update(piece);
+                            w.hashed_to(e);
+                        } else {
+                            w.add(s, e);
+                        }
                     }
                 }
-                while let Some((mut s, e)) = w.next_to_hash() {
-                    while s < e {
-                        let n = usize::try_from(e - s)
-                            .unwrap_or(usize::MAX)
-                            .min(REHASH_CHUNK);
-                        scratch.resize(n, 0);
-                        writer.read_exact_at(&mut scratch, s)?;
-                        verifier.update(&scratch);
-                        s += n as u64;
-                    }
-                    w.hashed = e;
+                // (A batch cannot have moved the prefix: what continues it is written.)
+                if let Some((s, e)) = behind {
+                    scratch.resize(usize::try_from(e - s).unwrap_or(0), 0);
+                    writer.read_exact_at(&mut scratch, s)?;
+                    verifier.update(&scratch);
+                    w.hashed_to(e);
                 }
                 transfer.advance(generation, w.hashed);
             }
@@ -357,11 +383,19 @@ mod tests {
         // Bytes already hashed are never written again.
         assert_eq!(w.gaps(5, 45), vec![(10, 40)]);
         assert_eq!(w.gaps(55, 65), vec![]);
-        assert_eq!(w.next_to_hash(), None, "a gap before it");
-        w.hashed = 40;
-        assert_eq!(w.next_to_hash(), Some((40, 70)));
-        w.hashed = 70;
-        assert_eq!(w.next_to_hash(), None);
+        assert_eq!(w.next_chunk(100), None, "a gap before it");
+        w.hashed_to(40);
+        assert_eq!(w.next_chunk(100), Some((40, 70)));
+        assert_eq!(w.next_chunk(8), Some((40, 48)), "a chunk at a time");
+        w.hashed_to(48);
+        assert_eq!(
+            w.gaps(40, 60),
+            vec![],
+            "the rest of the range stays written"
+        );
+        w.hashed_to(70);
+        assert_eq!(w.next_chunk(100), None);
+        assert!(w.ahead.is_empty());
         assert_eq!(w.gaps(0, 80), vec![(70, 80)]);
     }
 }
