@@ -710,3 +710,43 @@ async fn a_holder_that_dies_in_its_part_leaves_it_to_the_others() {
     );
     assert_eq!(n.metric("mirrorlet_peer_digest_mismatches_total"), 0.0);
 }
+
+/// A copy read in parts from two holders, one of them sending wrong bytes in its part:
+/// nothing wrong is delivered, and with no telling which holder lied both are avoided.
+#[tokio::test]
+async fn a_wrong_part_from_one_of_several_holders_is_never_delivered() {
+    let net = Arc::new(MemoryNetwork::default());
+    let img = image(&MemoryStore::new(), 8 << 20);
+    let key = vec![img.layer.digest.to_string()];
+    let honest = img.layer_bytes.clone();
+    fake_peer(&net, "a-honest", key.clone(), move |req| {
+        let honest = honest.clone();
+        async move { ranged(honest, &req) }
+    })
+    .await;
+    // Serves ranges (the parts) from a copy whose second half is wrong every 64 KiB: its
+    // part (which starts in the second half) always holds some.
+    let mut bad = img.layer_bytes.to_vec();
+    for i in (4 << 20..bad.len()).step_by(64 << 10) {
+        bad[i] ^= 0xff;
+    }
+    let bad = Bytes::from(bad);
+    fake_peer(&net, "b-corrupt", key, move |req| {
+        let bad = bad.clone();
+        async move { ranged(bad, &req) }
+    })
+    .await;
+    let config = PeerConfig {
+        parts_from: 4 << 20,
+        verify: PeerVerify::Whole,
+        ..test_config()
+    };
+    let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), config).await;
+    let r = reqwest::get(blob_url(&n, &img.layer.digest))
+        .await
+        .expect("get");
+    // Verified whole before sending: the mismatch is found unseen; both holders are
+    // avoided, so no peer is left and containerd would go to the registry.
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(n.metric("mirrorlet_peer_digest_mismatches_total"), 1.0);
+}
