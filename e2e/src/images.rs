@@ -155,8 +155,19 @@ impl TestImage {
 }
 
 /// One OCI layout named `name` in `cache` holding `images` (each under its tag), generated
-/// once and reused; its directory.
+/// once and reused; its directory. Several images' layout is named after their content too
+/// (one image's name already is), so a changed set is generated anew.
 pub fn write_layout(cache: &Path, name: &str, images: &[TestImage]) -> Result<PathBuf> {
+    let name = match images {
+        [_] => name.to_owned(),
+        _ => {
+            let seeds = images
+                .iter()
+                .fold(0_u64, |h, i| h.rotate_left(5) ^ i.seed());
+            format!("{name}-{seeds:016x}")
+        }
+    };
+    let name = name.as_str();
     let dir = cache.join(name);
     if dir.join("index.json").exists() {
         return Ok(dir);
