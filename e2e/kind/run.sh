@@ -1221,6 +1221,7 @@ pull_with_retries() { # node image: pulls like kubelet (three attempts); prints 
       return 0
     fi
     log "$1: pull attempt $i failed: $(tail_of "$WORK/pull.err.$1" 200)"
+    sleep 2 # the kubelet backs off too; an immediate retry can race containerd's clean-up
   done
   fail "$1: the pull of $2 never completed"
 }

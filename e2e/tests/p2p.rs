@@ -418,6 +418,10 @@ async fn pull_with_retries(c: &Cluster, i: usize, name: &str) -> usize {
             Ok(_) => return attempt,
             Err(e) => eprintln!("node {i}: pull attempt {attempt} failed: {e:#}"),
         }
+        // The kubelet backs off before pulling again (10 s at first). Retrying at once
+        // can race containerd's own clean-up of the failed pull's snapshots ("parent
+        // snapshot ... does not exist"), which is no fault of what was served.
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     panic!("node {i}: the pull never completed");
 }
