@@ -98,6 +98,17 @@ pub(crate) fn confirmed_header(at: SystemTime) -> HeaderValue {
 }
 
 /// The size a peer announced (the header: a HEAD's body is empty).
+/// The blob's total size from a partial answer's `Content-Range`, if the range it carries
+/// starts at `from`.
+pub(crate) fn range_total(resp: &reqwest::Response, from: u64) -> Option<u64> {
+    let range = resp.headers().get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let (span, total) = range.strip_prefix("bytes ")?.rsplit_once('/')?;
+    let (start, _) = span.split_once('-')?;
+    (start.parse::<u64>().ok()? == from)
+        .then(|| total.parse().ok())
+        .flatten()
+}
+
 pub(crate) fn content_length(resp: &reqwest::Response) -> Option<u64> {
     resp.headers()
         .get(header::CONTENT_LENGTH)?
@@ -110,6 +121,22 @@ pub(crate) fn content_length(resp: &reqwest::Response) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partial_answer_names_its_total_only_when_it_starts_where_asked() {
+        let answer = |range: &str| {
+            reqwest::Response::from(
+                http::Response::builder()
+                    .header(header::CONTENT_RANGE, range)
+                    .body(Vec::<u8>::new())
+                    .expect("response"),
+            )
+        };
+        assert_eq!(range_total(&answer("bytes 100-199/1000"), 100), Some(1000));
+        assert_eq!(range_total(&answer("bytes 0-99/1000"), 100), None);
+        assert_eq!(range_total(&answer("bytes 100-199/*"), 100), None);
+        assert_eq!(range_total(&answer("items 100-199/1000"), 100), None);
+    }
 
     fn headers(peer: &str) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -402,6 +402,23 @@ fn ranged(bytes: Bytes, req: &Request) -> Response {
     }
 }
 
+/// A fake peer that serves `bytes` as `keys` honouring ranges, like an agent.
+async fn serving_ranges(net: &Arc<MemoryNetwork>, id: &str, keys: Vec<String>, bytes: Bytes) {
+    fake_peer(net, id, keys, move |req| {
+        let bytes = bytes.clone();
+        async move { ranged(bytes, &req) }
+    })
+    .await;
+}
+
+/// [`test_config`] reading blobs of 4 MiB and more from several holders at once.
+fn in_parts() -> PeerConfig {
+    PeerConfig {
+        parts_from: 4 << 20,
+        ..test_config()
+    }
+}
+
 /// A body that sends the first half, then fails (`stall`: then never ends).
 fn half_then(bytes: Bytes, stall: bool) -> Response {
     let half = bytes.slice(..bytes.len() / 2);
@@ -434,11 +451,7 @@ async fn resume_case(stall: bool) {
         async move { half_then(half, stall) }
     })
     .await;
-    fake_peer(&net, "b-honest", key, move |req| {
-        let good = good.clone();
-        async move { ranged(good, &req) }
-    })
-    .await;
+    serving_ranges(&net, "b-honest", key, good).await;
     let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), test_config()).await;
     let r = reqwest::get(blob_url(&n, &img.layer.digest))
         .await
@@ -543,12 +556,7 @@ async fn a_peer_lying_about_the_size_does_not_get_honest_peers_blamed() {
         }
     })
     .await;
-    let honest = real.clone();
-    fake_peer(&net, "b-honest", key, move |req| {
-        let honest = honest.clone();
-        async move { ranged(honest, &req) }
-    })
-    .await;
+    serving_ranges(&net, "b-honest", key, real.clone()).await;
     // Verified whole before sending: the lie is found out unseen.
     let whole = PeerConfig {
         verify: PeerVerify::Whole,
@@ -635,11 +643,7 @@ async fn a_large_blob_comes_from_several_holders_and_a_slow_one_sends_less() {
         })
         .await;
     }
-    let config = PeerConfig {
-        parts_from: 4 << 20,
-        ..test_config()
-    };
-    let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), config).await;
+    let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), in_parts()).await;
     let r = reqwest::get(blob_url(&n, &img.layer.digest))
         .await
         .expect("get");
@@ -664,12 +668,7 @@ async fn a_holder_that_dies_in_its_part_leaves_it_to_the_others() {
     let img = image(&MemoryStore::new(), 8 << 20);
     let key = vec![img.layer.digest.to_string()];
     // Found first (the in-memory router lists providers in order): the copy's own lane.
-    let honest = img.layer_bytes.clone();
-    fake_peer(&net, "a-honest", key.clone(), move |req| {
-        let honest = honest.clone();
-        async move { ranged(honest, &req) }
-    })
-    .await;
+    serving_ranges(&net, "a-honest", key.clone(), img.layer_bytes.clone()).await;
     // The other lane: its range dies after the first 256 KiB.
     let good = img.layer_bytes.clone();
     let ranges = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -693,11 +692,7 @@ async fn a_holder_that_dies_in_its_part_leaves_it_to_the_others() {
         }
     })
     .await;
-    let config = PeerConfig {
-        parts_from: 4 << 20,
-        ..test_config()
-    };
-    let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), config).await;
+    let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), in_parts()).await;
     let r = reqwest::get(blob_url(&n, &img.layer.digest))
         .await
         .expect("get");
@@ -718,28 +713,17 @@ async fn a_wrong_part_from_one_of_several_holders_is_never_delivered() {
     let net = Arc::new(MemoryNetwork::default());
     let img = image(&MemoryStore::new(), 8 << 20);
     let key = vec![img.layer.digest.to_string()];
-    let honest = img.layer_bytes.clone();
-    fake_peer(&net, "a-honest", key.clone(), move |req| {
-        let honest = honest.clone();
-        async move { ranged(honest, &req) }
-    })
-    .await;
+    serving_ranges(&net, "a-honest", key.clone(), img.layer_bytes.clone()).await;
     // Serves ranges (the parts) from a copy whose second half is wrong every 64 KiB: its
     // part (which starts in the second half) always holds some.
     let mut bad = img.layer_bytes.to_vec();
     for i in (4 << 20..bad.len()).step_by(64 << 10) {
         bad[i] ^= 0xff;
     }
-    let bad = Bytes::from(bad);
-    fake_peer(&net, "b-corrupt", key, move |req| {
-        let bad = bad.clone();
-        async move { ranged(bad, &req) }
-    })
-    .await;
+    serving_ranges(&net, "b-corrupt", key, Bytes::from(bad)).await;
     let config = PeerConfig {
-        parts_from: 4 << 20,
         verify: PeerVerify::Whole,
-        ..test_config()
+        ..in_parts()
     };
     let (n, _) = node(&net, "n", Arc::new(MemoryStore::new()), config).await;
     let r = reqwest::get(blob_url(&n, &img.layer.digest))

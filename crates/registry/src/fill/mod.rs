@@ -31,7 +31,7 @@ use crate::metrics::{FetchLabels, ReasonLabels};
 use crate::state::AppState;
 use crate::transfer::{Backing, LaneWriter, Origin, Outcome, Sink, Transfer};
 use parts::{Claim, MAX_LANES, Plan};
-use sources::{Opened, Sources};
+use sources::{Opened, Sources, open_part};
 
 /// Bytes gathered from the network before a write.
 const BATCH: usize = 1 << 20;
@@ -296,26 +296,23 @@ impl Job {
                 state.metrics.digest_mismatches.inc();
             }
             let contributors = plan.contributors();
-            if contributors.len() > 1 {
+            let (backoff, why) = if contributors.len() > 1 {
                 // Several holders sent parts: which one lied is unknown. Each is avoided
                 // for the ordinary failure backoff, and the next copy of this blob takes
                 // one holder at a time, so a mismatch then names its peer.
                 sources.parts = false;
-                for p in &contributors {
-                    state.failed_peers.mark(
-                        p,
-                        state.peers.failure_backoff,
-                        "sent part of a copy (from several peers) that did not match the digest",
-                    );
-                }
+                (
+                    state.peers.failure_backoff,
+                    "sent part of a copy (from several peers) that did not match the digest",
+                )
             } else {
-                for p in &contributors {
-                    state.failed_peers.mark(
-                        p,
-                        state.peers.corrupt_backoff,
-                        "served bytes that do not match the digest",
-                    );
-                }
+                (
+                    state.peers.corrupt_backoff,
+                    "served bytes that do not match the digest",
+                )
+            };
+            for p in &contributors {
+                state.failed_peers.mark(p, backoff, why);
             }
             return Err(CopyFailed {
                 corrupt: true,
@@ -474,31 +471,35 @@ async fn pump(
 ) -> Result<(), Pumped> {
     let mut batch = BytesMut::with_capacity(BATCH);
     let mut at = *pos;
-    let mut failed = None;
     loop {
         let end = plan.end(claim);
-        if *pos >= end {
-            break;
-        }
-        match tokio::time::timeout(stall, src.body.next()).await {
-            Ok(Some(Ok(mut chunk))) => {
-                if src.skip > 0 {
-                    let n = src.skip.min(chunk.len() as u64);
-                    src.skip -= n;
-                    chunk = chunk.slice(usize::try_from(n).unwrap_or(0)..);
+        let (done, failed) = if *pos >= end {
+            (true, None)
+        } else {
+            match tokio::time::timeout(stall, src.body.next()).await {
+                Ok(Some(Ok(mut chunk))) => {
+                    if src.skip > 0 {
+                        let n = src.skip.min(chunk.len() as u64);
+                        src.skip -= n;
+                        chunk = chunk.slice(usize::try_from(n).unwrap_or(0)..);
+                    }
+                    // Whatever lies past the part's end is another lane's (or past the
+                    // blob).
+                    let n = (chunk.len() as u64).min(end - *pos);
+                    batch.extend_from_slice(&chunk[..usize::try_from(n).unwrap_or(0)]);
+                    *pos += n;
+                    if batch.len() < BATCH && *pos < end {
+                        continue;
+                    }
+                    (false, None)
                 }
-                // Whatever lies past the part's end is another lane's (or past the blob).
-                let n = (chunk.len() as u64).min(end - *pos);
-                batch.extend_from_slice(&chunk[..usize::try_from(n).unwrap_or(0)]);
-                *pos += n;
-                if batch.len() < BATCH && *pos < end {
-                    continue;
-                }
+                Ok(Some(Err(e))) => (false, Some(format!("the stream broke: {}", chain(&e)))),
+                Ok(None) => (false, Some("the stream ended early".to_owned())),
+                Err(_) => (false, Some("the stream stalled".to_owned())),
             }
-            Ok(Some(Err(e))) => failed = Some(format!("the stream broke: {}", chain(&e))),
-            Ok(None) => failed = Some("the stream ended early".to_owned()),
-            Err(_) => failed = Some("the stream stalled".to_owned()),
-        }
+        };
+        // Only a lane that wrote bytes is named as having sent them (a part's end can
+        // move below what its lane had read: it then sent nothing more).
         if !batch.is_empty() {
             out.write_at(at, batch.split().freeze())
                 .await
@@ -509,19 +510,10 @@ async fn pump(
         if let Some(why) = failed {
             return Err(Pumped::Source(why));
         }
+        if done {
+            return Ok(());
+        }
     }
-    // The part is read (its end may have moved below what was read: the peer sent
-    // nothing more then, and is not named as having sent it).
-    let peer = if batch.is_empty() {
-        None
-    } else {
-        out.write_at(at, batch.split().freeze())
-            .await
-            .map_err(Pumped::Disk)?;
-        src.peer.as_ref()
-    };
-    plan.advance(claim, *pos, peer);
-    Ok(())
 }
 
 /// A part for a lane whose own part is read: one nobody reads, or half of the slowest;
@@ -541,52 +533,6 @@ async fn wait_for_part(plan: &Plan) -> Option<Claim> {
             return None;
         }
     }
-}
-
-/// `[from, end)` of the blob (of `size` bytes) at `path` from `peer`, which holds it.
-async fn open_part(
-    state: &AppState,
-    path: &str,
-    peer: &Peer,
-    from: u64,
-    end: u64,
-    size: u64,
-) -> Result<Opened, String> {
-    let req = state
-        .http
-        .get(format!("http://{}{path}", peer.addr))
-        .header(
-            crate::headers::PEER_HEADER,
-            crate::cluster::peer_header(state),
-        )
-        .header(
-            http::header::RANGE,
-            format!("bytes={from}-{}", end.saturating_sub(1)),
-        );
-    let resp = crate::peers::send(req, state.peers.read_timeout)
-        .await
-        .map_err(|e| chain(&e))?;
-    let range = resp
-        .headers()
-        .get(http::header::CONTENT_RANGE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    if resp.status() != http::StatusCode::PARTIAL_CONTENT
-        || !range.starts_with(&format!("bytes {from}-"))
-        || !range.ends_with(&format!("/{size}"))
-    {
-        return Err(format!(
-            "answered {} ({range:?}) to a range of the blob",
-            resp.status()
-        ));
-    }
-    Ok(Opened {
-        origin: Origin::Holders,
-        peer: Some(peer.clone()),
-        size,
-        body: futures_util::TryStreamExt::map_err(resp.bytes_stream(), io::Error::other).boxed(),
-        skip: 0,
-    })
 }
 
 /// Another holder's lane: takes parts (at first half of the copy's own) and reads each

@@ -13,10 +13,11 @@ use mirrorlet_oci::{Peer, UpstreamError};
 
 use super::Job;
 use crate::cluster::{self, Step};
-use crate::headers::{BUSY_HEADER, FOLLOWERS_HEADER, PEER_HEADER, content_length};
+use crate::headers::{BUSY_HEADER, FOLLOWERS_HEADER, PEER_HEADER, content_length, range_total};
 use crate::metrics::ReasonLabels;
 use crate::outcome::{Miss, log_upstream_error};
 use crate::peers::{self, Candidates};
+use crate::state::AppState;
 use crate::transfer::Origin;
 
 /// Tries at upstream per open (a reset or 5xx is retried after a pause).
@@ -391,10 +392,7 @@ impl<'a> Sources<'a> {
     /// Asks `peer` for the blob from `pos`, as `asking` says.
     async fn ask(&mut self, peer: &Peer, pos: u64, asking: Asking, head: Duration) -> Answer {
         let state = &self.job.state;
-        let mut req = state
-            .http
-            .get(format!("http://{}{}", peer.addr, self.path()))
-            .header(PEER_HEADER, cluster::peer_header(state));
+        let mut req = request(state, peer, &self.path());
         if let Asking::Owner(how) = asking {
             req = how.headers(req);
         }
@@ -450,15 +448,8 @@ impl<'a> Sources<'a> {
                 return None;
             }
             StatusCode::PARTIAL_CONTENT => {
-                let range = resp
-                    .headers()
-                    .get(header::CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                let total = range
-                    .rsplit_once('/')
-                    .and_then(|(_, t)| t.parse::<u64>().ok());
-                if !range.starts_with(&format!("bytes {pos}-")) || total.is_none() {
+                let total = range_total(&resp, pos);
+                if total.is_none() {
                     state
                         .metrics
                         .peer_failures
@@ -514,4 +505,45 @@ impl<'a> Sources<'a> {
         self.abandoned = true;
         self.last_failure = Some("sources disagree about the blob's size".to_owned());
     }
+}
+
+/// A request for the blob at `path` to another agent, as an agent asks.
+fn request(state: &AppState, peer: &Peer, path: &str) -> reqwest::RequestBuilder {
+    state
+        .http
+        .get(format!("http://{}{path}", peer.addr))
+        .header(PEER_HEADER, cluster::peer_header(state))
+}
+
+/// `[from, end)` of the blob (of `size` bytes) at `path` from `peer`, which holds it: a
+/// part of a copy read from several holders (see [`super::parts`]).
+pub(super) async fn open_part(
+    state: &AppState,
+    path: &str,
+    peer: &Peer,
+    from: u64,
+    end: u64,
+    size: u64,
+) -> Result<Opened, String> {
+    let req = request(state, peer, path).header(
+        header::RANGE,
+        format!("bytes={from}-{}", end.saturating_sub(1)),
+    );
+    let resp = peers::send(req, state.peers.read_timeout)
+        .await
+        .map_err(|e| crate::error::chain(&e))?;
+    if resp.status() != StatusCode::PARTIAL_CONTENT || range_total(&resp, from) != Some(size) {
+        return Err(format!(
+            "answered {} ({:?}) to a range of the blob",
+            resp.status(),
+            resp.headers().get(header::CONTENT_RANGE)
+        ));
+    }
+    Ok(Opened {
+        origin: Origin::Holders,
+        peer: Some(peer.clone()),
+        size,
+        body: resp.bytes_stream().map_err(io::Error::other).boxed(),
+        skip: 0,
+    })
 }
