@@ -203,9 +203,12 @@ state = "{d}/containerd/state"
             .with_context(|| format!("agent log:\n{}", self.agent_log_tail(30)))
     }
 
-    /// The flags the agent gets besides the harness's own, from its next start.
-    pub fn set_agent_args(&mut self, args: Vec<String>) {
+    /// Restarts the agent (gracefully) with `args` as the flags it gets besides the
+    /// harness's own.
+    pub async fn restart_agent_with(&mut self, args: Vec<String>) -> Result<()> {
+        self.stop_agent();
         self.agent_args = args;
+        self.start_agent().await
     }
 
     /// Stops the agent with SIGTERM (graceful); returns whether it exited in time.

@@ -787,7 +787,6 @@ fn manifest_head(
     respond(with_confirmed(head, confirmed), Body::empty())
 }
 
-/// A manifest held in memory (verified), as a response.
 /// The manifest `digest` if the node holds it: kept in memory once read (see
 /// [`crate::manifest_cache`]), so a manifest asked for again costs no call to the store.
 async fn held_manifest(
@@ -857,6 +856,7 @@ async fn manifest_bytes(
     Ok(bytes)
 }
 
+/// A manifest held in memory (verified), as a response.
 fn send_manifest(
     ask: &Ask<'_>,
     desc: &Descriptor,

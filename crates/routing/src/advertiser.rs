@@ -252,12 +252,8 @@ impl Advertiser {
                 Err(RouterError::Advertise { failed, reason }) => {
                     tracing::warn!(keys = failed.len(), %reason, "some keys could not be advertised");
                     let failed: HashSet<&String> = failed.iter().collect();
-                    let kept: Vec<String> = batch
-                        .iter()
-                        .filter(|k| !failed.contains(k))
-                        .cloned()
-                        .collect();
-                    self.advertised.extend(kept);
+                    self.advertised
+                        .extend(batch.iter().filter(|k| !failed.contains(k)).cloned());
                 }
                 Err(e) => tracing::warn!(keys = batch.len(), error = %e, "advertising failed"),
             }

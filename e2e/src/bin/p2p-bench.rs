@@ -154,9 +154,7 @@ async fn main() -> Result<()> {
     // The same with node 2's agent verifying whole before sending.
     let mut whole_args = agent_args.clone();
     whole_args.extend(["--peer-verify".into(), "whole".into()]);
-    c.node_mut(2).stop_agent();
-    c.node_mut(2).set_agent_args(whole_args);
-    c.node_mut(2).start_agent().await?;
+    c.node_mut(2).restart_agent_with(whole_args).await?;
     c.wait_members().await?;
     let [mut whole, mut whole_secs, mut whole_first] = two_agents(&c, &url, runs)?;
 
@@ -255,9 +253,7 @@ async fn main() -> Result<()> {
     let parts = fetch4()?;
     let mut one_args = agent_args.clone();
     one_args.extend(["--peer-parts-from".into(), "0".into()]);
-    c.node_mut(4).stop_agent();
-    c.node_mut(4).set_agent_args(one_args);
-    c.node_mut(4).start_agent().await?;
+    c.node_mut(4).restart_agent_with(one_args).await?;
     c.wait_members().await?;
     let one = fetch4()?;
     let show = |v: &[f64]| {

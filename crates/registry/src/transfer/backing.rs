@@ -109,7 +109,6 @@ impl Backing {
 /// Writes one copy into its backing while hashing it, and advances the transfer.
 pub(crate) struct Sink {
     kind: Kind,
-    written: u64,
 }
 
 enum Kind {
@@ -118,9 +117,10 @@ enum Kind {
         verifier: Verifier,
         transfer: Arc<Transfer>,
         generation: u32,
+        written: u64,
     },
     File {
-        tx: mpsc::Sender<(u64, Bytes)>,
+        lane: LaneWriter,
         worker: tokio::task::JoinHandle<io::Result<(Verifier, u64)>>,
     },
 }
@@ -222,8 +222,8 @@ impl Sink {
                 verifier: transfer.digest.verifier(),
                 transfer: transfer.clone(),
                 generation: transfer.next_generation(),
+                written: 0,
             },
-            written: 0,
         };
         (sink, backing)
     }
@@ -300,8 +300,10 @@ impl Sink {
             Ok((verifier, w.hashed))
         });
         let sink = Self {
-            kind: Kind::File { tx, worker },
-            written: 0,
+            kind: Kind::File {
+                lane: LaneWriter(tx),
+                worker,
+            },
         };
         Ok((sink, backing))
     }
@@ -310,7 +312,7 @@ impl Sink {
     /// written in order, by one reader).
     pub(crate) fn lane(&self) -> Option<LaneWriter> {
         match &self.kind {
-            Kind::File { tx, .. } => Some(LaneWriter(tx.clone())),
+            Kind::File { lane, .. } => Some(lane.clone()),
             Kind::Memory { .. } => None,
         }
     }
@@ -324,27 +326,22 @@ impl Sink {
                 verifier,
                 transfer,
                 generation,
+                written,
             } => {
-                if at != self.written {
+                if at != *written {
                     return Err(io::Error::other("a copy in memory is written in order"));
                 }
-                self.written += batch.len() as u64;
+                *written += batch.len() as u64;
                 verifier.update(&batch);
                 if let Backing::Memory(chunks) = &**backing {
                     let mut chunks = chunks.lock().unwrap_or_else(PoisonError::into_inner);
                     chunks.push((at, batch));
                 }
-                transfer.advance(*generation, self.written);
+                transfer.advance(*generation, *written);
                 Ok(())
             }
-            Kind::File { tx, .. } => {
-                self.written = self.written.max(at + batch.len() as u64);
-                if tx.send((at, batch)).await.is_err() {
-                    // The writer stopped: its error comes out of `finish`.
-                    return Err(io::Error::other("writing the spool file failed"));
-                }
-                Ok(())
-            }
+            // The writer stopped if this fails: its error comes out of `finish`.
+            Kind::File { lane, .. } => lane.write_at(at, batch).await,
         }
     }
 
@@ -352,9 +349,11 @@ impl Sink {
     /// bytes, every one written) and matches the digest.
     pub(crate) async fn finish(self, size: u64) -> io::Result<bool> {
         match self.kind {
-            Kind::Memory { verifier, .. } => Ok(self.written == size && verifier.matches()),
-            Kind::File { tx, worker } => {
-                drop(tx);
+            Kind::Memory {
+                verifier, written, ..
+            } => Ok(written == size && verifier.matches()),
+            Kind::File { lane, worker } => {
+                drop(lane);
                 let (verifier, hashed) = worker
                     .await
                     .map_err(|e| io::Error::other(e.to_string()))??;
