@@ -1,6 +1,7 @@
 //! Where a transfer's bytes are kept: memory for small blobs, an anonymous spool file for
-//! larger ones. The [`Sink`] writes (and hashes) them, off the async threads for files,
-//! and tells the transfer how far it has got; readers read what is there.
+//! larger ones. The [`Sink`] writes and hashes them (for a file, on two blocking threads
+//! at once: one writes, the other hashes what was written, in order) and tells the
+//! transfer how far it has got; readers read what is there.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -19,6 +20,9 @@ use super::Transfer;
 
 /// Batches queued between the network and the file writer.
 const QUEUE: usize = 4;
+
+/// Batches written and queued for the hasher: enough to keep both threads busy.
+const HASH_QUEUE: usize = 2;
 
 /// The bytes of one copy of a blob, in order from its start.
 #[derive(Debug)]
@@ -121,7 +125,8 @@ enum Kind {
     },
     File {
         lane: LaneWriter,
-        worker: tokio::task::JoinHandle<io::Result<(Verifier, u64)>>,
+        writer: tokio::task::JoinHandle<io::Result<()>>,
+        hasher: tokio::task::JoinHandle<io::Result<(Verifier, u64)>>,
     },
 }
 
@@ -140,12 +145,13 @@ impl LaneWriter {
     }
 }
 
-/// What a spool writer knows of the bytes written: the prefix hashed, and what was written
-/// beyond it (ranges from other parts, coalesced), to hash when the prefix reaches them.
+/// What a spool writer knows of the bytes written: the prefix written whole from the
+/// start, and what was written beyond it (ranges from other parts, coalesced), which the
+/// prefix takes in when it reaches them.
 #[derive(Debug, Default)]
 struct Written {
-    hashed: u64,
-    /// Start -> end of the ranges written beyond `hashed`.
+    prefix: u64,
+    /// Start -> end of the ranges written beyond `prefix`.
     ahead: BTreeMap<u64, u64>,
 }
 
@@ -153,7 +159,7 @@ impl Written {
     /// The parts of `[at, end)` not written yet, in order.
     fn gaps(&self, at: u64, end: u64) -> Vec<(u64, u64)> {
         let mut gaps = Vec::new();
-        let mut from = at.max(self.hashed);
+        let mut from = at.max(self.prefix);
         // A range that starts before `from` may cover it.
         if let Some((_, &e)) = self.ahead.range(..=from).next_back() {
             from = from.max(e);
@@ -173,8 +179,13 @@ impl Written {
         gaps
     }
 
-    /// Records `[at, end)` as written (beyond the hashed prefix).
+    /// Records `[at, end)` as written: it extends the prefix if it starts there, and is
+    /// kept ahead of it otherwise.
     fn add(&mut self, at: u64, end: u64) {
+        if at == self.prefix {
+            self.prefix = end;
+            return;
+        }
         let (mut s, mut e) = (at, end);
         if let Some((&ps, &pe)) = self.ahead.range(..=s).next_back()
             && pe >= s
@@ -191,26 +202,30 @@ impl Written {
         self.ahead.insert(s, e);
     }
 
-    /// Up to `max` written bytes that continue the hashed prefix (written ahead of it
-    /// earlier), to read back and hash.
-    fn next_chunk(&self, max: u64) -> Option<(u64, u64)> {
+    /// Takes into the prefix the range written ahead that now continues it, if any, and
+    /// returns that range's new part (to read back and hash).
+    fn take_continued(&mut self) -> Option<(u64, u64)> {
         let (&s, &e) = self.ahead.first_key_value()?;
-        (s <= self.hashed && e > self.hashed).then(|| (self.hashed, e.min(self.hashed + max)))
-    }
-
-    /// The prefix is hashed up to `to`: ranges now wholly in it are dropped.
-    fn hashed_to(&mut self, to: u64) {
-        self.hashed = to;
-        while let Some((&s, &e)) = self.ahead.first_key_value()
-            && e <= to
-        {
-            self.ahead.remove(&s);
+        if s > self.prefix {
+            return None;
         }
+        self.ahead.remove(&s);
+        let from = self.prefix;
+        self.prefix = self.prefix.max(e);
+        (e > from).then_some((from, e))
     }
 }
 
+/// What the hasher is given, in the blob's order.
+enum ToHash {
+    /// Bytes just written, still in memory.
+    Written(Bytes),
+    /// A range written earlier, ahead of the prefix, to read back from the file.
+    Spooled(u64, u64),
+}
+
 /// Bytes read back from the spool at a time to hash a range written out of order.
-const REHASH_CHUNK: usize = 1 << 20;
+const REHASH_CHUNK: u64 = 1 << 20;
 
 impl Sink {
     /// A copy kept in memory.
@@ -228,11 +243,13 @@ impl Sink {
         (sink, backing)
     }
 
-    /// A copy kept in an anonymous file in `dir`, written and hashed on a blocking thread;
-    /// chunks read from it count against `budget`. Batches can come at any offset (several
-    /// parts at once): each byte is written once, hashed in order (read back from the file
-    /// when it was written ahead of the prefix), and the transfer advances with the
-    /// prefix hashed.
+    /// A copy kept in an anonymous file in `dir`; chunks read from it count against
+    /// `budget`. Batches can come at any offset (several parts at once) and each byte is
+    /// written once, on a blocking thread. Another hashes the prefix written, in order, as
+    /// it grows (from the batches themselves, or read back from the file where other parts
+    /// wrote ahead of it), so writing and hashing take a core each. The transfer advances
+    /// with the prefix written: its last byte is held back until the whole is verified
+    /// (see [`Transfer::read`]).
     pub(crate) async fn file(
         transfer: &Arc<Transfer>,
         dir: &Path,
@@ -242,67 +259,66 @@ impl Sink {
         let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir))
             .await
             .map_err(|e| io::Error::other(e.to_string()))??;
-        let writer = file.try_clone()?;
+        let out = file.try_clone()?;
+        let back = file.try_clone()?;
         let backing = Arc::new(Backing::File(file, budget));
         let (tx, mut rx) = mpsc::channel::<(u64, Bytes)>(QUEUE);
+        let (to_hash, hash_rx) = std::sync::mpsc::sync_channel::<ToHash>(HASH_QUEUE);
         let mut verifier = transfer.digest.verifier();
         let generation = transfer.next_generation();
         let transfer = transfer.clone();
-        let worker = tokio::task::spawn_blocking(move || {
+        let writer = tokio::task::spawn_blocking(move || {
+            let stopped = |_| io::Error::other("hashing the spool file stopped");
             let mut w = Written::default();
-            let mut scratch = Vec::new();
-            let mut open = true;
-            loop {
-                // A batch if one is there (waiting for one only when nothing is left to
-                // hash), then at most one chunk read back: catching up over what other
-                // parts wrote ahead never holds the lanes' writes for long, nor they it.
-                let behind = w.next_chunk(REHASH_CHUNK as u64);
-                let batch = match (behind, open) {
-                    (Some(_), true) => match rx.try_recv() {
-                        Ok(b) => Some(b),
-                        Err(mpsc::error::TryRecvError::Empty) => None,
-                        Err(mpsc::error::TryRecvError::Disconnected) => {
-                            open = false;
-                            None
-                        }
-                    },
-                    (None, true) => {
-                        let b = rx.blocking_recv();
-                        open = b.is_some();
-                        b
-                    }
-                    (Some(_), false) => None,
-                    (None, false) => break,
-                };
-                if let Some((at, batch)) = batch {
-                    let end = at + batch.len() as u64;
-                    for (s, e) in w.gaps(at, end) {
-                        let piece = &batch[usize::try_from(s - at).unwrap_or(0)
-                            ..usize::try_from(e - at).unwrap_or(0)];
-                        writer.write_all_at(piece, s)?;
-                        if s == w.hashed {
-                            verifier.update(piece);
-                            w.hashed_to(e);
-                        } else {
-                            w.add(s, e);
+            while let Some((at, batch)) = rx.blocking_recv() {
+                let end = at + batch.len() as u64;
+                for (s, e) in w.gaps(at, end) {
+                    let piece = batch.slice(
+                        usize::try_from(s - at).unwrap_or(0)..usize::try_from(e - at).unwrap_or(0),
+                    );
+                    out.write_all_at(&piece, s)?;
+                    let extends = s == w.prefix;
+                    w.add(s, e);
+                    if extends {
+                        to_hash.send(ToHash::Written(piece)).map_err(stopped)?;
+                        while let Some((s, e)) = w.take_continued() {
+                            to_hash.send(ToHash::Spooled(s, e)).map_err(stopped)?;
                         }
                     }
                 }
-                // (A batch cannot have moved the prefix: what continues it is written.)
-                if let Some((s, e)) = behind {
-                    scratch.resize(usize::try_from(e - s).unwrap_or(0), 0);
-                    writer.read_exact_at(&mut scratch, s)?;
-                    verifier.update(&scratch);
-                    w.hashed_to(e);
-                }
-                transfer.advance(generation, w.hashed);
+                transfer.advance(generation, w.prefix);
             }
-            Ok((verifier, w.hashed))
+            Ok(())
+        });
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut hashed = 0;
+            let mut scratch = Vec::new();
+            // Ends when the writer is gone.
+            for next in hash_rx {
+                match next {
+                    ToHash::Written(bytes) => {
+                        verifier.update(&bytes);
+                        hashed += bytes.len() as u64;
+                    }
+                    ToHash::Spooled(mut s, e) => {
+                        while s < e {
+                            let n = (e - s).min(REHASH_CHUNK);
+                            scratch.resize(usize::try_from(n).unwrap_or(0), 0);
+                            back.read_exact_at(&mut scratch, s)?;
+                            verifier.update(&scratch);
+                            s += n;
+                        }
+                        hashed = e;
+                    }
+                }
+            }
+            Ok((verifier, hashed))
         });
         let sink = Self {
             kind: Kind::File {
                 lane: LaneWriter(tx),
-                worker,
+                writer,
+                hasher,
             },
         };
         Ok((sink, backing))
@@ -352,11 +368,18 @@ impl Sink {
             Kind::Memory {
                 verifier, written, ..
             } => Ok(written == size && verifier.matches()),
-            Kind::File { lane, worker } => {
+            Kind::File {
+                lane,
+                writer,
+                hasher,
+            } => {
                 drop(lane);
-                let (verifier, hashed) = worker
-                    .await
-                    .map_err(|e| io::Error::other(e.to_string()))??;
+                let joined = |e: tokio::task::JoinError| io::Error::other(e.to_string());
+                let written = writer.await.map_err(joined)?;
+                // The hasher ends once the writer is gone; its error (a failed read-back)
+                // is why the writer stopped, if it did.
+                let (verifier, hashed) = hasher.await.map_err(joined)??;
+                written?;
                 Ok(hashed == size && verifier.matches())
             }
         }
@@ -368,32 +391,27 @@ mod tests {
     use super::Written;
 
     #[test]
-    fn bytes_written_ahead_are_written_once_and_hashed_in_order() {
+    fn bytes_written_ahead_are_written_once_and_join_the_prefix_in_order() {
         let mut w = Written::default();
         // The prefix, then a part further on, then one overlapping it.
         assert_eq!(w.gaps(0, 10), vec![(0, 10)]);
-        w.hashed = 10;
+        w.add(0, 10);
+        assert_eq!(w.prefix, 10);
         assert_eq!(w.gaps(50, 60), vec![(50, 60)]);
         w.add(50, 60);
         assert_eq!(w.gaps(40, 70), vec![(40, 50), (60, 70)]);
         w.add(40, 50);
         w.add(60, 70);
         assert_eq!(w.ahead.len(), 1, "adjacent ranges coalesce");
-        // Bytes already hashed are never written again.
+        // Bytes already written are never written again.
         assert_eq!(w.gaps(5, 45), vec![(10, 40)]);
         assert_eq!(w.gaps(55, 65), vec![]);
-        assert_eq!(w.next_chunk(100), None, "a gap before it");
-        w.hashed_to(40);
-        assert_eq!(w.next_chunk(100), Some((40, 70)));
-        assert_eq!(w.next_chunk(8), Some((40, 48)), "a chunk at a time");
-        w.hashed_to(48);
-        assert_eq!(
-            w.gaps(40, 60),
-            vec![],
-            "the rest of the range stays written"
-        );
-        w.hashed_to(70);
-        assert_eq!(w.next_chunk(100), None);
+        assert_eq!(w.take_continued(), None, "a gap before it");
+        w.add(10, 40);
+        assert_eq!(w.prefix, 40);
+        assert_eq!(w.take_continued(), Some((40, 70)), "read back to hash");
+        assert_eq!(w.prefix, 70);
+        assert_eq!(w.take_continued(), None);
         assert!(w.ahead.is_empty());
         assert_eq!(w.gaps(0, 80), vec![(70, 80)]);
     }
