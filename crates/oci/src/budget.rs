@@ -1,6 +1,7 @@
 //! A byte budget for the buffers of content streams: every chunk read from a file to be
 //! sent holds its share of the budget until it is dropped (sent, or its stream ended), so
-//! the memory those chunks take is bounded whatever the number of streams. A stream that
+//! the memory those chunks take is bounded whatever the number of streams. (The registry
+//! also counts the batches of blobs on their way into its spool files against it.) A stream that
 //! finds the budget spent waits for its next chunk (the budget is handed out in order)
 //! instead of the agent running out of memory. Only the chunk a client waits for may wait
 //! for the budget: chunks read ahead take it when it has room ([`Budget::buffer_for`]), so

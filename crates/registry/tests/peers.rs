@@ -734,3 +734,82 @@ async fn a_wrong_part_from_one_of_several_holders_is_never_delivered() {
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert_eq!(n.metric("mirrorlet_peer_digest_mismatches_total"), 1.0);
 }
+
+/// Bytes on their way into a spool file count against the stream budget until they are
+/// written and hashed, so copies in flight cannot take memory past it: here, with a budget
+/// of two chunks, a batch waiting for the rest of its bytes holds one, and the copy still
+/// completes.
+#[tokio::test]
+async fn bytes_being_spooled_count_against_the_stream_budget() {
+    let net = Arc::new(MemoryNetwork::default());
+    let img = image(&MemoryStore::new(), 3 << 20);
+    let key = vec![img.layer.digest.to_string()];
+    let (go_on, wait) = tokio::sync::watch::channel(false);
+    let bytes = img.layer_bytes.clone();
+    fake_peer(&net, "a", key, move |_| {
+        let (bytes, mut wait) = (bytes.clone(), wait.clone());
+        async move {
+            // A batch and a half, then the rest when the test says so.
+            let cut = (3 << 20) / 2;
+            let (first, rest) = (bytes.slice(..cut), bytes.slice(cut..));
+            let later = async move {
+                let _ = wait.wait_for(|go| *go).await;
+                Ok::<_, std::io::Error>(rest)
+            };
+            let body = futures_util::stream::once(async move { Ok(first) })
+                .chain(futures_util::stream::once(later));
+            Response::builder()
+                .header("content-length", bytes.len())
+                .body(Body::from_stream(body))
+                .expect("response")
+        }
+    })
+    .await;
+    let budget = mirrorlet_oci::Budget::new(2 << 20);
+    let config = PeerConfig {
+        read_timeout: Duration::from_secs(10),
+        ..test_config()
+    };
+    let (n, _) =
+        Node::start_configured(&net, "n", Arc::new(MemoryStore::new()), config, None, |s| {
+            s.with_stream_budget(budget.clone())
+        })
+        .await;
+    let r = reqwest::get(blob_url(&n, &img.layer.digest))
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = got.clone();
+    let body = tokio::spawn(async move {
+        let mut body = Vec::new();
+        let mut chunks = r.bytes_stream();
+        while let Some(c) = chunks.next().await {
+            body.extend_from_slice(&c.expect("chunk"));
+            counted.store(body.len(), std::sync::atomic::Ordering::SeqCst);
+        }
+        body
+    });
+    // The first batch is written and the client has it; the second waits for its last
+    // half MiB, holding its share (a chunk on its way to the client is gone by then).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut steady = 0;
+    while steady < 5 {
+        let sent = got.load(std::sync::atomic::Ordering::SeqCst) >= 1 << 20;
+        steady = if sent && budget.in_use() == 1 << 20 {
+            steady + 1
+        } else {
+            0
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a batch being gathered holds its share of the budget (in use: {})",
+            budget.in_use()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    go_on.send(true).expect("peer waiting");
+    let body = body.await.expect("join");
+    assert_eq!(body, img.layer_bytes);
+    assert_eq!(budget.in_use(), 0, "every batch gave its share back");
+}

@@ -133,15 +133,24 @@ enum Kind {
 /// Writes batches of a spooled copy at their offsets, from another task (one reading a
 /// part of the blob: see `fill::parts`).
 #[derive(Clone)]
-pub(crate) struct LaneWriter(mpsc::Sender<(u64, Bytes)>);
+pub(crate) struct LaneWriter {
+    tx: mpsc::Sender<(u64, Bytes)>,
+    budget: Budget,
+}
 
 impl LaneWriter {
     /// Writes `batch` at `at` (bytes already written there are kept, not overwritten).
     pub(crate) async fn write_at(&self, at: u64, batch: Bytes) -> io::Result<()> {
-        self.0
+        self.tx
             .send((at, batch))
             .await
             .map_err(|_| io::Error::other("writing the spool file failed"))
+    }
+
+    /// What batches for this copy count against while they wait to be written and hashed
+    /// (the stream budget, as the chunks read back from the spool do).
+    pub(crate) fn budget(&self) -> &Budget {
+        &self.budget
     }
 }
 
@@ -224,8 +233,9 @@ enum ToHash {
     Spooled(u64, u64),
 }
 
-/// Bytes read back from the spool at a time to hash a range written out of order.
-const REHASH_CHUNK: u64 = 1 << 20;
+/// Bytes read back from the spool at a time to hash a range written out of order (a
+/// buffer per spooled copy, outside the stream budget: kept small).
+const REHASH_CHUNK: u64 = 64 << 10;
 
 impl Sink {
     /// A copy kept in memory.
@@ -261,8 +271,12 @@ impl Sink {
             .map_err(|e| io::Error::other(e.to_string()))??;
         let out = file.try_clone()?;
         let back = file.try_clone()?;
-        let backing = Arc::new(Backing::File(file, budget));
         let (tx, mut rx) = mpsc::channel::<(u64, Bytes)>(QUEUE);
+        let lane = LaneWriter {
+            tx,
+            budget: budget.clone(),
+        };
+        let backing = Arc::new(Backing::File(file, budget));
         let (to_hash, hash_rx) = std::sync::mpsc::sync_channel::<ToHash>(HASH_QUEUE);
         let mut verifier = transfer.digest.verifier();
         let generation = transfer.next_generation();
@@ -316,7 +330,7 @@ impl Sink {
         });
         let sink = Self {
             kind: Kind::File {
-                lane: LaneWriter(tx),
+                lane,
                 writer,
                 hasher,
             },
