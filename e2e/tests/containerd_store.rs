@@ -271,3 +271,57 @@ async fn blob_files_are_reported_as_they_land_and_go() {
     )
     .await;
 }
+
+/// Without the content directory, the chunks of a blob read over gRPC count against the
+/// stream budget as chunks read from files do: a client holding chunks holds their share,
+/// and the stream waits for room rather than reading more.
+#[tokio::test]
+async fn chunks_read_over_grpc_count_against_the_stream_budget() {
+    use futures_util::{FutureExt, StreamExt};
+    use mirrorlet_oci::{ByteRange, Store};
+
+    let containerd = Containerd::start();
+    let namespace = "budget";
+    let budget = mirrorlet_oci::Budget::new(2 << 20);
+    let store = ContainerdStore::new(Config {
+        socket: containerd.socket(),
+        namespace: namespace.to_owned(),
+        content_dir: None,
+        media_type_cache: NonZeroUsize::new(16).expect("non-zero"),
+        stream_budget: budget.clone(),
+    });
+    let loader = GrpcLoader::connect(&containerd.socket(), namespace).await;
+    let data: Bytes = (0..3u32 << 20).map(|i| (i % 253) as u8).collect();
+    loader.put_blob("layer", data.clone()).await;
+    let digest = Digest::sha256_of(&data);
+    let mut stream = store
+        .open(&digest, ByteRange::full(data.len() as u64))
+        .await
+        .expect("open");
+    let first = stream.next().await.expect("a chunk").expect("read");
+    let second = stream.next().await.expect("a chunk").expect("read");
+    assert_eq!(
+        budget.in_use(),
+        first.len() + second.len(),
+        "held chunks are counted"
+    );
+    // The budget is spent: the next chunk waits until a held one is dropped.
+    let mut third = Box::pin(stream.next());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!((&mut third).now_or_never().is_none(), "no room, no read");
+    let mut all = first.to_vec();
+    drop(first);
+    let third = tokio::time::timeout(Duration::from_secs(10), third)
+        .await
+        .expect("room again")
+        .expect("a chunk")
+        .expect("read");
+    all.extend_from_slice(&second);
+    all.extend_from_slice(&third);
+    drop((second, third));
+    while let Some(chunk) = stream.next().await {
+        all.extend_from_slice(&chunk.expect("read"));
+    }
+    assert_eq!(Bytes::from(all), data);
+    assert_eq!(budget.in_use(), 0);
+}

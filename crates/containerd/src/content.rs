@@ -5,16 +5,19 @@ use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
 use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::{
     AbortRequest, InfoRequest, ListContentRequest, ListStatusesRequest, ReadContentRequest, Status,
 };
 use containerd_client::tonic::transport::Channel;
-use futures_util::{StreamExt, TryStreamExt, stream};
+use futures_util::{StreamExt, stream};
 use mirrorlet_oci::{BlobStream, Budget, ByteRange, Digest, StoreError, filestream};
 
 use crate::client::{is_not_found, request, unavailable};
+
+/// The most a chunk read over gRPC holds: containerd's content service sends a blob in
+/// messages of up to 1 MiB (its copy buffer).
+const GRPC_CHUNK: u64 = 1 << 20;
 
 /// Access to containerd's content store.
 #[derive(Clone)]
@@ -23,7 +26,7 @@ pub(crate) struct Content {
     namespace: String,
     /// `<root>/io.containerd.content.v1.content`, when mounted.
     dir: Option<PathBuf>,
-    /// What chunks read from blob files count against.
+    /// What chunks of blobs read to be sent count against.
     budget: Budget,
 }
 
@@ -164,8 +167,8 @@ impl Content {
         Ok(Some(out))
     }
 
-    /// Opens a range of a blob to be sent: from its file when possible (its chunks counted
-    /// against the stream budget), else over gRPC.
+    /// Opens a range of a blob to be sent: from its file when possible, else over gRPC (its
+    /// chunks counted against the stream budget either way).
     pub(crate) async fn open(
         &self,
         digest: &Digest,
@@ -181,17 +184,25 @@ impl Content {
         budget: Budget,
     ) -> Result<BlobStream, StoreError> {
         if let Some(path) = self.blob_path(digest) {
-            match open_file(path, digest, range, budget).await {
+            match open_file(path, digest, range, budget.clone()).await {
                 Ok(s) => return Ok(s),
                 // Not on disk (or not readable): containerd may still have it.
                 Err(StoreError::Read { .. } | StoreError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        self.open_grpc(digest, range).await
+        self.open_grpc(digest, range, budget).await
     }
 
-    async fn open_grpc(&self, digest: &Digest, range: ByteRange) -> Result<BlobStream, StoreError> {
+    /// Streams a range over containerd's content service. Each message is copied into a
+    /// chunk taken from `budget` before the message is asked for, so a stream whose client
+    /// stopped reading holds only what it took, and the others wait for room.
+    async fn open_grpc(
+        &self,
+        digest: &Digest,
+        range: ByteRange,
+        budget: Budget,
+    ) -> Result<BlobStream, StoreError> {
         let size = self
             .size(digest)
             .await?
@@ -213,10 +224,32 @@ impl Content {
             Err(s) if is_not_found(&s) => return Err(StoreError::NotFound(digest.clone())),
             Err(s) => return Err(unavailable("content read", &s)),
         };
-        Ok(resp
-            .map_ok(|m| Bytes::from(m.data))
-            .map_err(|s| io::Error::other(format!("containerd read: {}", s.message())))
-            .boxed())
+        let left = range.len();
+        Ok(stream::unfold(Some((resp, left)), move |st| {
+            let budget = budget.clone();
+            async move {
+                let (mut resp, left) = st?;
+                if left == 0 {
+                    return None;
+                }
+                let len = usize::try_from(left.min(GRPC_CHUNK)).unwrap_or(usize::MAX);
+                let mut chunk = budget.buffer(len).await;
+                match resp.next().await? {
+                    Ok(m) => {
+                        // (containerd sends at most 1 MiB a message: any excess is
+                        // past what the chunk counts.)
+                        chunk.data.extend_from_slice(&m.data);
+                        let left = left.saturating_sub(m.data.len() as u64);
+                        Some((Ok(chunk.freeze()), Some((resp, left))))
+                    }
+                    Err(s) => {
+                        let e = io::Error::other(format!("containerd read: {}", s.message()));
+                        Some((Err(e), None))
+                    }
+                }
+            }
+        })
+        .boxed())
     }
 }
 
