@@ -109,11 +109,12 @@ pub(crate) struct RunArgs {
     /// is closed.
     #[arg(long, env = "MIRRORLET_SEND_STALL_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
     pub(crate) send_stall_timeout: Duration,
-    /// Bytes that the chunks of all blobs being sent (read from containerd's blob files or
-    /// the spool) and the batches of blobs being spooled may hold at once; a stream that
-    /// finds them spent waits for its next chunk, a copy for its next batch. With the
-    /// stall timeout, this bounds the agent's memory for content whatever the number of
-    /// clients and transfers.
+    /// Bytes that the chunks of all blobs being sent (read from containerd's blob files,
+    /// over gRPC or from the spool) and the batches of blobs being spooled may hold at
+    /// once (a quarter is kept for the batches); a stream that finds its part spent waits
+    /// for its next chunk, a copy for room for its next batch. With the stall timeout,
+    /// this bounds the agent's memory for content whatever the number of clients and
+    /// transfers.
     #[arg(long, env = "MIRRORLET_STREAM_MEMORY", default_value = "67108864", value_parser = clap::value_parser!(u64).range(1_048_576..))]
     pub(crate) stream_memory: u64,
     /// On SIGTERM, time allowed for in-flight responses to finish.

@@ -46,7 +46,11 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let stream_budget = Budget::new(usize::try_from(args.stream_memory).unwrap_or(usize::MAX));
+    // One bound for content in flight: a quarter for batches on their way into spool
+    // files, the rest for chunks being sent.
+    let stream_memory = usize::try_from(args.stream_memory).unwrap_or(usize::MAX);
+    let spool_budget = Budget::new(stream_memory / 4);
+    let stream_budget = Budget::new(stream_memory - stream_memory / 4);
     let store: Arc<dyn Store> = Arc::new(ContainerdStore::new(ContainerdConfig {
         socket: args.containerd_socket.clone(),
         namespace: args.containerd_namespace.clone(),
@@ -143,7 +147,8 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     .context("building the peer HTTP client")?
     .with_upstream(Arc::new(upstream), pull, args.upstream.cache_size)
     .with_private(private.clone())
-    .with_stream_budget(stream_budget);
+    .with_stream_budget(stream_budget)
+    .with_spool_budget(spool_budget);
     // The node's store with the pull-through cache under it: advertised as one.
     let store = state.store.clone();
     if p2p.peer_upload_limit > 0 {

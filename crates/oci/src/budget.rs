@@ -1,7 +1,6 @@
 //! A byte budget for the buffers of content streams: every chunk read from a file to be
 //! sent holds its share of the budget until it is dropped (sent, or its stream ended), so
-//! the memory those chunks take is bounded whatever the number of streams. (The registry
-//! also counts the batches of blobs on their way into its spool files against it.) A stream that
+//! the memory those chunks take is bounded whatever the number of streams. A stream that
 //! finds the budget spent waits for its next chunk (the budget is handed out in order)
 //! instead of the agent running out of memory. Only the chunk a client waits for may wait
 //! for the budget: chunks read ahead take it when it has room ([`Budget::buffer_for`]), so
@@ -78,6 +77,22 @@ impl Budget {
             .await
             .ok();
         Buffer::new(len, permit)
+    }
+
+    /// `bytes` (already read elsewhere), counted once the budget has room for them, until
+    /// the last clone of what it returns is dropped.
+    pub async fn count(&self, bytes: Bytes) -> Bytes {
+        // The semaphore is never closed, so acquiring only waits.
+        let permit = self
+            .permits
+            .clone()
+            .acquire_many_owned(self.share(bytes.len()))
+            .await
+            .ok();
+        Bytes::from_owner(Counted {
+            bytes,
+            _permit: permit,
+        })
     }
 
     /// A buffer of at most `len` bytes ([`Buffer::limit`]) for the stream `held` counts.
@@ -175,6 +190,18 @@ impl Buffer {
     }
 }
 
+/// Bytes counted against a [`Budget`] (see [`Budget::count`]).
+struct Counted {
+    bytes: Bytes,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 impl AsRef<[u8]> for Buffer {
     fn as_ref(&self) -> &[u8] {
         &self.data
@@ -215,6 +242,28 @@ mod tests {
         let big = budget.buffer(8 << 20).await;
         assert_eq!(budget.in_use(), 2 << 20);
         assert!(big.data.capacity() >= 8 << 20);
+    }
+
+    #[tokio::test]
+    async fn bytes_counted_hold_their_share_until_every_clone_is_dropped() {
+        let budget = Budget::new(2 << 20);
+        let a = budget.count(Bytes::from(vec![1u8; 1 << 20])).await;
+        let b = budget.count(Bytes::from(vec![2u8; 1 << 20])).await;
+        assert_eq!(budget.in_use(), 2 << 20);
+        let mut third = Box::pin(budget.count(Bytes::from(vec![3u8; 1 << 20])));
+        assert!((&mut third).now_or_never().is_none(), "spent: it waits");
+        let part = a.slice(..10);
+        drop(a);
+        assert!(
+            (&mut third).now_or_never().is_none(),
+            "a slice still holds it"
+        );
+        assert_eq!(part.as_ref(), &[1; 10]);
+        drop(part);
+        let third = third.await;
+        assert_eq!(third.len(), 1 << 20);
+        drop((b, third));
+        assert_eq!(budget.in_use(), 0);
     }
 
     #[tokio::test]

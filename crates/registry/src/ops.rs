@@ -40,7 +40,8 @@ pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 /// `/metrics` in the OpenMetrics text format (which Prometheus scrapes natively).
 pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let in_use = i64::try_from(state.stream_budget.in_use()).unwrap_or(i64::MAX);
+    let in_use = state.stream_budget.in_use() + state.spool_budget.in_use();
+    let in_use = i64::try_from(in_use).unwrap_or(i64::MAX);
     state.metrics.stream_memory.set(in_use);
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.metrics_registry) {

@@ -29,6 +29,8 @@ pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + S
 pub(crate) const BUFFER_SLOTS: usize = 16;
 /// Blob transfers spooling to disk at once.
 pub(crate) const SPOOL_SLOTS: usize = 32;
+/// Batches on their way into spool files, by default (see [`AppState::with_spool_budget`]).
+const DEFAULT_SPOOL_MEMORY: usize = 16 << 20;
 
 /// State shared by every request.
 pub struct AppState {
@@ -56,6 +58,9 @@ pub struct AppState {
     /// What the chunks of blobs read from the spool to be sent count against (the same
     /// budget as the store's blob files: see [`AppState::with_stream_budget`]).
     pub stream_budget: Budget,
+    /// What batches of blobs on their way into spool files count against until they are
+    /// written and hashed (see [`AppState::with_spool_budget`]).
+    pub spool_budget: Budget,
     /// Caps the bandwidth this node spends serving other agents, if set.
     pub peer_upload_limit: Option<RateLimiter>,
     /// Blobs being fetched, one transfer per digest.
@@ -117,6 +122,7 @@ impl AppState {
             buffer_slots: Arc::new(Semaphore::new(BUFFER_SLOTS)),
             spool_slots: Arc::new(Semaphore::new(SPOOL_SLOTS)),
             stream_budget: Budget::default(),
+            spool_budget: Budget::new(DEFAULT_SPOOL_MEMORY),
             peer_upload_limit: None,
             transfers: Transfers::default(),
             cache,
@@ -151,6 +157,15 @@ impl AppState {
     /// bound covers every stream).
     pub fn with_stream_budget(mut self, budget: Budget) -> Self {
         self.stream_budget = budget;
+        self
+    }
+
+    /// Counts the batches of blobs on their way into spool files against `budget`: a copy
+    /// hands a batch to the spool's writer once the budget has room for it, and the batch
+    /// gives its share back once written and hashed. Its own budget, not the streams': a
+    /// copy waiting for room waits only for this node's disk, never for clients or peers.
+    pub fn with_spool_budget(mut self, budget: Budget) -> Self {
+        self.spool_budget = budget;
         self
     }
 

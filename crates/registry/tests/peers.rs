@@ -735,35 +735,19 @@ async fn a_wrong_part_from_one_of_several_holders_is_never_delivered() {
     assert_eq!(n.metric("mirrorlet_peer_digest_mismatches_total"), 1.0);
 }
 
-/// Bytes on their way into a spool file count against the stream budget until they are
-/// written and hashed, so copies in flight cannot take memory past it: here, with a budget
-/// of two chunks, a batch waiting for the rest of its bytes holds one, and the copy still
-/// completes.
+/// Batches on their way into a spool file count against the spool budget until they are
+/// written and hashed: with the budget held elsewhere, a copy hands nothing over (and its
+/// client gets nothing) until there is room; then it completes, and gives every share back.
 #[tokio::test]
-async fn bytes_being_spooled_count_against_the_stream_budget() {
+async fn a_copy_hands_batches_to_its_spool_only_when_the_spool_budget_has_room() {
     let net = Arc::new(MemoryNetwork::default());
     let img = image(&MemoryStore::new(), 3 << 20);
-    let key = vec![img.layer.digest.to_string()];
-    let (go_on, wait) = tokio::sync::watch::channel(false);
-    let bytes = img.layer_bytes.clone();
-    fake_peer(&net, "a", key, move |_| {
-        let (bytes, mut wait) = (bytes.clone(), wait.clone());
-        async move {
-            // A batch and a half, then the rest when the test says so.
-            let cut = (3 << 20) / 2;
-            let (first, rest) = (bytes.slice(..cut), bytes.slice(cut..));
-            let later = async move {
-                let _ = wait.wait_for(|go| *go).await;
-                Ok::<_, std::io::Error>(rest)
-            };
-            let body = futures_util::stream::once(async move { Ok(first) })
-                .chain(futures_util::stream::once(later));
-            Response::builder()
-                .header("content-length", bytes.len())
-                .body(Body::from_stream(body))
-                .expect("response")
-        }
-    })
+    serving_ranges(
+        &net,
+        "a",
+        vec![img.layer.digest.to_string()],
+        img.layer_bytes.clone(),
+    )
     .await;
     let budget = mirrorlet_oci::Budget::new(2 << 20);
     let config = PeerConfig {
@@ -772,16 +756,16 @@ async fn bytes_being_spooled_count_against_the_stream_budget() {
     };
     let (n, _) =
         Node::start_configured(&net, "n", Arc::new(MemoryStore::new()), config, None, |s| {
-            s.with_stream_budget(budget.clone())
+            s.with_spool_budget(budget.clone())
         })
         .await;
-    let r = reqwest::get(blob_url(&n, &img.layer.digest))
-        .await
-        .expect("get");
-    assert_eq!(r.status(), StatusCode::OK);
+    let held = budget.count(Bytes::from(vec![0u8; 2 << 20])).await;
     let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = got.clone();
+    let url = blob_url(&n, &img.layer.digest);
     let body = tokio::spawn(async move {
+        let r = reqwest::get(url).await.expect("get");
+        assert_eq!(r.status(), StatusCode::OK);
         let mut body = Vec::new();
         let mut chunks = r.bytes_stream();
         while let Some(c) = chunks.next().await {
@@ -790,26 +774,17 @@ async fn bytes_being_spooled_count_against_the_stream_budget() {
         }
         body
     });
-    // The first batch is written and the client has it; the second waits for its last
-    // half MiB, holding its share (a chunk on its way to the client is gone by then).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let mut steady = 0;
-    while steady < 5 {
-        let sent = got.load(std::sync::atomic::Ordering::SeqCst) >= 1 << 20;
-        steady = if sent && budget.in_use() == 1 << 20 {
-            steady + 1
-        } else {
-            0
-        };
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a batch being gathered holds its share of the budget (in use: {})",
-            budget.in_use()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    go_on.send(true).expect("peer waiting");
-    let body = body.await.expect("join");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        got.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no room in the spool budget, no batch written"
+    );
+    drop(held);
+    let body = tokio::time::timeout(Duration::from_secs(10), body)
+        .await
+        .expect("the copy goes on once there is room")
+        .expect("join");
     assert_eq!(body, img.layer_bytes);
     assert_eq!(budget.in_use(), 0, "every batch gave its share back");
 }

@@ -21,10 +21,9 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::BytesMut;
 use futures_util::StreamExt;
-use mirrorlet_oci::budget::Buffer;
-use mirrorlet_oci::{Budget, Peer, Registry, Repository};
+use mirrorlet_oci::{Peer, Registry, Repository};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::chain;
@@ -209,6 +208,7 @@ impl Job {
             &self.transfer,
             &state.peers.spool_dir,
             state.stream_budget.clone(),
+            state.spool_budget.clone(),
         )
         .await
         {
@@ -443,86 +443,10 @@ enum Out<'a> {
 }
 
 impl Out<'_> {
-    async fn write_at(&mut self, at: u64, batch: Bytes) -> io::Result<()> {
+    async fn write_at(&mut self, at: u64, batch: bytes::Bytes) -> io::Result<()> {
         match self {
             Self::Sink(s) => s.write_at(at, batch).await,
             Self::Lane(l) => l.write_at(at, batch).await,
-        }
-    }
-
-    /// A batch to gather bytes for it.
-    fn batch(&self) -> Batch {
-        let lane = match self {
-            Self::Sink(s) => s.lane(),
-            Self::Lane(l) => Some((*l).clone()),
-        };
-        match lane {
-            Some(l) => Batch::Counted {
-                budget: l.budget().clone(),
-                buffer: None,
-            },
-            None => Batch::Plain(BytesMut::with_capacity(BATCH)),
-        }
-    }
-}
-
-/// Bytes gathered from the network for one write. Going to a spool file, a batch counts
-/// against the stream budget until it is written and hashed (batches wait in queues for
-/// the writer and the hasher), so the memory of copies in flight is bounded with the
-/// chunks that readers send; a copy in memory keeps its batches, and its slots bound it.
-enum Batch {
-    Counted {
-        budget: Budget,
-        buffer: Option<Buffer>,
-    },
-    Plain(BytesMut),
-}
-
-impl Batch {
-    /// Moves what it has room for from the front of `chunk` into the batch (a counted
-    /// batch waits for the budget before it takes its first byte); returns how much.
-    async fn fill(&mut self, chunk: &mut Bytes) -> usize {
-        let n = match self {
-            Self::Counted { budget, buffer } => {
-                let b = match buffer {
-                    Some(b) => b,
-                    None => buffer.insert(budget.buffer(BATCH).await),
-                };
-                let n = (b.limit() - b.data.len()).min(chunk.len());
-                b.data.extend_from_slice(&chunk[..n]);
-                n
-            }
-            Self::Plain(m) => {
-                let n = (BATCH - m.len()).min(chunk.len());
-                m.extend_from_slice(&chunk[..n]);
-                n
-            }
-        };
-        chunk.advance(n);
-        n
-    }
-
-    fn is_empty(&self) -> bool {
-        match self {
-            Self::Counted { buffer, .. } => buffer.as_ref().is_none_or(|b| b.data.is_empty()),
-            Self::Plain(m) => m.is_empty(),
-        }
-    }
-
-    fn is_full(&self) -> bool {
-        match self {
-            Self::Counted { buffer, .. } => {
-                buffer.as_ref().is_some_and(|b| b.data.len() >= b.limit())
-            }
-            Self::Plain(m) => m.len() >= BATCH,
-        }
-    }
-
-    /// The bytes gathered; the batch starts again empty.
-    fn take(&mut self) -> Bytes {
-        match self {
-            Self::Counted { buffer, .. } => buffer.take().map_or_else(Bytes::new, Buffer::freeze),
-            Self::Plain(m) => m.split().freeze(),
         }
     }
 }
@@ -546,33 +470,26 @@ async fn pump(
     out: &mut Out<'_>,
     stall: Duration,
 ) -> Result<(), Pumped> {
-    let mut batch = out.batch();
+    let mut batch = BytesMut::with_capacity(BATCH);
     let mut at = *pos;
-    // Read, and not in a batch yet (the last one filled up).
-    let mut left = Bytes::new();
     loop {
         let end = plan.end(claim);
         let (done, failed) = if *pos >= end {
             (true, None)
         } else {
-            let next = if left.is_empty() {
-                tokio::time::timeout(stall, src.body.next()).await
-            } else {
-                Ok(Some(Ok(std::mem::take(&mut left))))
-            };
-            match next {
+            match tokio::time::timeout(stall, src.body.next()).await {
                 Ok(Some(Ok(mut chunk))) => {
                     if src.skip > 0 {
                         let n = src.skip.min(chunk.len() as u64);
                         src.skip -= n;
-                        chunk.advance(usize::try_from(n).unwrap_or(0));
+                        chunk = chunk.slice(usize::try_from(n).unwrap_or(0)..);
                     }
                     // Whatever lies past the part's end is another lane's (or past the
                     // blob).
-                    chunk.truncate(usize::try_from(end - *pos).unwrap_or(usize::MAX));
-                    *pos += batch.fill(&mut chunk).await as u64;
-                    left = chunk;
-                    if !batch.is_full() && *pos < end {
+                    let n = (chunk.len() as u64).min(end - *pos);
+                    batch.extend_from_slice(&chunk[..usize::try_from(n).unwrap_or(0)]);
+                    *pos += n;
+                    if batch.len() < BATCH && *pos < end {
                         continue;
                     }
                     (false, None)
@@ -585,7 +502,9 @@ async fn pump(
         // Only a lane that wrote bytes is named as having sent them (a part's end can
         // move below what its lane had read: it then sent nothing more).
         if !batch.is_empty() {
-            out.write_at(at, batch.take()).await.map_err(Pumped::Disk)?;
+            out.write_at(at, batch.split().freeze())
+                .await
+                .map_err(Pumped::Disk)?;
             at = *pos;
             plan.advance(claim, *pos, src.peer.as_ref());
         }

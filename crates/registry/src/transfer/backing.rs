@@ -139,18 +139,14 @@ pub(crate) struct LaneWriter {
 }
 
 impl LaneWriter {
-    /// Writes `batch` at `at` (bytes already written there are kept, not overwritten).
+    /// Writes `batch` at `at` (bytes already written there are kept, not overwritten),
+    /// once the spool budget has room for it; it holds its share until written and hashed.
     pub(crate) async fn write_at(&self, at: u64, batch: Bytes) -> io::Result<()> {
+        let batch = self.budget.count(batch).await;
         self.tx
             .send((at, batch))
             .await
             .map_err(|_| io::Error::other("writing the spool file failed"))
-    }
-
-    /// What batches for this copy count against while they wait to be written and hashed
-    /// (the stream budget, as the chunks read back from the spool do).
-    pub(crate) fn budget(&self) -> &Budget {
-        &self.budget
     }
 }
 
@@ -254,7 +250,7 @@ impl Sink {
     }
 
     /// A copy kept in an anonymous file in `dir`; chunks read from it count against
-    /// `budget`. Batches can come at any offset (several parts at once) and each byte is
+    /// `budget`, batches on their way into it against `batches`. Batches can come at any offset (several parts at once) and each byte is
     /// written once, on a blocking thread. Another hashes the prefix written, in order, as
     /// it grows (from the batches themselves, or read back from the file where other parts
     /// wrote ahead of it), so writing and hashing take a core each. The transfer advances
@@ -264,6 +260,7 @@ impl Sink {
         transfer: &Arc<Transfer>,
         dir: &Path,
         budget: Budget,
+        batches: Budget,
     ) -> io::Result<(Self, Arc<Backing>)> {
         let dir = dir.to_owned();
         let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir))
@@ -274,7 +271,7 @@ impl Sink {
         let (tx, mut rx) = mpsc::channel::<(u64, Bytes)>(QUEUE);
         let lane = LaneWriter {
             tx,
-            budget: budget.clone(),
+            budget: batches,
         };
         let backing = Arc::new(Backing::File(file, budget));
         let (to_hash, hash_rx) = std::sync::mpsc::sync_channel::<ToHash>(HASH_QUEUE);

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use mirrorlet_oci::{ByteRange, Digest};
+use mirrorlet_oci::{Budget, ByteRange, Digest};
 
 use super::*;
 
@@ -167,7 +167,7 @@ async fn a_file_backed_copy_is_readable_while_it_grows() {
     let bytes = Bytes::from(vec![7u8; 3 << 20]);
     let size = bytes.len() as u64;
     let t = Transfer::new(Digest::sha256_of(&bytes));
-    let (mut sink, backing) = Sink::file(&t, dir.path(), mirrorlet_oci::Budget::default())
+    let (mut sink, backing) = Sink::file(&t, dir.path(), Budget::default(), Budget::default())
         .await
         .expect("spool");
     t.begin(size, Origin::Upstream, backing);
@@ -200,7 +200,7 @@ async fn a_spooled_copy_written_out_of_order_is_hashed_in_order() {
     let mib = |n: usize| n << 20;
     for corrupt in [false, true] {
         let t = Transfer::new(Digest::sha256_of(&bytes));
-        let (mut sink, backing) = Sink::file(&t, dir.path(), mirrorlet_oci::Budget::default())
+        let (mut sink, backing) = Sink::file(&t, dir.path(), Budget::default(), Budget::default())
             .await
             .expect("spool");
         t.begin(size, Origin::Upstream, backing.clone());
