@@ -97,7 +97,6 @@ pub(crate) fn confirmed_header(at: SystemTime) -> HeaderValue {
     HeaderValue::from(secs)
 }
 
-/// The size a peer announced (the header: a HEAD's body is empty).
 /// The blob's total size from a partial answer's `Content-Range`, if the range it carries
 /// starts at `from`.
 pub(crate) fn range_total(resp: &reqwest::Response, from: u64) -> Option<u64> {
@@ -109,6 +108,7 @@ pub(crate) fn range_total(resp: &reqwest::Response, from: u64) -> Option<u64> {
         .flatten()
 }
 
+/// The size a peer announced (the header: a HEAD's body is empty).
 pub(crate) fn content_length(resp: &reqwest::Response) -> Option<u64> {
     resp.headers()
         .get(header::CONTENT_LENGTH)?

@@ -250,12 +250,13 @@ impl Sink {
     }
 
     /// A copy kept in an anonymous file in `dir`; chunks read from it count against
-    /// `budget`, batches on their way into it against `batches`. Batches can come at any offset (several parts at once) and each byte is
-    /// written once, on a blocking thread. Another hashes the prefix written, in order, as
-    /// it grows (from the batches themselves, or read back from the file where other parts
-    /// wrote ahead of it), so writing and hashing take a core each. The transfer advances
-    /// with the prefix written: its last byte is held back until the whole is verified
-    /// (see [`Transfer::read`]).
+    /// `budget`, batches on their way into it against `batches`. Batches can come at any
+    /// offset (several parts at once) and each byte is written once, on a blocking thread.
+    /// Another hashes the prefix written, in order, as it grows (from the batches
+    /// themselves, or read back from the file where other parts wrote ahead of it), so
+    /// writing and hashing take a core each. The transfer advances with the prefix
+    /// written: its last byte is held back until the whole is verified (see
+    /// [`Transfer::read`]).
     pub(crate) async fn file(
         transfer: &Arc<Transfer>,
         dir: &Path,
